@@ -1,0 +1,32 @@
+# Two commands on a fresh machine (see README):  make demo   and   make test
+# Both install into .venv first (once; again when pyproject.toml changes).
+
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROMPT ?= a red cube on a blue sphere
+
+.PHONY: demo test install clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	# torch first and pinned: its CPU wheel, so that nothing below resolves a CUDA build
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e ".[export,test]"
+	# only for the CLIP BPE merges file; --no-deps keeps torchvision out (it breaks CPU torch)
+	$(BIN)/pip install --no-deps open_clip_torch
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/eclipse-export --preset tiny --target onnx --out engines/tiny-onnx --overwrite
+	$(BIN)/eclipse-generate --bundle engines/tiny-onnx --prompt "$(PROMPT)" --seed 0 --out out.png --compare-reference
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf engines/tiny-onnx out.png

@@ -1,0 +1,223 @@
+"""Console scripts: thin adapters over plain functions. Validate early, one-line errors.
+
+`eclipse-export`   build a bundle from a preset or the real checkpoints.
+`eclipse-generate` run a bundle (optionally against the PyTorch reference).
+
+User mistakes end with `error: ...` on stderr and exit status 2; a failed parity check ends with
+exit status 1; a traceback means a bug in this program.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+EXIT_USAGE, EXIT_PARITY, EXIT_INTERRUPTED = 2, 1, 130
+
+
+class UserError(Exception):
+    pass
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that describe a user's mistake or environment, not a bug."""
+    from .runtime.backends import BackendError
+    from .runtime.bundle import BundleError
+    from .runtime.pipeline import GenerationError
+    from .runtime.schedulers import SchedulerConfigError
+
+    types: list[type[BaseException]] = [UserError, BackendError, BundleError, GenerationError, SchedulerConfigError]
+    try:  # export-time modules need torch; the edge runtime may not have it
+        from .export import ExportError
+        from .sources import SourceError
+        from .tokenizer_files import TokenizerFilesError
+
+        types += [ExportError, SourceError, TokenizerFilesError]
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def _run(main, argv) -> int:
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        _log("interrupted")
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        from .parity import ParityError
+
+        if isinstance(e, ParityError):
+            _log(f"parity check failed: {e}")
+            return EXIT_PARITY
+        if isinstance(e, _user_errors()):
+            _log(f"error: {e}")
+            return EXIT_USAGE
+        raise
+
+
+# --- eclipse-export -----------------------------------------------------------------------------
+
+
+def export_parser() -> argparse.ArgumentParser:
+    from .presets import ALL_PRESETS
+
+    p = argparse.ArgumentParser(prog="eclipse-export", description=(
+        "Export ECLIPSE prior + CLIP bigG text encoder + Kandinsky 2.2 decoder to an ONNX bundle."))
+    p.add_argument("--preset", default="tiny", help=f"model source: {', '.join(ALL_PRESETS)} (default: tiny)")
+    p.add_argument("--target", default="onnx", help="what to build (default: onnx)")
+    p.add_argument("--out", type=Path, help="bundle directory (default: engines/<preset>-<target>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    p.add_argument("--seed", type=int, default=0, help="weight seed of the random presets (default: 0)")
+    p.add_argument("--exporter", default="torchscript", help="torch.onnx exporter: torchscript or dynamo")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
+    p.add_argument("--no-parity-check", action="store_true", help="skip the per-component ORT-vs-PyTorch check")
+    g = p.add_argument_group("real checkpoints (--preset kandinsky22): hub ids or local directories")
+    g.add_argument("--prior", help="ECLIPSE prior (default: ECLIPSE-Community/ECLIPSE_KandinskyV22_Prior)")
+    g.add_argument("--text-encoder", help="CLIP bigG text encoder + tokenizer (default: laion/CLIP-ViT-bigG-14-laion2B-39B-b160k)")
+    g.add_argument("--decoder", help="Kandinsky 2.2 decoder with unet/, movq/, scheduler/ (default: kandinsky-community/kandinsky-2-2-decoder)")
+    g.add_argument("--image-encoder-repo", help="repo with image_encoder/ for the negative embedding (default: kandinsky-community/kandinsky-2-2-prior)")
+    g.add_argument("--allow-pickle", action="store_true", help="allow pickled .bin weights (runs code from the file: trusted sources only)")
+    return p
+
+
+def export_main(argv=None) -> int:
+    args = export_parser().parse_args(argv)
+    from .export import EXPORTERS, TARGETS, ExportOptions, export_bundle
+    from .presets import ALL_PRESETS, REAL_PRESETS
+    from .sources import make_source
+
+    if args.preset not in ALL_PRESETS:
+        raise UserError(f"unknown preset {args.preset!r} (choose from {', '.join(ALL_PRESETS)})")
+    if args.target not in TARGETS:
+        raise UserError(f"unknown target {args.target!r} (available now: {', '.join(TARGETS)})")
+    if args.exporter not in EXPORTERS:
+        raise UserError(f"unknown exporter {args.exporter!r} (choose from {', '.join(EXPORTERS)})")
+    if args.seed < 0:
+        raise UserError("--seed must be >= 0")
+    locations = {
+        "prior": args.prior,
+        "text_encoder": args.text_encoder,
+        "tokenizer": args.text_encoder,
+        "unet": args.decoder,
+        "movq": args.decoder,
+        "scheduler": args.decoder,
+        "image_encoder": args.image_encoder_repo,
+    }
+    if any(locations.values()) and args.preset not in REAL_PRESETS:
+        raise UserError("--prior/--text-encoder/--decoder/--image-encoder-repo apply to --preset kandinsky22 only")
+    out = args.out or Path("engines") / f"{args.preset}-{args.target}"
+    options = ExportOptions(target=args.target, exporter=args.exporter, opset=args.opset,
+                            overwrite=args.overwrite, check_parity=not args.no_parity_check)
+    _log(f"exporting preset {args.preset} -> {out} ({args.target})")
+    source = make_source(args.preset, seed=args.seed, locations=locations, allow_pickle=args.allow_pickle)
+    export_bundle(source, out, options, log=_log)
+    print(out)
+    return 0
+
+
+# --- eclipse-generate ---------------------------------------------------------------------------
+
+
+def generate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="eclipse-generate", description="Generate an image with an exported bundle.")
+    p.add_argument("--bundle", type=Path, required=True, help="bundle directory made by eclipse-export")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (<= 1: off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scheduler", choices=("ddpm", "ddim"), default=None, help="default: the bundle's")
+    p.add_argument("--out", type=Path, default=Path("out.png"), help="PNG file to write (default: out.png)")
+    p.add_argument("--provider", action="append", default=None,
+                   help="ONNX Runtime provider, repeatable, in order of preference: cpu, cuda, tensorrt (default: cpu)")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--compare-reference", action="store_true",
+                   help="also run the PyTorch reference on the same noises and print per-stage parity")
+    p.add_argument("--report", type=Path, default=None, help="write timings (and parity) as JSON here")
+    p.add_argument("--skip-hash-check", action="store_true", help="check bundle file sizes only (large bundles load faster)")
+    return p
+
+
+def _check_writable(path: Path, what: str) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a directory")
+    if not parent.is_dir():
+        raise UserError(f"cannot write {what} {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"cannot write {what} {path}: permission denied")
+
+
+def _stage_line(timings: dict) -> str:
+    keys = ("text_encoder", "prior", "unet", "unet_per_step", "movq", "total")
+    return "  ".join(f"{k} {timings[k] * 1000:.1f} ms" for k in keys if k in timings)
+
+
+def generate_main(argv=None) -> int:
+    args = generate_parser().parse_args(argv)
+    from .runtime.backends import make_backend
+    from .runtime.images import save_png
+    from .runtime.pipeline import Pipeline, Request
+
+    if args.out.suffix.lower() != ".png":
+        raise UserError(f"--out must be a .png file, got {args.out}")
+    _check_writable(args.out, "output")
+    if args.report:
+        _check_writable(args.report, "report")
+    # Validate the request before loading anything.
+    req, warnings = Request.make(args.prompt, args.negative_prompt, args.height, args.width, args.steps,
+                                 args.guidance, args.seed, args.scheduler)
+    backend = make_backend("onnxruntime", providers=args.provider or ["cpu"], threads=args.threads)
+    t0 = time.perf_counter()
+    pipeline = Pipeline.from_bundle(args.bundle, backend, verify_hashes=not args.skip_hash_check)
+    _log(f"loaded {args.bundle} ({pipeline.bundle.precision}, {backend.name}) in {time.perf_counter() - t0:.2f} s")
+
+    def progress(i, n):
+        if i == n or i % max(1, n // 10) == 0:
+            _log(f"  step {i}/{n}")
+
+    gen = pipeline.run(req, record=args.compare_reference, progress=progress, warnings=warnings)
+    for w in gen.warnings:
+        _log(f"warning: {w}")
+    save_png(gen.images[0], args.out)
+    _log(f"wrote {args.out}")
+    _log("latency: " + _stage_line(gen.timings))
+    report_json = {"bundle": str(args.bundle), "backend": backend.describe(), "timings": gen.timings,
+                   "load_seconds": pipeline.load_seconds, "warnings": gen.warnings}
+
+    parity = None
+    if args.compare_reference:
+        try:
+            from .compare import compare_with_reference
+        except ImportError as e:
+            raise UserError(f"--compare-reference needs the export extras (torch, diffusers): {e}") from None
+        del pipeline.sessions  # free the backend's graphs before loading the torch stack
+        _log("running the PyTorch reference on the same noises ...")
+        parity, ref_timings = compare_with_reference(pipeline, gen)
+        print(parity.table())
+        print("reference latency: " + _stage_line(ref_timings))
+        report_json.update({"parity": parity.to_json(), "reference_timings": ref_timings})
+    if args.report:
+        args.report.write_text(json.dumps(report_json, indent=2, default=float))
+    if parity is not None:
+        parity.raise_if_failed()
+    return 0
+
+
+def export_entry() -> None:
+    sys.exit(_run(export_main, None))
+
+
+def generate_entry() -> None:
+    sys.exit(_run(generate_main, None))

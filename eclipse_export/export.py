@@ -1,0 +1,288 @@
+"""ONNX export of the four components into a verified bundle, written atomically.
+
+One component at a time: load it, compute PyTorch outputs on the spec's sample inputs, export,
+free the torch module, finalise the ONNX (shape inference, checker, external data when large),
+then run the graph on ONNX Runtime and compare with the PyTorch outputs. A failure anywhere
+removes the partial bundle; the output directory only ever holds a complete bundle.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .memory import fmt_bytes, peak_rss_bytes, reset_peak_rss
+from .parity import ParityError, ParityReport, compare_outputs
+from .runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, file_entry
+from .specs import COMPONENTS, ComponentSpec
+from .sources import COMPONENT_NAMES, StackSource, state_dict_sha256
+
+EXPORTERS = ("torchscript", "dynamo")
+DEFAULT_OPSET = 17
+# protobuf cannot serialise a model over 2 GiB; stay well under it before switching to external data
+EXTERNAL_DATA_BYTES = 1 << 30
+TARGETS = ("onnx",)
+
+
+class ExportError(RuntimeError):
+    """Export failed for a reason the user can act on."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    target: str = "onnx"
+    exporter: str = "torchscript"
+    opset: int = DEFAULT_OPSET
+    overwrite: bool = False
+    check_parity: bool = True
+
+
+Log = Callable[[str], None]
+
+
+def _param_bytes(module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def _check_dims(spec: ComponentSpec, dims: dict, batch: int, h: int, w: int) -> dict:
+    return dict(dims, B=batch, h=h, w=w)
+
+
+def _export_torch(component: str, graph, spec: ComponentSpec, example: dict, path: Path, options: ExportOptions) -> None:
+    """Write the raw graph (weights possibly as many external files) to `path`."""
+    import torch
+
+    from .graphs import torch_inputs
+
+    args = torch_inputs(component, example)
+    if options.exporter == "torchscript":
+        dynamic_axes = {t.name: t.dynamic_axes() for t in spec.inputs + spec.outputs if t.dynamic_axes()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TracerWarnings about python ints in shapes: covered by the parity check
+            torch.onnx.export(
+                graph, args, str(path), dynamo=False, opset_version=options.opset,
+                input_names=spec.input_names, output_names=spec.output_names, dynamic_axes=dynamic_axes,
+                do_constant_folding=True,
+            )
+        return
+    dims = {s: torch.export.Dim(s, min=1, max=4096) for s in ("B", "h", "w")}
+    dims["h"] = torch.export.Dim("h", min=2, max=512)
+    dims["w"] = torch.export.Dim("w", min=2, max=512)
+    shapes = tuple({ax: dims[sym] for ax, sym in t.dynamic_axes().items()} or None for t in spec.inputs)
+    program = torch.onnx.export(
+        graph, args, dynamo=True, opset_version=max(options.opset, 18), input_names=spec.input_names,
+        output_names=spec.output_names, dynamic_shapes=shapes, optimize=True, verbose=False,
+    )
+    program.save(str(path), external_data=True)
+
+
+def _finalise(raw: Path, final: Path, external: bool) -> list[str]:
+    """Shape inference + checker; one external data file when large. Returns written file names."""
+    import onnx
+
+    model = onnx.load(str(raw), load_external_data=True)
+    if not external:
+        model = onnx.shape_inference.infer_shapes(model, check_type=True, data_prop=True)
+        onnx.checker.check_model(model, full_check=True)
+        onnx.save_model(model, str(final))
+        return [final.name]
+    data_name = final.name + ".data"
+    onnx.save_model(model, str(final), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_name, size_threshold=1024)
+    del model
+    gc.collect()
+    # Path-based variants: the in-memory ones cannot hold a > 2 GiB model.
+    onnx.shape_inference.infer_shapes_path(str(final), str(final), check_type=True, data_prop=True)
+    onnx.checker.check_model(str(final), full_check=True)
+    return [final.name, data_name]
+
+
+def ort_session(path: Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _check_shapes(spec: ComponentSpec, dims: dict) -> list[dict]:
+    """Two different shapes per component, so a wrongly static axis cannot pass."""
+    if "h" in {s for t in spec.inputs for s in t.dynamic_axes().values()}:
+        return [_check_dims(spec, dims, 2, 8, 8), _check_dims(spec, dims, 1, 16, 8)]
+    return [_check_dims(spec, dims, 2, 8, 8), _check_dims(spec, dims, 1, 8, 8)]
+
+
+def export_component(source: StackSource, component: str, workdir: Path, options: ExportOptions, log: Log) -> dict:
+    """Export one component into `workdir`; returns its manifest entry."""
+    from .graphs import run_torch, wrap
+
+    spec = COMPONENTS[component]
+    dims = source.dims()
+    reset_peak_rss()
+    t0 = time.perf_counter()
+    log(f"  loading {component} weights")
+    module = source.load(component)
+    n_params = sum(p.numel() for p in module.parameters())
+    weights_sha = state_dict_sha256(module)
+    external = _param_bytes(module) > EXTERNAL_DATA_BYTES
+    graph = wrap(component, module)
+
+    rng = np.random.default_rng(1234)
+    checks = [spec.sample_inputs(d, rng) for d in _check_shapes(spec, dims)]
+    expected = [run_torch(component, graph, inputs) for inputs in checks] if options.check_parity else []
+
+    log(f"  exporting {component} ({n_params / 1e6:.2f} M parameters, {options.exporter} exporter"
+        f"{', external data' if external else ''})")
+    t1 = time.perf_counter()
+    raw_dir = workdir / f".raw-{component}"
+    raw_dir.mkdir()
+    try:
+        _export_torch(component, graph, spec, checks[0], raw_dir / f"{component}.onnx", options)
+        del graph, module
+        gc.collect()
+        final = workdir / f"{component}.onnx"
+        files = _finalise(raw_dir / f"{component}.onnx", final, external)
+    finally:
+        shutil.rmtree(raw_dir, ignore_errors=True)
+    t2 = time.perf_counter()
+
+    entry = {
+        "graph": final.name,
+        "files": files,
+        "io": spec.to_json(dims),
+        "opset": _opset(final),
+        "exporter": options.exporter,
+        "parameters": n_params,
+        "weights_sha256": weights_sha,
+        "export_seconds": round(t2 - t1, 2),
+    }
+    if options.check_parity:
+        log(f"  checking {component} on ONNX Runtime against PyTorch")
+        session = ort_session(final)
+        report = ParityReport(precision="fp32")
+        for inputs, ref in zip(checks, expected):
+            got = dict(zip(spec.output_names, session.run(spec.output_names, inputs)))
+            report.stages += compare_outputs(component, got, ref, spec.tolerance("fp32"))
+        del session
+        entry["export_parity"] = report.to_json()
+        if not report.ok:
+            raise ParityError(report)
+    entry["peak_rss_bytes"] = peak_rss_bytes()
+    entry["total_seconds"] = round(time.perf_counter() - t0, 2)
+    sizes = sum((workdir / f).stat().st_size for f in files)
+    log(f"  {component} done in {entry['total_seconds']:.1f} s, {sizes / 2**20:.1f} MiB on disk, "
+        f"peak RSS {fmt_bytes(entry['peak_rss_bytes'])}")
+    return entry
+
+
+def _opset(path: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _tool_versions() -> dict:
+    out = {"eclipse_export": __version__}
+    for dist in ("torch", "onnx", "onnxruntime", "diffusers", "transformers", "tokenizers", "numpy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _validate_scheduler(config: dict) -> None:
+    from .runtime.schedulers import SchedulerConfigError, scheduler_from_config
+
+    if config.get("variance_type") in ("learned", "learned_range"):
+        raise ExportError("the scheduler learns its variance, but the UNet graph drops the variance channels")
+    try:
+        scheduler_from_config(config)
+    except SchedulerConfigError as e:
+        raise ExportError(f"unsupported scheduler config: {e}") from e
+
+
+def export_bundle(source: StackSource, out: Path, options: ExportOptions = ExportOptions(),
+                  log: Log = print) -> Path:
+    """Export the whole stack to a bundle directory `out` (atomically)."""
+    if options.target not in TARGETS:
+        raise ExportError(f"unknown target {options.target!r} (available: {', '.join(TARGETS)})")
+    if options.exporter not in EXPORTERS:
+        raise ExportError(f"unknown exporter {options.exporter!r} (choose from {', '.join(EXPORTERS)})")
+    out = Path(out)
+    if out.exists() and not options.overwrite:
+        raise ExportError(f"{out} already exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(out.parent, os.W_OK):
+        raise ExportError(f"cannot write to {out.parent}")
+
+    scheduler_config = source.scheduler_config()
+    _validate_scheduler(scheduler_config)
+    dims = source.dims()
+
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    started = time.perf_counter()
+    try:
+        components = {}
+        for i, name in enumerate(COMPONENT_NAMES, 1):
+            log(f"[{i}/{len(COMPONENT_NAMES) + 1}] {name}")
+            components[name] = export_component(source, name, work, options, log)
+
+        log(f"[{len(COMPONENT_NAMES) + 1}/{len(COMPONENT_NAMES) + 1}] tokenizer, scheduler, negative image embedding")
+        tokenizer_source = source.write_tokenizer(work / "tokenizer")
+        (work / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2, sort_keys=True))
+        negative = source.negative_image_embeds()
+        if negative.shape != (1, dims["D"]):
+            raise ExportError(f"negative image embedding has shape {negative.shape}, expected (1, {dims['D']})")
+        np.save(work / "negative_image_embeds.npy", negative)
+
+        files = [f for c in components.values() for f in c["files"]]
+        files += ["scheduler_config.json", "negative_image_embeds.npy"]
+        files += sorted(str(p.relative_to(work)) for p in (work / "tokenizer").rglob("*") if p.is_file())
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "target": options.target,
+            "precision": "fp32",
+            "dims": dims,
+            "source": source.describe(),
+            "tokenizer": tokenizer_source,
+            "components": components,
+            "files": {rel: file_entry(work, rel) for rel in files},
+            "tools": _tool_versions(),
+            "export_seconds": round(time.perf_counter() - started, 1),
+        }
+        # The manifest is written last: a directory without one is never a bundle.
+        (work / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        _replace_dir(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    log(f"bundle written to {out} in {time.perf_counter() - started:.1f} s")
+    return out
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        new.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        new.rename(out)

@@ -1,0 +1,108 @@
+"""One generic backend interface; the pipeline never knows which backend runs a graph.
+
+A backend turns (component spec, bundle) into a `Session` whose `run` maps numpy inputs by
+name to numpy outputs by name. ONNX Runtime is the first backend (CPU here; the CUDA and
+TensorRT execution providers are selectable where onnxruntime-gpu is installed).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+import numpy as np
+
+from ..specs import ComponentSpec
+from .bundle import Bundle
+
+
+class BackendError(RuntimeError):
+    """A backend cannot run here (missing package, unavailable provider)."""
+
+
+class Session(Protocol):
+    spec: ComponentSpec
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+class Backend(Protocol):
+    name: str
+
+    def load(self, spec: ComponentSpec, bundle: Bundle) -> Session: ...
+
+    def describe(self) -> dict: ...
+
+
+# Short names users type -> ONNX Runtime execution providers.
+ORT_PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+class OrtSession:
+    def __init__(self, spec: ComponentSpec, session):
+        self.spec = spec
+        self._session = session
+        self._outputs = spec.output_names
+        self.load_seconds = 0.0
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feed = {}
+        for t in self.spec.inputs:
+            value = np.asarray(inputs[t.name])
+            if value.dtype != np.dtype(t.dtype):
+                raise TypeError(f"{self.spec.name}.{t.name}: expected {t.dtype}, got {value.dtype}")
+            feed[t.name] = np.ascontiguousarray(value)
+        return dict(zip(self._outputs, self._session.run(self._outputs, feed)))
+
+
+class OnnxRuntimeBackend:
+    """ONNX Runtime with an ordered provider list (falls back along the list, like ORT does)."""
+
+    def __init__(self, providers: Sequence[str] = ("cpu",), threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise BackendError("onnxruntime is not installed: pip install onnxruntime (or onnxruntime-gpu)") from e
+        self._ort = ort
+        unknown = [p for p in providers if p not in ORT_PROVIDERS]
+        if unknown:
+            raise BackendError(f"unknown provider(s) {', '.join(unknown)} (choose from {', '.join(ORT_PROVIDERS)})")
+        available = set(ort.get_available_providers())
+        missing = [p for p in providers if ORT_PROVIDERS[p] not in available]
+        if missing:
+            raise BackendError(
+                f"ONNX Runtime here has no {', '.join(missing)} provider (available: {', '.join(sorted(available))}); "
+                "install onnxruntime-gpu for CUDA/TensorRT"
+            )
+        self.providers = [ORT_PROVIDERS[p] for p in providers]
+        self.threads = threads
+        self.name = "onnxruntime-" + "+".join(providers)
+
+    def load(self, spec: ComponentSpec, bundle: Bundle) -> OrtSession:
+        opts = self._ort.SessionOptions()
+        opts.log_severity_level = 3
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+        t0 = time.perf_counter()
+        session = self._ort.InferenceSession(str(bundle.graph_path(spec.name)), opts, providers=self.providers)
+        out = OrtSession(spec, session)
+        out.load_seconds = time.perf_counter() - t0
+        return out
+
+    def describe(self) -> dict:
+        return {"backend": "onnxruntime", "version": self._ort.__version__, "providers": self.providers,
+                "threads": self.threads}
+
+
+BACKENDS = ("onnxruntime",)
+
+
+def make_backend(name: str = "onnxruntime", providers: Sequence[str] = ("cpu",), threads: int | None = None) -> Backend:
+    if name == "onnxruntime":
+        return OnnxRuntimeBackend(providers, threads)
+    raise BackendError(f"unknown backend {name!r} (available: {', '.join(BACKENDS)})")

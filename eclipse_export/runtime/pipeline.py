@@ -1,0 +1,218 @@
+"""The chain: tokenizer -> text encoder -> ECLIPSE prior -> UNet loop (CFG) -> MoVQ -> image.
+
+Torch-free. The pipeline owns the order of operations and the host-side glue; graphs run
+through whichever backend it was given, and the sampler only sees a denoiser callable.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..specs import COMPONENTS
+from . import guidance
+from .backends import Backend, OnnxRuntimeBackend
+from .bundle import Bundle, open_bundle
+from .images import to_uint8
+from .noise import Noises
+from .schedulers import scheduler_from_config
+from .tokenizer import ClipTokenizer
+
+MIN_SIZE, MAX_SIZE, SIZE_MULTIPLE = 64, 2048, 64
+
+
+class GenerationError(ValueError):
+    """Bad generation request (the message is meant for the user, one line)."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """A validated generation request. Validation happens here, once, before any work."""
+
+    prompts: tuple[str, ...]
+    negative_prompt: str | None = None
+    height: int = 512
+    width: int = 512
+    steps: int = 50
+    guidance_scale: float = 4.0
+    seed: int = 0
+    scheduler: str | None = None  # None: the bundle's scheduler class
+
+    @staticmethod
+    def make(prompt: str | Sequence[str], negative_prompt: str | None = None, height: int = 512,
+             width: int = 512, steps: int = 50, guidance_scale: float = 4.0, seed: int = 0,
+             scheduler: str | None = None) -> tuple["Request", list[str]]:
+        """Returns the request and warnings for the user."""
+        warnings = []
+        prompts = (prompt,) if isinstance(prompt, str) else tuple(prompt)
+        if not prompts:
+            raise GenerationError("no prompt given")
+        for p in prompts:
+            if not isinstance(p, str) or not p.strip():
+                raise GenerationError("the prompt is empty; describe the image to generate")
+        if negative_prompt is not None and not negative_prompt.strip():
+            negative_prompt = None  # an empty negative prompt means "none", as in the ECLIPSE demo
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise GenerationError(f"{name} must be an integer, got {value!r}")
+            if value % SIZE_MULTIPLE or not MIN_SIZE <= value <= MAX_SIZE:
+                raise GenerationError(
+                    f"{name} {value} must be a multiple of {SIZE_MULTIPLE} between {MIN_SIZE} and {MAX_SIZE}"
+                )
+        if not isinstance(steps, int) or steps < 1:
+            raise GenerationError(f"steps must be a whole number >= 1, got {steps!r}")
+        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
+            raise GenerationError(f"guidance scale must be a finite number, got {guidance_scale!r}")
+        if guidance_scale < 1:
+            warnings.append(f"guidance scale {guidance_scale} < 1 means no classifier-free guidance (same as 1)")
+        if not isinstance(seed, int) or seed < 0:
+            raise GenerationError(f"seed must be a non-negative integer, got {seed!r}")
+        req = Request(prompts, negative_prompt, height, width, steps, float(guidance_scale), seed, scheduler)
+        return req, warnings
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts)
+
+
+@dataclass
+class Generation:
+    images: np.ndarray  # (B,H,W,3) uint8
+    request: Request
+    noises: Noises
+    timings: dict[str, float]  # seconds per stage, and "total"
+    warnings: list[str] = field(default_factory=list)
+    # Stage outputs by name (see Pipeline.generate); filled when record=True.
+    intermediates: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class Pipeline:
+    """Loaded graphs + tokenizer + scheduler config of one bundle. Immutable after loading:
+    per-generation state lives in `generate`'s locals, so one Pipeline can serve many calls."""
+
+    def __init__(self, bundle: Bundle, backend: Backend):
+        self.bundle = bundle
+        self.backend = backend
+        self.dims = bundle.dims
+        self.tokenizer = ClipTokenizer.from_dir(bundle.path("tokenizer"))
+        self.scheduler_config = bundle.json("scheduler_config.json")
+        self.negative_image_embeds = np.load(bundle.path("negative_image_embeds.npy")).astype(np.float32)
+        self.load_seconds = {}
+        self.sessions = {}
+        for name, spec in COMPONENTS.items():
+            t0 = time.perf_counter()
+            self.sessions[name] = backend.load(spec, bundle)
+            self.load_seconds[name] = time.perf_counter() - t0
+
+    @classmethod
+    def from_bundle(cls, path: str | Path, backend: Backend | None = None, verify_hashes: bool = True) -> "Pipeline":
+        return cls(open_bundle(path, verify_hashes=verify_hashes), backend or OnnxRuntimeBackend())
+
+    def make_scheduler(self, kind: str | None):
+        return scheduler_from_config(self.scheduler_config, kind)
+
+    def noises_for(self, req: Request) -> Noises:
+        scheduler = self.make_scheduler(req.scheduler)
+        return Noises.draw(req.seed, self._prior_batch(req), self.dims["D"], self._latent_shape(req),
+                           req.steps, scheduler.needs_noise)
+
+    def _prior_batch(self, req: Request) -> int:
+        return 2 * req.batch if req.negative_prompt is not None else req.batch
+
+    def _latent_shape(self, req: Request) -> tuple[int, int, int, int]:
+        s = self.dims["S"]
+        return (req.batch, self.dims["C"], req.height // s, req.width // s)
+
+    def generate(self, prompt: str | Sequence[str], negative_prompt: str | None = None, height: int = 512,
+                 width: int = 512, steps: int = 50, guidance_scale: float = 4.0, seed: int = 0,
+                 scheduler: str | None = None, noises: Noises | None = None, record: bool = False,
+                 progress: Callable[[int, int], None] | None = None) -> Generation:
+        req, warnings = Request.make(prompt, negative_prompt, height, width, steps, guidance_scale, seed, scheduler)
+        return self.run(req, noises=noises, record=record, progress=progress, warnings=warnings)
+
+    def run(self, req: Request, noises: Noises | None = None, record: bool = False,
+            progress: Callable[[int, int], None] | None = None, warnings: list[str] | None = None) -> Generation:
+        warnings = list(warnings or [])
+        sched = self.make_scheduler(req.scheduler)
+        try:
+            sched.set_timesteps(req.steps)
+        except ValueError as e:
+            raise GenerationError(str(e)) from None
+        latent_shape = self._latent_shape(req)
+        if noises is None:
+            noises = self.noises_for(req)
+        else:
+            noises.check(self._prior_batch(req), self.dims["D"], latent_shape, req.steps, sched.needs_noise)
+        timings: dict[str, float] = {}
+        inter: dict[str, np.ndarray] = {}
+        t_start = time.perf_counter()
+
+        # 1. tokens: prompts, then the negative prompt once per image (it shares the batch)
+        texts = list(req.prompts) + ([req.negative_prompt] * req.batch if req.negative_prompt is not None else [])
+        tokens = self.tokenizer(texts)
+        for text, cut in zip(texts, tokens.truncated):
+            if cut:
+                warnings.append(f"prompt truncated to {self.tokenizer.max_length} tokens: {text[:60]!r}...")
+
+        # 2. text encoder
+        t0 = time.perf_counter()
+        text = self.sessions["text_encoder"].run({"input_ids": tokens.input_ids})
+        timings["text_encoder"] = time.perf_counter() - t0
+
+        # 3. prior: one forward pass, noise in the hidden_states slot
+        t0 = time.perf_counter()
+        prior_out = self.sessions["prior"].run({
+            "noise": noises.prior,
+            "text_embeds": text["text_embeds"],
+            "text_hidden_states": text["text_hidden_states"],
+            "attention_mask": tokens.attention_mask,
+        })
+        timings["prior"] = time.perf_counter() - t0
+        embeds = prior_out["image_embeds"]
+        if req.negative_prompt is not None:
+            image_embeds, negative_embeds = embeds[: req.batch], embeds[req.batch:]
+        else:
+            image_embeds = embeds
+            negative_embeds = np.repeat(self.negative_image_embeds, req.batch, axis=0)
+
+        # 4. UNet loop
+        use_cfg = guidance.cfg_enabled(req.guidance_scale)
+        unet_embeds = np.concatenate([negative_embeds, image_embeds]) if use_cfg else image_embeds
+        latents = (noises.latents * np.float32(sched.init_noise_sigma)).astype(np.float32)
+        unet = self.sessions["unet"]
+        t0 = time.perf_counter()
+        for i, t in enumerate(sched.timesteps):
+            sample = guidance.cfg_batch(latents) if use_cfg else latents
+            eps = unet.run({"sample": sample, "timestep": np.array([t], dtype=np.float32),
+                            "image_embeds": unet_embeds})["noise_pred"]
+            if record and i == 0:
+                inter["unet.noise_pred_step0"] = eps
+            if use_cfg:
+                eps = guidance.combine(eps, req.guidance_scale)
+            latents = sched.step(eps, int(t), latents, noise=noises.steps[i] if sched.needs_noise else None)
+            if progress:
+                progress(i + 1, len(sched.timesteps))
+        timings["unet"] = time.perf_counter() - t0
+        timings["unet_per_step"] = timings["unet"] / len(sched.timesteps)
+
+        # 5. MoVQ decode (post-processing is inside the graph)
+        t0 = time.perf_counter()
+        image = self.sessions["movq"].run({"latents": latents})["image"]
+        timings["movq"] = time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - t_start
+
+        if record:
+            inter.update({
+                "text_encoder.text_embeds": text["text_embeds"],
+                "text_encoder.text_hidden_states": text["text_hidden_states"],
+                "prior.image_embeds": image_embeds,
+                "prior.negative_image_embeds": negative_embeds,
+                "unet.latents": latents,
+                "movq.image": image,
+            })
+        return Generation(to_uint8(image), req, noises, timings, warnings, inter)

@@ -1,0 +1,66 @@
+"""CLIP BPE tokenizer for the edge: the `tokenizers` library reading the bundle's tokenizer.json.
+
+Padding and truncation are applied here rather than trusted from the json, so the behaviour
+(77 tokens, eos kept as the last token when truncating, pad id from the tokenizer config) does
+not depend on how the file was saved. Tested id-for-id against transformers' CLIPTokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TokenizedBatch:
+    input_ids: np.ndarray  # int32 (B, max_length)
+    attention_mask: np.ndarray  # int32 (B, max_length): 1 for bos..eos, 0 for padding
+    truncated: tuple[bool, ...]  # per prompt: was text dropped to fit
+
+
+class ClipTokenizer:
+    def __init__(self, tokenizer, pad_id: int, max_length: int = 77):
+        self._tok = tokenizer
+        self._tok.no_padding()
+        self._tok.no_truncation()
+        self.pad_id = pad_id
+        self.max_length = max_length
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "ClipTokenizer":
+        from tokenizers import Tokenizer
+
+        path = Path(path)
+        tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+        config = {}
+        if (path / "tokenizer_config.json").is_file():
+            config = json.loads((path / "tokenizer_config.json").read_text())
+        pad = config.get("pad_token", "<|endoftext|>")
+        if isinstance(pad, dict):  # older configs store AddedToken dicts
+            pad = pad.get("content")
+        pad_id = tok.token_to_id(pad)
+        if pad_id is None:
+            raise ValueError(f"pad token {pad!r} is not in the vocabulary")
+        max_length = int(config.get("model_max_length", 77))
+        if max_length > 10_000:  # transformers' "no limit" sentinel: CLIP's context is 77
+            max_length = 77
+        return cls(tok, pad_id, max_length)
+
+    def __call__(self, prompts: Sequence[str]) -> TokenizedBatch:
+        batch = len(prompts)
+        ids = np.full((batch, self.max_length), self.pad_id, dtype=np.int32)
+        mask = np.zeros((batch, self.max_length), dtype=np.int32)
+        truncated = []
+        for row, encoding in enumerate(self._tok.encode_batch(list(prompts))):
+            tokens = encoding.ids  # [bos, ..., eos] from the json's post-processor
+            cut = len(tokens) > self.max_length
+            if cut:  # keep bos + the first words + eos, as transformers truncates
+                tokens = tokens[: self.max_length - 1] + [tokens[-1]]
+            ids[row, : len(tokens)] = tokens
+            mask[row, : len(tokens)] = 1
+            truncated.append(cut)
+        return TokenizedBatch(ids, mask, tuple(truncated))

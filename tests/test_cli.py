@@ -1,0 +1,118 @@
+"""CLI: user mistakes are one-line errors with a non-zero status and leave nothing behind."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from eclipse_export.cli import EXIT_USAGE, _run, export_main, generate_main
+
+PROMPT = "a red cube on a blue sphere"
+
+
+def _generate(capsys, bundle, *extra, out=None):
+    argv = ["--bundle", str(bundle), "--prompt", PROMPT, "--height", "64", "--width", "64", "--steps", "2", *extra]
+    if out is not None:
+        argv += ["--out", str(out)]
+    rc = _run(generate_main, argv)
+    return rc, capsys.readouterr()
+
+
+def _one_line_error(captured) -> str:
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, captured.err
+    assert "Traceback" not in captured.err
+    return errors[0]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--prompt", ""], "prompt is empty"),
+    (["--height", "100"], "multiple of 64"),
+    (["--width", "8192"], "between 64 and 2048"),
+    (["--steps", "0"], "steps"),
+    (["--seed", "-3"], "seed"),
+    (["--provider", "tpu"], "unknown provider"),
+])
+def test_generate_bad_input(capsys, tiny_bundle, tmp_path, extra, message):
+    out = tmp_path / "x.png"
+    rc, captured = _generate(capsys, tiny_bundle, *extra, out=out)
+    assert rc == EXIT_USAGE
+    assert message in _one_line_error(captured)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_generate_unwritable_output(capsys, tiny_bundle, tmp_path):
+    rc, captured = _generate(capsys, tiny_bundle, out=tmp_path / "missing-dir" / "x.png")
+    assert rc == EXIT_USAGE and "does not exist" in _one_line_error(captured)
+    rc, captured = _generate(capsys, tiny_bundle, out=tmp_path / "x.jpg")
+    assert rc == EXIT_USAGE and ".png" in _one_line_error(captured)
+    if os.geteuid() != 0:  # root can write anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        rc, captured = _generate(capsys, tiny_bundle, out=ro / "x.png")
+        assert rc == EXIT_USAGE and "permission" in _one_line_error(captured)
+
+
+def test_generate_missing_or_corrupt_bundle(capsys, tiny_bundle_copy, tmp_path):
+    rc, captured = _generate(capsys, tmp_path / "nope", out=tmp_path / "x.png")
+    assert rc == EXIT_USAGE and "does not exist" in _one_line_error(captured)
+    (tiny_bundle_copy / "movq.onnx").write_bytes(b"garbage")
+    rc, captured = _generate(capsys, tiny_bundle_copy, out=tmp_path / "x.png")
+    assert rc == EXIT_USAGE and "movq.onnx" in _one_line_error(captured)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_generate_writes_png_and_prints_latency(capsys, tiny_bundle, tmp_path):
+    out = tmp_path / "x.png"
+    rc, captured = _generate(capsys, tiny_bundle, "--report", str(tmp_path / "r.json"), out=out)
+    assert rc == 0, captured.err
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "latency: text_encoder" in captured.err and "unet_per_step" in captured.err
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "huge"], "unknown preset"),
+    (["--target", "trt-fp99"], "unknown target"),
+    (["--exporter", "magic"], "unknown exporter"),
+    (["--preset", "tiny", "--prior", "/x"], "kandinsky22 only"),
+    (["--preset", "kandinsky22", "--prior", "/definitely/not/here"], "not a directory|cannot download"),
+])
+def test_export_bad_input(capsys, tmp_path, argv, message):
+    out = tmp_path / "b"
+    rc = _run(export_main, [*argv, "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == EXIT_USAGE
+
+    assert re.search(message, _one_line_error(captured))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_refuses_existing_output(capsys, tmp_path):
+    (tmp_path / "b").mkdir()
+    rc = _run(export_main, ["--out", str(tmp_path / "b")])
+    assert rc == EXIT_USAGE and "--overwrite" in _one_line_error(capsys.readouterr())
+
+
+@pytest.mark.skipif(shutil.which("eclipse-export") is None, reason="console scripts not installed (pip install -e .)")
+def test_readme_commands_end_to_end(tmp_path):
+    """The README's main job, through the installed console scripts, as a user runs it."""
+    bundle, png = tmp_path / "engines" / "tiny-onnx", tmp_path / "out.png"
+    exp = subprocess.run(["eclipse-export", "--preset", "tiny", "--target", "onnx", "--out", str(bundle)],
+                         capture_output=True, text=True, timeout=600)
+    assert exp.returncode == 0, exp.stderr
+    assert "[5/5]" in exp.stderr  # progress output
+    gen = subprocess.run(["eclipse-generate", "--bundle", str(bundle), "--prompt", PROMPT, "--seed", "0",
+                          "--out", str(png), "--compare-reference"], capture_output=True, text=True, timeout=600)
+    assert gen.returncode == 0, gen.stderr
+    assert "image (8-bit PNG) PSNR" in gen.stdout and "NO" not in gen.stdout.replace("NOTE", "")
+    first = png.read_bytes()
+    again = subprocess.run(["eclipse-generate", "--bundle", str(bundle), "--prompt", PROMPT, "--seed", "0",
+                            "--out", str(png)], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and png.read_bytes() == first

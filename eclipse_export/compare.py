@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 
 from .parity import ParityReport, compare, psnr
+from .runtime.bundle import Bundle
 from .runtime.images import to_uint8
 from .runtime.pipeline import Generation, Pipeline
 from .specs import COMPONENTS, MIN_IMAGE_PSNR_DB
@@ -24,39 +25,45 @@ STAGES = (
 )
 
 
-def reference_for(pipeline: Pipeline, device: str = "cpu"):
+def reference_for(bundle: Bundle, device: str = "cpu", keep_loaded: bool = False):
+    """The PyTorch reference rebuilt from the bundle's recorded source (weights checked)."""
     from .reference import ReferencePipeline
     from .sources import source_from_manifest
 
-    manifest = pipeline.bundle.manifest
+    manifest = bundle.manifest
     weights = {name: entry.get("weights_sha256") for name, entry in manifest["components"].items()}
-    return ReferencePipeline(source_from_manifest(manifest["source"]), pipeline.bundle.path("tokenizer"),
-                             pipeline.scheduler_config, expected_weights=weights, device=device)
+    return ReferencePipeline(source_from_manifest(manifest["source"]), bundle.path("tokenizer"),
+                             bundle.json("scheduler_config.json"), expected_weights=weights, device=device,
+                             keep_loaded=keep_loaded)
 
 
-def parity_report(generation: Generation, reference: dict, ref_timings: dict, precision: str) -> ParityReport:
+def parity_report(outputs: dict, images, reference: dict, precision: str, timings: dict | None = None,
+                  ref_timings: dict | None = None) -> ParityReport:
+    """Stage outputs + 8-bit images of a run vs the reference's stage outputs."""
+    timings, ref_timings = timings or {}, ref_timings or {}
     report = ParityReport(precision=precision, min_image_psnr_db=MIN_IMAGE_PSNR_DB[precision])
     for stage in STAGES:
         component = stage.split(".")[0]
         tol = COMPONENTS[component].tolerance(precision)
         if stage in CHAINED:
             tol = tol.chained()
-        m = compare(stage, generation.intermediates[stage], reference[stage], tol)
+        m = compare(stage, outputs[stage], reference[stage], tol)
         # latency belongs to a component, so report it on its last row only
         last = stage == [s for s in STAGES if s.startswith(component + ".")][-1]
         if last:
-            m = type(m)(**{**m.__dict__, "seconds": generation.timings.get(component),
+            m = type(m)(**{**m.__dict__, "seconds": timings.get(component),
                            "ref_seconds": ref_timings.get(component)})
         report.stages.append(m)
-    report.image_psnr_db = psnr(generation.images, to_uint8(reference["movq.image"]))
+    report.image_psnr_db = psnr(images, to_uint8(reference["movq.image"]))
     return report
 
 
 def compare_with_reference(pipeline: Pipeline, generation: Generation, device: str = "cpu") -> tuple[ParityReport, dict]:
     """Run the reference on the generation's request and noises; returns (report, reference timings)."""
-    reference = reference_for(pipeline, device)
+    reference = reference_for(pipeline.bundle, device)
     outputs, timings = reference.run(generation.request, generation.noises)
-    report = parity_report(generation, outputs, timings, pipeline.bundle.precision)
+    report = parity_report(generation.intermediates, generation.images, outputs, pipeline.bundle.precision,
+                           generation.timings, timings)
     del reference, outputs
     gc.collect()
     return report, timings

@@ -270,12 +270,23 @@ def export_bundle(source: StackSource, out: Path, options: ExportOptions = Expor
         }
         # The manifest is written last: a directory without one is never a bundle.
         (work / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        _publish_modes(work)
         _replace_dir(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     log(f"bundle written to {out} in {time.perf_counter() - started:.1f} s")
     return out
+
+
+def _publish_modes(root: Path) -> None:
+    """mkdtemp makes the directory 0700 and onnx writes external data 0600: give the bundle the
+    ordinary permissions (umask) so that a service user can read what a build user exported."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root.chmod(0o777 & ~umask)
+    for path in root.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _replace_dir(new: Path, out: Path) -> None:

@@ -29,6 +29,7 @@ def test_manifest_describes_every_file(tiny_bundle):
     assert "tokenizer/tokenizer.json" in manifest["files"]
     assert {"torch", "onnx", "onnxruntime", "diffusers"} <= set(manifest["tools"])
     assert not list(tiny_bundle.parent.glob(".*partial*")), "no partial directory left behind"
+    assert tiny_bundle.stat().st_mode & 0o055 == 0o055  # readable by others (umask 022), not mkdtemp's 0700
 
 
 def test_graphs_have_declared_io_and_dynamic_axes(tiny_bundle):

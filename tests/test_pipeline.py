@@ -96,7 +96,7 @@ def test_parity_check_can_fail(tiny_pipeline):
     reference = {k: v.copy() for k, v in gen.intermediates.items()}
     reference["prior.image_embeds"] = reference["prior.image_embeds"] + 0.5
     reference["movq.image"] = np.clip(reference["movq.image"] + 0.05, 0, 1)
-    report = parity_report(gen, reference, {}, "fp32")
+    report = parity_report(gen.intermediates, gen.images, reference, "fp32")
     assert not report.ok
     failed = {m.stage for m in report.stages if not m.ok}
     assert "prior.image_embeds" in failed and "movq.image" in failed

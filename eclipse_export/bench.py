@@ -1,0 +1,442 @@
+"""eclipse-bench: latency and parity of every target this machine can run, in one run.
+
+All targets get the same prompts and the same noises. The FP32 PyTorch reference runs in the
+same process; every other target is compared with it, and a target that breaks its written
+tolerance makes the run fail (exit 1), so the benchmark doubles as a device acceptance test.
+results.json is rewritten after every target, so an interrupted run leaves a valid file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .memory import peak_rss_bytes, reset_peak_rss
+from .parity import ParityReport
+from .runtime.bundle import open_bundle
+from .runtime.images import to_uint8
+from .runtime.noise import Noises
+from .runtime.pipeline import Request
+from .runtime.schedulers import scheduler_from_config
+from .specs import MIN_IMAGE_PSNR_DB
+from .ssim import ssim
+
+STAGES = ("text_encoder", "prior", "unet", "movq")
+RESULTS_VERSION = 1
+
+
+@dataclass
+class BenchConfig:
+    prompt: str = "a red cube on a blue sphere"
+    height: int = 256
+    width: int = 256
+    steps: int = 4
+    guidance: float = 4.0
+    seed: int = 0
+    warmup: int = 1
+    runs: int = 5
+    batches: tuple[int, ...] = (1, 2)
+    threads: int | None = None
+    providers: tuple[str, ...] = ("cpu",)
+    torch_device: str = "cpu"
+    peak_tflops: float | None = None
+
+
+# --- targets -----------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    name: str
+    precision: str
+    kind: str  # "reference" or "runtime"
+    runner: object = None
+    load_seconds: float = 0.0
+    skipped: str | None = None
+    meta: dict = field(default_factory=dict)
+
+
+class RuntimeRunner:
+    def __init__(self, bundle_dir: Path, providers, threads):
+        from .runtime.backends import make_backend
+        from .runtime.pipeline import Pipeline
+
+        self.pipeline = Pipeline.from_bundle(bundle_dir, make_backend("onnxruntime", providers, threads))
+        self.load_seconds = sum(self.pipeline.load_seconds.values())
+
+    def run(self, req: Request, noises: Noises):
+        gen = self.pipeline.run(req, noises=noises, record=True)
+        return gen.timings, gen.intermediates, gen.images
+
+
+class TorchRunner:
+    def __init__(self, bundle_dir: Path, precision: str, device: str):
+        import torch
+
+        from .compare import reference_for
+
+        self.reference = reference_for(open_bundle(bundle_dir, verify_hashes=False), device, keep_loaded=True)
+        self.reference.dtype = {"fp32": torch.float32, "fp16": torch.float16}[precision]
+
+    def run(self, req: Request, noises: Noises):
+        outputs, timings = self.reference.run(req, noises)
+        return timings, outputs, to_uint8(outputs["movq.image"])
+
+    @property
+    def load_seconds(self) -> float:
+        return sum(self.reference.load_seconds.values())
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def plan_targets(bundles: list[Path], config: BenchConfig, with_torch: bool) -> list[Target]:
+    targets = []
+    if with_torch:
+        targets.append(Target("torch-fp32", "fp32", "reference"))
+        fp16 = Target("torch-fp16", "fp16", "runtime")
+        if config.torch_device == "cpu":
+            fp16.skipped = "needs a CUDA GPU (fp16 on CPU is not a deployment target)"
+        targets.append(fp16)
+    for b in bundles:
+        manifest = open_bundle(b, verify_hashes=False).manifest
+        name = manifest["target"] if manifest["precision"] == "fp32" else f"{manifest['target']}-{manifest['precision']}"
+        targets.append(Target(f"{name}@{'+'.join(config.providers)}", manifest["precision"], "runtime",
+                              meta={"bundle": str(b)}))
+    return targets
+
+
+# --- environment --------------------------------------------------------------------------
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
+def _cmd(args: list[str]) -> str | None:
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment() -> dict:
+    from importlib import metadata
+
+    env = {"platform": platform.platform(), "machine": platform.machine(), "python": platform.python_version(),
+           "cpu_count": os.cpu_count()}
+    cpuinfo = _read("/proc/cpuinfo") or ""
+    env["cpu"] = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), None)
+    versions = {}
+    for dist in ("onnxruntime", "onnxruntime-gpu", "torch", "numpy", "tensorrt", "tensorrt_rtx", "eclipse-export"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    env["versions"] = versions
+    smi = _cmd(["nvidia-smi", "--query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,memory.total",
+                "--format=csv,noheader"])
+    env["gpu"] = smi
+    if smi:
+        env["note"] = "GPU clocks are not locked by this tool: figures vary with boost and temperature"
+    tegra = _read("/etc/nv_tegra_release")
+    if tegra:  # Jetson: L4T release and power mode
+        env["jetson"] = {"l4t": tegra.splitlines()[0], "power_mode": _cmd(["nvpmodel", "-q"])}
+    return env
+
+
+# --- measuring ----------------------------------------------------------------------------
+
+
+def _stats(values: list[float]) -> dict:
+    a = np.asarray(values, dtype=np.float64)
+    return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
+            "p99": float(np.percentile(a, 99)), "mean": float(a.mean()), "n": int(a.size)}
+
+
+def stage_flops(bundle_dir: Path, req: Request, cfg_batch: int) -> dict[str, int]:
+    from .flops import graph_flops
+
+    bundle = open_bundle(bundle_dir, verify_hashes=False)
+    d = bundle.dims
+    b = req.batch
+    text_b = 2 * b if req.negative_prompt else b
+    h, w = req.height // d["S"], req.width // d["S"]
+    shapes = {
+        "text_encoder": {"input_ids": (text_b, d["T"])},
+        "prior": {"noise": (text_b, d["D"]), "text_embeds": (text_b, d["D"]),
+                  "text_hidden_states": (text_b, d["T"], d["E"]), "attention_mask": (text_b, d["T"])},
+        "unet": {"sample": (cfg_batch, d["C"], h, w), "timestep": (1,), "image_embeds": (cfg_batch, d["D"])},
+        "movq": {"latents": (b, d["C"], h, w)},
+    }
+    flops = {name: graph_flops(bundle.graph_path(name), s) for name, s in shapes.items()}
+    flops["unet"] *= req.steps  # per generation
+    return flops
+
+
+def measure(target: Target, req: Request, noises: Noises, config: BenchConfig, log) -> dict:
+    per_stage: dict[str, list[float]] = {k: [] for k in (*STAGES, "total", "unet_per_step")}
+    first = None
+    for i in range(config.warmup + config.runs):
+        timings, outputs, images = target.runner.run(req, noises)
+        if i == 0:
+            first = (outputs, images)  # parity uses the first (cold) run: same numbers every run
+        if i >= config.warmup:
+            for k in per_stage:
+                per_stage[k].append(timings[k] if k != "total" else sum(timings[s] for s in STAGES))
+        log(f"    run {i + 1}/{config.warmup + config.runs}{' (warm-up)' if i < config.warmup else ''}: "
+            f"{sum(timings[s] for s in STAGES):.3f} s")
+    result = {k: _stats(v) for k, v in per_stage.items()}
+    result["images_per_second"] = req.batch / result["total"]["p50"]
+    return {"latency": result, "first": first}
+
+
+def _parity(target_first, reference_first, precision: str) -> tuple[ParityReport, bool]:
+    """(report, enforced): precisions without written tolerances are reported, not enforced."""
+    from .compare import parity_report
+
+    enforced = precision in MIN_IMAGE_PSNR_DB
+    outputs, images = target_first
+    report = parity_report(outputs, images, reference_first[0], precision if enforced else "fp32")
+    return report, enforced
+
+
+def run_bench(bundles: list[Path], out_dir: Path, config: BenchConfig, with_torch: bool = True, log=print) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    targets = plan_targets(bundles, config, with_torch)
+    results = {"version": RESULTS_VERSION, "complete": False, "config": config.__dict__ | {"batches": list(config.batches)},
+               "environment": environment(), "targets": {}, "flops": {}, "failures": []}
+    first_bundle = bundles[0]
+    for batch in config.batches:
+        req, _ = Request.make([config.prompt] * batch, None, config.height, config.width, config.steps,
+                              config.guidance, config.seed, None)
+        dims = open_bundle(first_bundle, verify_hashes=False).dims
+        sched_needs_noise = scheduler_from_config(
+            open_bundle(first_bundle, verify_hashes=False).json("scheduler_config.json")).needs_noise
+        noises = Noises.draw(config.seed, batch, dims["D"], (batch, dims["C"], config.height // dims["S"],
+                             config.width // dims["S"]), config.steps, sched_needs_noise)
+        cfg_batch = 2 * batch if config.guidance > 1 else batch
+        flops = stage_flops(first_bundle, req, cfg_batch)
+        results["flops"][str(batch)] = flops
+        reference_first = None
+        for target in targets:
+            key = f"{target.name}/b{batch}"
+            entry = {"target": target.name, "batch": batch, "precision": target.precision}
+            if target.skipped:
+                entry["skipped"] = target.skipped
+                results["targets"][key] = entry
+                continue
+            log(f"[{key}] loading")
+            reset_peak_rss()
+            t0 = time.perf_counter()
+            if target.runner is None:
+                if target.name.startswith("torch-"):
+                    target.runner = TorchRunner(first_bundle, target.precision, config.torch_device)
+                else:
+                    target.runner = RuntimeRunner(Path(target.meta["bundle"]), config.providers, config.threads)
+            measured = measure(target, req, noises, config, log)
+            entry["load_seconds"] = target.runner.load_seconds
+            entry["wall_seconds"] = time.perf_counter() - t0
+            entry["latency"] = measured["latency"]
+            entry["peak_host_bytes"] = peak_rss_bytes()
+            entry["tflops_achieved"] = {s: flops[s] / entry["latency"][s]["p50"] / 1e12 for s in STAGES}
+            if target.name == "torch-fp32":
+                reference_first = measured["first"]
+            elif reference_first is not None:
+                report, enforced = _parity(measured["first"], reference_first, target.precision)
+                entry["parity"] = report.to_json()
+                entry["parity"]["image_ssim"] = ssim(measured["first"][1], reference_first[1])
+                if not enforced:
+                    entry["parity"]["note"] = f"no tolerance written for {target.precision} yet: reported, not enforced"
+                elif not report.ok:
+                    results["failures"].append(f"{key}: " + "; ".join(
+                        f"{m.stage} {', '.join(m.failures)}" for m in report.stages if m.failures) +
+                        (f"; {report.image_failure}" if report.image_failure else ""))
+            results["targets"][key] = entry
+            write_json(out_dir / "results.json", results)
+    results["complete"] = True
+    write_json(out_dir / "results.json", results)
+    return results
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+# --- reports ------------------------------------------------------------------------------
+
+
+def table(results: dict) -> str:
+    head = f"{'target/batch':<28}" + "".join(f"{s + ' p50 ms':>18}" for s in STAGES) + \
+        f"{'step p50 ms':>13}{'total p50 s':>13}{'img/s':>8}{'load s':>8}{'peak GiB':>10}{'cos min':>10}{'PSNR dB':>9}"
+    rows = [head, "-" * len(head)]
+    for key, e in results["targets"].items():
+        if "skipped" in e:
+            rows.append(f"{key:<28}skipped: {e['skipped']}")
+            continue
+        lat = e["latency"]
+        parity = e.get("parity")
+        cos = f"{min(s['cosine'] for s in parity['stages']):.6f}" if parity else "ref"
+        psnr = parity["image_psnr_db"] if parity else None
+        psnr_s = "ref" if parity is None else ("inf" if psnr == "inf" else f"{psnr:.1f}")
+        rows.append(f"{key:<28}" + "".join(f"{lat[s]['p50'] * 1e3:>18.1f}" for s in STAGES) +
+                    f"{lat['unet_per_step']['p50'] * 1e3:>13.1f}{lat['total']['p50']:>13.3f}"
+                    f"{lat['images_per_second']:>8.2f}{e['load_seconds']:>8.2f}"
+                    f"{(e['peak_host_bytes'] or 0) / 2**30:>10.2f}{cos:>10}{psnr_s:>9}")
+    return "\n".join(rows)
+
+
+def ratios(results: dict, base: str = "torch-fp32") -> list[str]:
+    lines = []
+    for key, e in results["targets"].items():
+        target, batch = key.split("/")
+        ref = results["targets"].get(f"{base}/{batch}")
+        if target == base or "latency" not in e or not ref or "latency" not in ref:
+            continue
+        parts = [f"{s} {ref['latency'][s]['p50'] / e['latency'][s]['p50']:.2f}x" for s in (*STAGES, "total")]
+        lines.append(f"{key}: speed-up vs {base}: " + ", ".join(parts))
+    return lines
+
+
+def markdown(results: dict) -> str:
+    env = results["environment"]
+    out = ["# eclipse-bench results", "",
+           f"- CPU: {env.get('cpu')} ({env.get('cpu_count')} logical cores), {env.get('platform')}",
+           f"- GPU: {env.get('gpu') or 'none'}",
+           f"- versions: {', '.join(f'{k} {v}' for k, v in env.get('versions', {}).items())}",
+           f"- request: {json.dumps({k: results['config'][k] for k in ('height', 'width', 'steps', 'guidance', 'runs', 'warmup')})}",
+           f"- complete: {results['complete']}", "",
+           "```", table(results), "```", ""]
+    out += ["Speed-up of each target over torch-fp32 (p50, same inputs, same run):", ""]
+    out += [f"- {line}" for line in ratios(results)] or ["- (no torch-fp32 baseline in this run)"]
+    out += ["", "FLOPs per generation (MatMul/Gemm/Conv only) and achieved TFLOP/s at p50:", ""]
+    for key, e in results["targets"].items():
+        if "tflops_achieved" in e:
+            out.append(f"- {key}: " + ", ".join(f"{s} {v:.3f}" for s, v in e["tflops_achieved"].items()))
+    if results["failures"]:
+        out += ["", "## Parity failures", ""] + [f"- {f}" for f in results["failures"]]
+    return "\n".join(out) + "\n"
+
+
+def chart(results: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    keys = [k for k, e in results["targets"].items() if "latency" in e]
+    fig, ax = plt.subplots(figsize=(9, 1 + 0.5 * len(keys)))
+    left = np.zeros(len(keys))
+    for stage in STAGES:
+        values = np.array([results["targets"][k]["latency"][stage]["p50"] for k in keys])
+        ax.barh(keys, values, left=left, label=stage)
+        left += values
+    ax.set_xlabel("p50 latency per generation (s)")
+    ax.set_title("eclipse-bench: latency per stage")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def compare_results(a: dict, b: dict) -> str:
+    rows = [f"{'target/batch':<28}{'stage':<14}{'A p50 ms':>12}{'B p50 ms':>12}{'B/A':>8}"]
+    for key in sorted(set(a["targets"]) & set(b["targets"])):
+        ea, eb = a["targets"][key], b["targets"][key]
+        if "latency" not in ea or "latency" not in eb:
+            continue
+        for stage in (*STAGES, "total"):
+            pa, pb = ea["latency"][stage]["p50"], eb["latency"][stage]["p50"]
+            rows.append(f"{key:<28}{stage:<14}{pa * 1e3:>12.1f}{pb * 1e3:>12.1f}{pb / pa:>8.2f}")
+    return "\n".join(rows)
+
+
+# --- CLI ----------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    from .cli import UserError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compare"]:
+        p = argparse.ArgumentParser(prog="eclipse-bench compare")
+        p.add_argument("a", type=Path)
+        p.add_argument("b", type=Path)
+        args = p.parse_args(argv[1:])
+        try:
+            a, b = json.loads(args.a.read_text()), json.loads(args.b.read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read results: {e}") from None
+        print(compare_results(a, b))
+        return 0
+    p = argparse.ArgumentParser(prog="eclipse-bench", description=__doc__.splitlines()[0])
+    p.add_argument("--bundle", type=Path, action="append", required=True)
+    p.add_argument("--out", type=Path, required=True, help="results directory")
+    p.add_argument("--height", type=int, default=256)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--batch", type=int, action="append", help="batch sizes (default: 1 and 2)")
+    p.add_argument("--provider", action="append", help="ONNX Runtime providers (default: cpu)")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch targets (no parity then)")
+    p.add_argument("--peak-tflops", type=float, help="the device's peak, to report the distance to it")
+    args = p.parse_args(argv)
+    if args.runs < 1 or args.warmup < 0:
+        raise UserError("--runs must be >= 1 and --warmup >= 0")
+    for b in args.bundle:
+        open_bundle(b)  # verify every bundle before spending time
+    config = BenchConfig(height=args.height, width=args.width, steps=args.steps, guidance=args.guidance,
+                         warmup=args.warmup, runs=args.runs, batches=tuple(args.batch or (1, 2)),
+                         threads=args.threads, providers=tuple(args.provider or ("cpu",)),
+                         torch_device="cuda" if _cuda_available() else "cpu", peak_tflops=args.peak_tflops)
+    Request.make(config.prompt, None, config.height, config.width, config.steps, config.guidance, 0)
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        results = run_bench(args.bundle, args.out, config, with_torch=not args.no_torch, log=log)
+    except KeyboardInterrupt:
+        log(f"interrupted: partial results in {args.out / 'results.json'}")
+        return 130
+    print(table(results))
+    for line in ratios(results):
+        print(line)
+    (args.out / "results.md").write_text(markdown(results))
+    if chart(results, args.out / "chart.png"):
+        log(f"wrote {args.out / 'chart.png'}")
+    log(f"wrote {args.out / 'results.json'} and results.md")
+    if results["failures"]:
+        log("parity failures: " + " | ".join(results["failures"]))
+        return 1
+    return 0
+
+
+def entry() -> None:
+    from .cli import _run
+
+    sys.exit(_run(main, None))

@@ -1,0 +1,78 @@
+"""eclipse-bench: one run over the tiny bundle writes the table, JSON, Markdown and chart,
+with parity against torch-fp32 in the same run; SSIM equals scikit-image's; FLOPs are right."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from eclipse_export.bench import compare_results, main
+from eclipse_export.flops import graph_flops
+from eclipse_export.ssim import ssim
+
+
+def test_ssim_matches_scikit_image():
+    skimage = pytest.importorskip("skimage.metrics", reason="scikit-image (test extra) not installed")
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (2, 40, 56, 3), dtype=np.uint8)
+    b = np.clip(a.astype(int) + rng.integers(-40, 40, a.shape), 0, 255).astype(np.uint8)
+    ref = np.mean([skimage.structural_similarity(x, y, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                                 data_range=255, channel_axis=-1) for x, y in zip(a, b)])
+    assert abs(ssim(a, b) - ref) < 1e-9
+    assert ssim(a, a) == pytest.approx(1.0)
+
+
+def test_flops_of_a_known_graph(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    # MatMul (B,8,16)x(16,32) + Conv 3->4 channels, 3x3, on 10x10: counted by hand
+    w = helper.make_tensor("w", TensorProto.FLOAT, (16, 32), np.zeros(16 * 32, np.float32))
+    k = helper.make_tensor("k", TensorProto.FLOAT, (4, 3, 3, 3), np.zeros(108, np.float32))
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Conv", ["img", "k"], ["z"], pads=[1, 1, 1, 1])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ("B", 8, 16)),
+         helper.make_tensor_value_info("img", TensorProto.FLOAT, ("B", 3, 10, 10))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+        [w, k],
+    )
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    flops = graph_flops(path, {"x": (2, 8, 16), "img": (2, 3, 10, 10)})
+    assert flops == 2 * (2 * 8 * 32) * 16 + 2 * (2 * 4 * 10 * 10) * (3 * 3 * 3)
+
+
+def test_bench_over_tiny_bundle(tiny_bundle, tmp_path, capsys):
+    out = tmp_path / "results"
+    rc = main(["--bundle", str(tiny_bundle), "--out", str(out), "--height", "64", "--width", "64", "--steps", "2",
+               "--runs", "2", "--warmup", "1", "--batch", "1", "--batch", "2"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"] is True
+    keys = set(results["targets"])
+    assert {"torch-fp32/b1", "torch-fp32/b2", "onnx@cpu/b1", "onnx@cpu/b2"} <= keys
+    assert "skipped" in results["targets"]["torch-fp16/b1"]  # no GPU here
+    onnx1 = results["targets"]["onnx@cpu/b1"]
+    for stage in ("text_encoder", "prior", "unet", "movq", "total", "unet_per_step"):
+        lat = onnx1["latency"][stage]
+        assert lat["n"] == 2 and 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
+    assert onnx1["parity"]["ok"] and onnx1["parity"]["image_ssim"] > 0.99
+    assert results["flops"]["1"]["unet"] > 0
+    assert "onnx@cpu/b1" in captured.out and "speed-up vs torch-fp32" in captured.out
+    assert (out / "results.md").read_text().startswith("# eclipse-bench results")
+    assert (out / "chart.png").read_bytes()[:4] == b"\x89PNG"
+    assert "total" in compare_results(results, results)
+
+
+def test_bench_refuses_a_damaged_bundle(tiny_bundle_copy, tmp_path, capsys):
+    from eclipse_export.cli import _run
+
+    (tiny_bundle_copy / "prior.onnx").unlink()
+    rc = _run(main, ["--bundle", str(tiny_bundle_copy), "--out", str(tmp_path / "r")])
+    assert rc == 2 and "missing prior.onnx" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

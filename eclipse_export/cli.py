@@ -73,7 +73,7 @@ def export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eclipse-export", description=(
         "Export ECLIPSE prior + CLIP bigG text encoder + Kandinsky 2.2 decoder to an ONNX bundle."))
     p.add_argument("--preset", default="tiny", help=f"model source: {', '.join(ALL_PRESETS)} (default: tiny)")
-    p.add_argument("--target", default="onnx", help="what to build (default: onnx)")
+    p.add_argument("--target", default="onnx", help="what to build: onnx (fp32) or onnx-fp16 (default: onnx)")
     p.add_argument("--out", type=Path, help="bundle directory (default: engines/<preset>-<target>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     p.add_argument("--seed", type=int, default=0, help="weight seed of the random presets (default: 0)")

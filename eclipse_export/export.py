@@ -24,6 +24,7 @@ import numpy as np
 
 from . import __version__
 from .memory import fmt_bytes, peak_rss_bytes, reset_peak_rss
+from .onnx_io import save_external
 from .parity import ParityError, ParityReport, compare_outputs
 from .runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, file_entry
 from .specs import COMPONENTS, ComponentSpec
@@ -33,7 +34,8 @@ EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_OPSET = 17
 # protobuf cannot serialise a model over 2 GiB; stay well under it before switching to external data
 EXTERNAL_DATA_BYTES = 1 << 30
-TARGETS = ("onnx",)
+# target -> precision of its graphs
+TARGETS = {"onnx": "fp32", "onnx-fp16": "fp16"}
 
 
 class ExportError(RuntimeError):
@@ -98,15 +100,13 @@ def _finalise(raw: Path, final: Path, external: bool) -> list[str]:
         onnx.checker.check_model(model, full_check=True)
         onnx.save_model(model, str(final))
         return [final.name]
-    data_name = final.name + ".data"
-    onnx.save_model(model, str(final), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data_name, size_threshold=1024)
+    files = save_external(model, final)
     del model
     gc.collect()
     # Path-based variants: the in-memory ones cannot hold a > 2 GiB model.
     onnx.shape_inference.infer_shapes_path(str(final), str(final), check_type=True, data_prop=True)
     onnx.checker.check_model(str(final), full_check=True)
-    return [final.name, data_name]
+    return files
 
 
 def ort_session(path: Path, threads: int | None = None):
@@ -145,7 +145,10 @@ def export_component(source: StackSource, component: str, workdir: Path, options
     checks = [spec.sample_inputs(d, rng) for d in _check_shapes(spec, dims)]
     expected = [run_torch(component, graph, inputs) for inputs in checks] if options.check_parity else []
 
-    log(f"  exporting {component} ({n_params / 1e6:.2f} M parameters, {options.exporter} exporter"
+    precision = TARGETS[options.target]
+    if precision == "fp16":
+        external = _param_bytes(module) // 2 > EXTERNAL_DATA_BYTES
+    log(f"  exporting {component} ({n_params / 1e6:.2f} M parameters, {options.exporter} exporter, {precision}"
         f"{', external data' if external else ''})")
     t1 = time.perf_counter()
     raw_dir = workdir / f".raw-{component}"
@@ -155,13 +158,20 @@ def export_component(source: StackSource, component: str, workdir: Path, options
         del graph, module
         gc.collect()
         final = workdir / f"{component}.onnx"
-        files = _finalise(raw_dir / f"{component}.onnx", final, external)
+        if precision == "fp16":
+            from .fp16 import convert_to_fp16
+
+            files = convert_to_fp16(raw_dir / f"{component}.onnx", final, spec.fp16_keep_fp32, external)
+        else:
+            files = _finalise(raw_dir / f"{component}.onnx", final, external)
     finally:
         shutil.rmtree(raw_dir, ignore_errors=True)
     t2 = time.perf_counter()
 
     entry = {
         "graph": final.name,
+        "precision": precision,
+        "fp32_ops": list(spec.fp16_keep_fp32) if precision == "fp16" else [],
         "files": files,
         "io": spec.to_json(dims),
         "opset": _opset(final),
@@ -173,10 +183,10 @@ def export_component(source: StackSource, component: str, workdir: Path, options
     if options.check_parity:
         log(f"  checking {component} on ONNX Runtime against PyTorch")
         session = ort_session(final)
-        report = ParityReport(precision="fp32")
+        report = ParityReport(precision=precision)
         for inputs, ref in zip(checks, expected):
             got = dict(zip(spec.output_names, session.run(spec.output_names, inputs)))
-            report.stages += compare_outputs(component, got, ref, spec.tolerance("fp32"))
+            report.stages += compare_outputs(component, got, ref, spec.tolerance(precision))
         del session
         entry["export_parity"] = report.to_json()
         if not report.ok:
@@ -198,7 +208,8 @@ def _opset(path: Path) -> int:
 
 def _tool_versions() -> dict:
     out = {"eclipse_export": __version__}
-    for dist in ("torch", "onnx", "onnxruntime", "diffusers", "transformers", "tokenizers", "numpy"):
+    for dist in ("torch", "onnx", "onnxruntime", "diffusers", "transformers", "tokenizers", "numpy",
+                 "onnxconverter-common"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -259,7 +270,7 @@ def export_bundle(source: StackSource, out: Path, options: ExportOptions = Expor
             "format_version": FORMAT_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "target": options.target,
-            "precision": "fp32",
+            "precision": TARGETS[options.target],
             "dims": dims,
             "source": source.describe(),
             "tokenizer": tokenizer_source,

@@ -193,6 +193,13 @@ MOVQ_TINY = {
 }
 
 
+# Random weights are no denoiser: without clipping, the DDPM loop drives the latents to a std of
+# ~12 (tiny preset, 4 steps), far outside what MoVQ decodes, where the random decoder is chaotic:
+# latents at cosine 0.99995 gave images 16 dB apart. clip_sample=True (the value in re-saved
+# revisions of the real config) keeps x0 in [-1, 1], so chain parity measures the export, not
+# that chaos. The real source always uses the checkpoint's own value.
+SCHEDULER_RANDOM = {**SCHEDULER_KANDINSKY22, "clip_sample": True}
+
 PRESETS = {
     "tiny": {
         "text_encoder": TEXT_ENCODER_TINY,
@@ -200,7 +207,7 @@ PRESETS = {
         "prior": PRIOR_TINY,
         "unet": UNET_TINY,
         "movq": MOVQ_TINY,
-        "scheduler": SCHEDULER_KANDINSKY22,
+        "scheduler": SCHEDULER_RANDOM,
     },
     "full-random": {
         "text_encoder": TEXT_ENCODER_BIGG,
@@ -208,7 +215,7 @@ PRESETS = {
         "prior": PRIOR_ECLIPSE,
         "unet": UNET_KANDINSKY22,
         "movq": MOVQ_KANDINSKY22,
-        "scheduler": SCHEDULER_KANDINSKY22,
+        "scheduler": SCHEDULER_RANDOM,
     },
 }
 

@@ -72,7 +72,8 @@ class ComponentSpec:
     # symbol -> (min, opt, max) for engine optimisation profiles
     shape_ranges: Mapping[str, tuple[int, int, int]]
     sample_inputs: Callable[[Mapping[str, int], np.random.Generator], dict[str, np.ndarray]]
-    # files larger than protobuf's 2 GB limit must use ONNX external data
+    # ONNX op types kept in FP32 in the FP16 graph (the reasons are in `notes`)
+    fp16_keep_fp32: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -160,6 +161,14 @@ def _movq_inputs(dims, rng):
 # --- tolerances -------------------------------------------------------------------------------
 # fp32: ONNX Runtime vs PyTorch differ only by kernel summation order (~1e-6 relative).
 FP32 = Tolerance(min_cosine=0.99999, max_abs=1e-3)
+# fp16 vs the FP32 reference: 10-bit mantissa, so ~1e-3 relative per op; cosine is the bound
+# that matters, max abs catches isolated blow-ups (overflow shows as NaN/Inf, always a failure).
+FP16 = Tolerance(min_cosine=0.999, max_abs=0.25)
+_TOL = {"fp32": FP32, "fp16": FP16}
+
+# Statistics of normalisation layers (mean/variance over thousands of elements) are where FP16
+# loses most; all four graphs keep them in FP32 (see docs/decisions.md for the measurements).
+_NORMS = ("LayerNormalization", "InstanceNormalization", "GroupNormalization")
 
 # Batch 1..4 prompts; the UNet sees the CFG batch (negative + positive) so its range doubles.
 # Latents 32..128 = images 256..1024 px, opt 512 px.
@@ -175,10 +184,11 @@ TEXT_ENCODER = ComponentSpec(
         TensorSpec("text_embeds", "float32", ("B", "D")),
         TensorSpec("text_hidden_states", "float32", ("B", "T", "E")),
     ),
-    tolerances={"fp32": FP32},
+    tolerances=_TOL,
     # with a negative prompt the prompts and negatives share one batch
     shape_ranges={"B": (1, 2, 8)},
     sample_inputs=_text_encoder_inputs,
+    fp16_keep_fp32=_NORMS,
 )
 
 PRIOR = ComponentSpec(
@@ -191,9 +201,10 @@ PRIOR = ComponentSpec(
         TensorSpec("attention_mask", "int32", ("B", "T")),
     ),
     outputs=(TensorSpec("image_embeds", "float32", ("B", "D")),),
-    tolerances={"fp32": FP32},
+    tolerances=_TOL,
     shape_ranges={"B": (1, 2, 8)},
     sample_inputs=_prior_inputs,
+    fp16_keep_fp32=_NORMS,
 )
 
 UNET = ComponentSpec(
@@ -205,9 +216,10 @@ UNET = ComponentSpec(
         TensorSpec("image_embeds", "float32", ("B", "D")),
     ),
     outputs=(TensorSpec("noise_pred", "float32", ("B", "C", "h", "w")),),
-    tolerances={"fp32": FP32},
+    tolerances=_TOL,
     shape_ranges={"B": _CFG_BATCH, "h": _LATENT, "w": _LATENT},
     sample_inputs=_unet_inputs,
+    fp16_keep_fp32=_NORMS,
     notes=("~5 GB of fp32 weights at full size: exported with ONNX external data",),
 )
 
@@ -216,17 +228,18 @@ MOVQ = ComponentSpec(
     description="MoVQ decoder (spatial norm, no quantisation) with the post-processing to [0,1] NHWC",
     inputs=(TensorSpec("latents", "float32", ("B", "C", "h", "w")),),
     outputs=(TensorSpec("image", "float32", ("B", "S*h", "S*w", 3)),),
-    tolerances={"fp32": FP32},
+    tolerances=_TOL,
     shape_ranges={"B": _BATCH, "h": _LATENT, "w": _LATENT},
     sample_inputs=_movq_inputs,
+    fp16_keep_fp32=_NORMS,
 )
 
 COMPONENTS: dict[str, ComponentSpec] = {s.name: s for s in (TEXT_ENCODER, PRIOR, UNET, MOVQ)}
 
 # End-to-end bound on the final 8-bit image against the PyTorch reference, per precision.
-MIN_IMAGE_PSNR_DB = {"fp32": 50.0}
+MIN_IMAGE_PSNR_DB = {"fp32": 50.0, "fp16": 30.0}
 
-PRECISIONS = ("fp32",)
+PRECISIONS = ("fp32", "fp16")
 
 
 def stack_dims(configs: Mapping[str, Mapping]) -> dict[str, int]:

@@ -31,3 +31,13 @@ def tiny_pipeline(tiny_bundle):
     from eclipse_export.runtime.pipeline import Pipeline
 
     return Pipeline.from_bundle(tiny_bundle)
+
+
+@pytest.fixture(scope="session")
+def tiny_fp16_bundle(tmp_path_factory) -> Path:
+    from eclipse_export.export import ExportOptions, export_bundle
+    from eclipse_export.sources import RandomSource
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-onnx-fp16"
+    export_bundle(RandomSource("tiny"), out, ExportOptions(target="onnx-fp16"), log=lambda m: None)
+    return out

@@ -95,3 +95,15 @@ def test_learned_variance_scheduler_is_refused(tmp_path):
     with pytest.raises(ExportError, match="variance"):
         export_bundle(source, tmp_path / "b", ExportOptions(), log=lambda m: None)
     assert not (tmp_path / "b").exists()
+
+
+def test_external_data_ignores_the_current_directory(tmp_path, monkeypatch):
+    """onnx's own exists-check looks at the cwd: an old prior.onnx.data there must not matter."""
+    monkeypatch.setattr(export_mod, "EXTERNAL_DATA_BYTES", 1024)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prior.onnx.data").write_bytes(b"old")
+    out = tmp_path / "new"
+    out.mkdir()
+    entry = export_component(RandomSource("tiny"), "prior", out, ExportOptions(), log=lambda m: None)
+    assert entry["files"] == ["prior.onnx", "prior.onnx.data"]
+    assert (tmp_path / "prior.onnx.data").read_bytes() == b"old"

@@ -9,6 +9,7 @@ results.json is rewritten after every target, so an interrupted run leaves a val
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -116,8 +117,9 @@ def plan_targets(bundles: list[Path], config: BenchConfig, with_torch: bool) -> 
         targets.append(fp16)
     for b in bundles:
         manifest = open_bundle(b, verify_hashes=False).manifest
-        name = manifest["target"] if manifest["precision"] == "fp32" else f"{manifest['target']}-{manifest['precision']}"
-        targets.append(Target(f"{name}@{'+'.join(config.providers)}", manifest["precision"], "runtime",
+        # the bench runs every bundle's ONNX graphs on ONNX Runtime (engines: TensorRT backend, to come)
+        graphs = "onnx" if manifest["precision"] == "fp32" else f"onnx-{manifest['precision']}"
+        targets.append(Target(f"{graphs}@{'+'.join(config.providers)}", manifest["precision"], "runtime",
                               meta={"bundle": str(b)}))
     return targets
 
@@ -273,6 +275,10 @@ def run_bench(bundles: list[Path], out_dir: Path, config: BenchConfig, with_torc
                         (f"; {report.image_failure}" if report.image_failure else ""))
             results["targets"][key] = entry
             write_json(out_dir / "results.json", results)
+            # one target's models in memory at a time: full-size stacks are ~8 GB each (a run
+            # holding torch-fp32, onnx and onnx-fp16 together was killed on a 24 GB machine)
+            target.runner = None
+            gc.collect()
     results["complete"] = True
     write_json(out_dir / "results.json", results)
     return results
@@ -410,8 +416,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.runs < 1 or args.warmup < 0:
         raise UserError("--runs must be >= 1 and --warmup >= 0")
-    for b in args.bundle:
-        open_bundle(b)  # verify every bundle before spending time
+    opened = [open_bundle(b) for b in args.bundle]  # verify every bundle before spending time
+    for b in opened[1:]:
+        # one reference, one set of noises: the bundles must be the same model and sampler
+        if b.manifest["source"] != opened[0].manifest["source"] or \
+                b.json("scheduler_config.json") != opened[0].json("scheduler_config.json"):
+            raise UserError(f"{b.root} was exported from another source or scheduler config than {opened[0].root}")
     config = BenchConfig(height=args.height, width=args.width, steps=args.steps, guidance=args.guidance,
                          warmup=args.warmup, runs=args.runs, batches=tuple(args.batch or (1, 2)),
                          threads=args.threads, providers=tuple(args.provider or ("cpu",)),

@@ -73,13 +73,24 @@ def export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eclipse-export", description=(
         "Export ECLIPSE prior + CLIP bigG text encoder + Kandinsky 2.2 decoder to an ONNX bundle."))
     p.add_argument("--preset", default="tiny", help=f"model source: {', '.join(ALL_PRESETS)} (default: tiny)")
-    p.add_argument("--target", default="onnx", help="what to build: onnx (fp32) or onnx-fp16 (default: onnx)")
+    p.add_argument("--target", default="onnx",
+                   help="onnx (fp32), onnx-fp16, trt-rtx-fp16 (TensorRT-RTX engines) or trt-fp16 (TensorRT 10.3+/11 engines)")
     p.add_argument("--out", type=Path, help="bundle directory (default: engines/<preset>-<target>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     p.add_argument("--seed", type=int, default=0, help="weight seed of the random presets (default: 0)")
     p.add_argument("--exporter", default="torchscript", help="torch.onnx exporter: torchscript or dynamo")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
     p.add_argument("--no-parity-check", action="store_true", help="skip the per-component ORT-vs-PyTorch check")
+    e = p.add_argument_group("engines (trt-* targets)")
+    e.add_argument("--static", metavar="HxW", help="one fixed image size (batch --max-batch or 1) instead of 256..1024 px")
+    e.add_argument("--max-batch", type=int, help="largest prompt batch (the UNet profile doubles it for CFG; default 4)")
+    e.add_argument("--workspace-mib", type=int, default=4096, help="builder workspace cap (default 4096)")
+    e.add_argument("--opt-level", type=int, default=3, help="builder optimisation level 0..5 (default 3)")
+    e.add_argument("--compute-capability", action="append",
+                   help="TensorRT-RTX targets, repeatable: SM75 SM80 SM86 SM89 SM120 SM121 (default SM89)")
+    e.add_argument("--strip-weights", action="store_true", help="weight-stripped engines, refitted from the ONNX on the device")
+    e.add_argument("--engine-cache", type=Path, default=Path("engines/.engine-cache"),
+                   help="engines by key, reused when nothing they depend on changed (default engines/.engine-cache)")
     g = p.add_argument_group("real checkpoints (--preset kandinsky22): hub ids or local directories")
     g.add_argument("--prior", help="ECLIPSE prior (default: ECLIPSE-Community/ECLIPSE_KandinskyV22_Prior)")
     g.add_argument("--text-encoder", help="CLIP bigG text encoder + tokenizer (default: laion/CLIP-ViT-bigG-14-laion2B-39B-b160k)")
@@ -116,12 +127,40 @@ def export_main(argv=None) -> int:
         raise UserError("--prior/--text-encoder/--decoder/--image-encoder-repo apply to --preset kandinsky22 only")
     out = args.out or Path("engines") / f"{args.preset}-{args.target}"
     options = ExportOptions(target=args.target, exporter=args.exporter, opset=args.opset,
-                            overwrite=args.overwrite, check_parity=not args.no_parity_check)
+                            overwrite=args.overwrite, check_parity=not args.no_parity_check,
+                            build=_build_options(args), engine_cache=args.engine_cache)
     _log(f"exporting preset {args.preset} -> {out} ({args.target})")
     source = make_source(args.preset, seed=args.seed, locations=locations, allow_pickle=args.allow_pickle)
     export_bundle(source, out, options, log=_log)
     print(out)
     return 0
+
+
+def _build_options(args):
+    from .engines import RTX_COMPUTE_CAPABILITIES, BuildOptions
+
+    static = None
+    if args.static:
+        try:
+            h, w = (int(v) for v in args.static.lower().split("x"))
+        except ValueError:
+            raise UserError(f"--static takes HxW, e.g. 512x512, got {args.static!r}") from None
+        if h % 64 or w % 64 or not (64 <= h <= 2048 and 64 <= w <= 2048):
+            raise UserError(f"--static {args.static}: sizes must be multiples of 64 between 64 and 2048")
+        static = {"B": args.max_batch or 1, "h": h // 8, "w": w // 8}
+    if args.max_batch is not None and args.max_batch < 1:
+        raise UserError("--max-batch must be >= 1")
+    if not 0 <= args.opt_level <= 5:
+        raise UserError("--opt-level must be between 0 and 5")
+    if args.workspace_mib < 64:
+        raise UserError("--workspace-mib must be >= 64")
+    ccs = tuple(c.upper() for c in (args.compute_capability or ["SM89"]))
+    unknown = [c for c in ccs if c not in RTX_COMPUTE_CAPABILITIES]
+    if unknown:
+        raise UserError(f"unknown compute capability {', '.join(unknown)} (choose from {', '.join(RTX_COMPUTE_CAPABILITIES)})")
+    return BuildOptions(static=static, max_batch=args.max_batch or 4, workspace_mib=args.workspace_mib,
+                        opt_level=args.opt_level, strip_weights=args.strip_weights, compute_capabilities=ccs,
+                        timing_cache=args.engine_cache / "timing.cache" if args.engine_cache else None)
 
 
 # --- eclipse-generate ---------------------------------------------------------------------------

@@ -9,6 +9,7 @@ removes the partial bundle; the output directory only ever holds a complete bund
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -30,12 +32,17 @@ from .runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, file_entry
 from .specs import COMPONENTS, ComponentSpec
 from .sources import COMPONENT_NAMES, StackSource, state_dict_sha256
 
+if TYPE_CHECKING:
+    from .engines import BuildOptions
+
 EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_OPSET = 17
 # protobuf cannot serialise a model over 2 GiB; stay well under it before switching to external data
 EXTERNAL_DATA_BYTES = 1 << 30
 # target -> precision of its graphs
-TARGETS = {"onnx": "fp32", "onnx-fp16": "fp16"}
+TARGETS = {"onnx": "fp32", "onnx-fp16": "fp16", "trt-fp16": "fp16", "trt-rtx-fp16": "fp16"}
+# engine targets -> TensorRT flavour (their bundles hold the FP16 ONNX too: refit, re-builds)
+ENGINE_TARGETS = {"trt-fp16": "tensorrt", "trt-rtx-fp16": "tensorrt-rtx"}
 
 
 class ExportError(RuntimeError):
@@ -49,6 +56,8 @@ class ExportOptions:
     opset: int = DEFAULT_OPSET
     overwrite: bool = False
     check_parity: bool = True
+    build: "BuildOptions | None" = None  # engine options for trt-* targets (flavour set from the target)
+    engine_cache: Path | None = None
 
 
 Log = Callable[[str], None]
@@ -245,6 +254,17 @@ def export_bundle(source: StackSource, out: Path, options: ExportOptions = Expor
     scheduler_config = source.scheduler_config()
     _validate_scheduler(scheduler_config)
     dims = source.dims()
+    build = None
+    if options.target in ENGINE_TARGETS:
+        from dataclasses import replace
+
+        from .engines import BuildOptions, EngineBuildError, import_flavour
+
+        build = replace(options.build or BuildOptions(), flavour=ENGINE_TARGETS[options.target])
+        try:  # before minutes of ONNX export, not after
+            import_flavour(build.flavour)
+        except EngineBuildError as e:
+            raise ExportError(str(e)) from None
 
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     started = time.perf_counter()
@@ -263,6 +283,10 @@ def export_bundle(source: StackSource, out: Path, options: ExportOptions = Expor
         np.save(work / "negative_image_embeds.npy", negative)
 
         files = [f for c in components.values() for f in c["files"]]
+        engines = {}
+        if build is not None:
+            engines = _build_engines(work, components, dims, build, options.engine_cache, log)
+            files += [e["file"] for e in engines.values()]
         files += ["scheduler_config.json", "negative_image_embeds.npy"]
         files += sorted(str(p.relative_to(work)) for p in (work / "tokenizer").rglob("*") if p.is_file())
         manifest = {
@@ -275,6 +299,7 @@ def export_bundle(source: StackSource, out: Path, options: ExportOptions = Expor
             "source": source.describe(),
             "tokenizer": tokenizer_source,
             "components": components,
+            "engines": engines,
             "files": {rel: file_entry(work, rel) for rel in files},
             "tools": _tool_versions(),
             "export_seconds": round(time.perf_counter() - started, 1),
@@ -288,6 +313,27 @@ def export_bundle(source: StackSource, out: Path, options: ExportOptions = Expor
         raise
     log(f"bundle written to {out} in {time.perf_counter() - started:.1f} s")
     return out
+
+
+def _build_engines(work: Path, components: dict, dims: dict, build, cache: Path | None, log: Log) -> dict:
+    """One engine per component, one at a time (peak memory matters on Jetson)."""
+    from .engines import EngineBuildError, build_engine
+
+    engines = {}
+    for name, entry in components.items():
+        graph = work / entry["graph"]
+        onnx_sha = file_entry(work, entry["graph"])["sha256"]
+        for extra in entry["files"][1:]:  # the weights file is part of what the engine depends on
+            onnx_sha = hashlib.sha256((onnx_sha + file_entry(work, extra)["sha256"]).encode()).hexdigest()
+        try:
+            engines[name] = build_engine(graph, COMPONENTS[name], dims, entry["precision"], onnx_sha, build,
+                                         work, cache, log)
+        except EngineBuildError as e:
+            hint = ""
+            if build.strip_weights and build.flavour == "tensorrt-rtx":
+                hint = " (weight-stripped TensorRT-RTX builds failed here on a machine without a GPU: build them on the device)"
+            raise ExportError(f"{e}{hint}") from None
+    return engines
 
 
 def _publish_modes(root: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import json
 from pathlib import Path
 
 MERGES_FILE = "bpe_simple_vocab_16e6.txt.gz"
@@ -17,6 +18,7 @@ MERGES_FILE = "bpe_simple_vocab_16e6.txt.gz"
 N_MERGES = 49152 - 256 - 2
 VOCAB_SIZE = 49408
 MAX_LENGTH = 77
+PAD_ID, BOS_ID, EOS_ID = 0, 49406, 49407  # pad is "!", as in the laion bigG tokenizer
 
 
 class TokenizerFilesError(RuntimeError):
@@ -50,25 +52,62 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def clip_vocab_and_merges(merges_gz: Path) -> tuple[dict[str, int], list[str]]:
-    lines = gzip.open(merges_gz, "rt", encoding="utf-8").read().split("\n")
+    """CLIP's vocabulary exactly as OpenAI's / open_clip's SimpleTokenizer builds it."""
+    with gzip.open(merges_gz, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
     merges = lines[1 : N_MERGES + 1]  # line 0 is the version header
     symbols = list(_bytes_to_unicode().values())
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
-    if len(tokens) != VOCAB_SIZE:
-        raise TokenizerFilesError(f"{merges_gz} gives {len(tokens)} tokens, expected {VOCAB_SIZE}")
+    if len(merges) != N_MERGES or len(tokens) != VOCAB_SIZE or len(set(tokens)) != VOCAB_SIZE:
+        raise TokenizerFilesError(f"{merges_gz} gives {len(tokens)} tokens, expected {VOCAB_SIZE} distinct ones")
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
+# Well-known ids of the CLIP vocabulary (OpenAI CLIP, open_clip and the laion bigG tokenizer agree).
+KNOWN_IDS = {
+    "a photo of a cat": [BOS_ID, 320, 1125, 539, 320, 2368, EOS_ID],
+    "": [BOS_ID, EOS_ID],
+}
+
+
+def verify_clip_tokenizer(tok) -> None:
+    """Raise unless `tok` (a transformers CLIPTokenizer) has the bigG tokenizer's ids and settings."""
+    problems = []
+    if len(tok) != VOCAB_SIZE:
+        problems.append(f"vocabulary size {len(tok)} != {VOCAB_SIZE}")
+    if (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) != (BOS_ID, EOS_ID, PAD_ID):
+        problems.append(f"bos/eos/pad ids {(tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)}"
+                        f" != {(BOS_ID, EOS_ID, PAD_ID)}")
+    if tok.model_max_length != MAX_LENGTH:
+        problems.append(f"model_max_length {tok.model_max_length} != {MAX_LENGTH}")
+    for text, expected in KNOWN_IDS.items():
+        got = tok(text)["input_ids"]
+        if got != expected:
+            problems.append(f"{text!r} -> {got}, expected {expected}")
+    if problems:
+        raise TokenizerFilesError("the CLIP tokenizer does not match the bigG tokenizer: " + "; ".join(problems))
+
+
 def build_clip_tokenizer_from_merges(merges_gz: Path, out_dir: Path) -> None:
+    """Write vocab.json + merges.txt rebuilt from open_clip's merges file, then transformers'
+    saved files (tokenizer.json, tokenizer_config.json) of a CLIPTokenizer made from them."""
     from transformers import CLIPTokenizer
 
-    vocab, merges = clip_vocab_and_merges(merges_gz)
-    # pad "!" (id 0) and 77 tokens: the laion bigG tokenizer's settings
-    pairs = [tuple(m.split()) for m in merges]
-    tok = CLIPTokenizer(vocab=vocab, merges=pairs, pad_token="!", model_max_length=MAX_LENGTH)
+    out_dir = Path(out_dir)
+    vocab, merges = clip_vocab_and_merges(Path(merges_gz))
     out_dir.mkdir(parents=True, exist_ok=True)
+    vocab_file, merges_file = out_dir / "vocab.json", out_dir / "merges.txt"
+    vocab_file.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    # pad "!" (id 0) and 77 tokens: the laion bigG tokenizer's settings
+    tok = CLIPTokenizer(vocab=str(vocab_file), merges=str(merges_file), unk_token="<|endoftext|>",
+                        bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="!",
+                        model_max_length=MAX_LENGTH)
+    verify_clip_tokenizer(tok)
     tok.save_pretrained(out_dir)
+    # what the bundle ships must load back the same
+    verify_clip_tokenizer(CLIPTokenizer.from_pretrained(out_dir))
 
 
 def write_tokenizer_files(out_dir: Path, source: str | Path | None, revision: str | None = None) -> dict:
@@ -85,6 +124,7 @@ def write_tokenizer_files(out_dir: Path, source: str | Path | None, revision: st
             tok = CLIPTokenizer.from_pretrained(str(source), revision=revision)
         except (OSError, ValueError) as e:
             raise TokenizerFilesError(f"cannot load the CLIP tokenizer from {source}: {e}") from e
+        verify_clip_tokenizer(tok)  # the bigG text encoder needs the bigG tokenizer's ids and padding
         out_dir.mkdir(parents=True, exist_ok=True)
         tok.save_pretrained(out_dir)
         described = {"kind": "pretrained", "source": str(source), "revision": revision}

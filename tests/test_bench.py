@@ -76,3 +76,25 @@ def test_bench_refuses_a_damaged_bundle(tiny_bundle_copy, tmp_path, capsys):
     rc = _run(main, ["--bundle", str(tiny_bundle_copy), "--out", str(tmp_path / "r")])
     assert rc == 2 and "missing prior.onnx" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_bench_fp32_and_fp16_bundles_in_one_run(tiny_bundle, tiny_fp16_bundle, tmp_path, capsys):
+    out = tmp_path / "results"
+    rc = main(["--bundle", str(tiny_bundle), "--bundle", str(tiny_fp16_bundle), "--out", str(out), "--height", "64",
+               "--width", "64", "--steps", "2", "--guidance", "1.0", "--runs", "1", "--warmup", "0", "--batch", "1"])
+    assert rc == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    fp16 = results["targets"]["onnx-fp16@cpu/b1"]
+    assert fp16["precision"] == "fp16" and fp16["parity"]["min_image_psnr_db"] == 30.0
+    assert "note" not in fp16["parity"]  # fp16 has written tolerances: enforced
+
+
+def test_bench_refuses_bundles_of_different_models(tiny_bundle, tiny_bundle_copy, tmp_path, capsys):
+    from eclipse_export.cli import _run
+
+    path = tiny_bundle_copy / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["source"]["seed"] = 1
+    path.write_text(json.dumps(manifest))
+    rc = _run(main, ["--bundle", str(tiny_bundle), "--bundle", str(tiny_bundle_copy), "--out", str(tmp_path / "r")])
+    assert rc == 2 and "another source" in capsys.readouterr().err

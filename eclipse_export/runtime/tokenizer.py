@@ -23,12 +23,18 @@ class TokenizedBatch:
 
 
 class ClipTokenizer:
+    """`tokenizer(prompts, padding="max_length", max_length=77, truncation=True)` as transformers'
+    CLIPTokenizer does it, from the bundle's tokenizer.json, returning int32 arrays."""
+
+    max_length: int = 77
+
     def __init__(self, tokenizer, pad_id: int, max_length: int = 77):
         self._tok = tokenizer
         self._tok.no_padding()
         self._tok.no_truncation()
         self.pad_id = pad_id
         self.max_length = max_length
+        self._check_special_tokens()
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "ClipTokenizer":
@@ -50,7 +56,16 @@ class ClipTokenizer:
             max_length = 77
         return cls(tok, pad_id, max_length)
 
+    def _check_special_tokens(self) -> None:
+        """The json's post-processor must wrap every prompt as [bos, ..., eos]."""
+        ids = self._tok.encode("").ids
+        if len(ids) != 2 or ids[0] == ids[1]:
+            raise ValueError(f"tokenizer.json does not add distinct bos/eos tokens (the empty prompt gives {ids})")
+        self.bos_id, self.eos_id = ids
+
     def __call__(self, prompts: Sequence[str]) -> TokenizedBatch:
+        if isinstance(prompts, str):  # a bare string would be tokenised character by character
+            raise TypeError("ClipTokenizer takes a sequence of prompts, not a single string")
         batch = len(prompts)
         ids = np.full((batch, self.max_length), self.pad_id, dtype=np.int32)
         mask = np.zeros((batch, self.max_length), dtype=np.int32)
@@ -59,7 +74,7 @@ class ClipTokenizer:
             tokens = encoding.ids  # [bos, ..., eos] from the json's post-processor
             cut = len(tokens) > self.max_length
             if cut:  # keep bos + the first words + eos, as transformers truncates
-                tokens = tokens[: self.max_length - 1] + [tokens[-1]]
+                tokens = tokens[: self.max_length - 1] + [self.eos_id]
             ids[row, : len(tokens)] = tokens
             mask[row, : len(tokens)] = 1
             truncated.append(cut)

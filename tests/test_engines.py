@@ -1,0 +1,101 @@
+"""TensorRT engines: TensorRT-RTX builds real engines here (CPU-only, ahead of time) from the
+tiny preset's FP16 graphs; the full-TensorRT and GPU paths skip with a reason."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from eclipse_export.engines import BuildOptions, build_engine, check_engine_compatible, engine_key, profile_shapes
+from eclipse_export.specs import COMPONENTS
+
+needs_rtx = pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None,
+                               reason="tensorrt-rtx is not installed (pip install tensorrt-rtx)")
+TINY_DIMS = {"T": 77, "D": 32, "E": 32, "C": 4, "S": 8}
+# tiny graphs, but the spec's real ranges (latents up to 128x128) need a roomy workspace
+OPTIONS = dict(workspace_mib=8192, max_batch=1)
+
+
+def test_profiles_follow_the_spec_and_cfg_doubles_the_unet_batch():
+    shapes = profile_shapes(COMPONENTS["unet"], TINY_DIMS, BuildOptions(max_batch=3))
+    lo, opt, hi = shapes["sample"]
+    assert lo == (1, 4, 32, 32) and opt == (2, 4, 64, 64) and hi == (6, 4, 128, 128)
+    assert shapes["timestep"] == ((1,), (1,), (1,))
+    static = profile_shapes(COMPONENTS["unet"], TINY_DIMS, BuildOptions(static={"B": 1, "h": 64, "w": 48}))
+    assert static["sample"] == ((2, 4, 64, 48),) * 3
+    movq = profile_shapes(COMPONENTS["movq"], TINY_DIMS, BuildOptions(static={"B": 1, "h": 64, "w": 48}))
+    assert movq["latents"] == ((1, 4, 64, 48),) * 3
+
+
+def test_engine_key_covers_what_makes_an_engine_valid():
+    shapes = profile_shapes(COMPONENTS["prior"], TINY_DIMS, BuildOptions())
+    base = engine_key("a" * 64, "fp16", shapes, BuildOptions(), "1.7")
+    assert base != engine_key("b" * 64, "fp16", shapes, BuildOptions(), "1.7")  # ONNX changed
+    assert base != engine_key("a" * 64, "fp16", shapes, BuildOptions(), "1.8")  # TensorRT version
+    assert base != engine_key("a" * 64, "fp16", shapes, BuildOptions(compute_capabilities=("SM86",)), "1.7")
+    assert base != engine_key("a" * 64, "fp16", shapes, BuildOptions(strip_weights=True), "1.7")
+    assert base == engine_key("a" * 64, "fp16", shapes, BuildOptions(timing_cache=None), "1.7")
+
+
+def test_incompatible_engines_are_named():
+    entry = {"flavour": "tensorrt-rtx", "version": "1.7.1.116", "compute_capabilities": ["SM89"]}
+    assert check_engine_compatible(entry, "1.7.1.116", "SM89") == []
+    problems = check_engine_compatible(entry, "1.8.0", "SM86")
+    assert "built with tensorrt-rtx 1.7.1.116, this machine has 1.8.0" in problems
+    assert "built for SM89, this GPU is SM86" in problems
+    assert check_engine_compatible(entry, None, None) == ["tensorrt_rtx is not installed"]
+
+
+@needs_rtx
+def test_trt_rtx_bundle_builds_all_four_engines(tmp_path):
+    from eclipse_export.export import ExportOptions, export_bundle
+    from eclipse_export.runtime.bundle import open_bundle
+    from eclipse_export.sources import RandomSource
+
+    cache = tmp_path / "cache"
+    options = ExportOptions(target="trt-rtx-fp16", build=BuildOptions(**OPTIONS), engine_cache=cache)
+    out = export_bundle(RandomSource("tiny"), tmp_path / "b", options, log=lambda m: None)
+    bundle = open_bundle(out)  # engines are in the manifest's verified files
+    assert bundle.precision == "fp16" and set(bundle.manifest["engines"]) == set(COMPONENTS)
+    for name, engine in bundle.manifest["engines"].items():
+        assert engine["file"] in bundle.manifest["files"] and engine["bytes"] > 0
+        assert engine["flavour"] == "tensorrt-rtx" and engine["compute_capabilities"] == ["SM89"]
+        assert len(engine["key"]) == 64 and (cache / f"{engine['key']}.plan").is_file()
+        assert engine["cached"] is False
+    unet = bundle.manifest["engines"]["unet"]["profile"]["sample"]
+    assert unet[0][0] == 1 and unet[2][0] == 2 and unet[0][2] == 32 and unet[2][2] == 128
+
+    # same inputs again: every engine comes from the cache, bit for bit
+    again = export_bundle(RandomSource("tiny"), tmp_path / "b2", options, log=lambda m: None)
+    manifest = json.loads((again / "manifest.json").read_text())
+    for name, engine in manifest["engines"].items():
+        assert engine["cached"] is True and engine["key"] == bundle.manifest["engines"][name]["key"]
+        assert (again / engine["file"]).read_bytes() == (out / engine["file"]).read_bytes()
+
+
+@needs_rtx
+def test_static_profile_engines(tiny_fp16_bundle, tmp_path):
+    from eclipse_export.runtime.bundle import open_bundle
+
+    bundle = open_bundle(tiny_fp16_bundle)
+    for name, spec in COMPONENTS.items():
+        sha = bundle.manifest["files"][bundle.component(name)["graph"]]["sha256"]
+        entry = build_engine(bundle.graph_path(name), spec, bundle.dims, "fp16", sha,
+                             BuildOptions(static={"B": 1, "h": 32, "w": 32}, **OPTIONS), tmp_path, log=lambda m: None)
+        assert entry["static"] and (tmp_path / entry["file"]).stat().st_size > 0
+        for lo, opt, hi in entry["profile"].values():
+            assert lo == opt == hi
+
+
+def test_trt_fp16_target_needs_tensorrt(tmp_path):
+    """Full TensorRT cannot be installed here (PyPI has stubs): the target says so up front."""
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed: this machine can build trt-fp16 engines")
+    from eclipse_export.export import ExportError, ExportOptions, export_bundle
+    from eclipse_export.sources import RandomSource
+
+    with pytest.raises(ExportError, match="tensorrt is not installed"):
+        export_bundle(RandomSource("tiny"), tmp_path / "b", ExportOptions(target="trt-fp16"), log=lambda m: None)
+    assert list(tmp_path.iterdir()) == []

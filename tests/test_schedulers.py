@@ -19,27 +19,12 @@ from eclipse_export.runtime.schedulers import (
     SchedulerConfigError,
     scheduler_from_config,
 )
+from eclipse_export.presets import SCHEDULER_KANDINSKY22
 from eclipse_export.torch_noise import inject_ddpm_variance_noise
 
-# kandinsky-community/kandinsky-2-2-decoder, scheduler/scheduler_config.json (first revision;
-# a later one sets clip_sample true, hence both are tested)
-KANDINSKY22 = {
-    "_class_name": "DDPMScheduler",
-    "num_train_timesteps": 1000,
-    "beta_schedule": "linear",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "clip_sample": False,
-    "clip_sample_range": 1.0,
-    "prediction_type": "epsilon",
-    "sample_max_value": 1.0,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "thresholding": False,
-    "timestep_spacing": "leading",
-    "trained_betas": None,
-    "variance_type": "fixed_small",
-}
+# the decoder's scheduler_config.json (first revision; a later one sets clip_sample true, hence
+# both are tested): the preset's copy, so the two cannot drift apart
+KANDINSKY22 = SCHEDULER_KANDINSKY22
 SHAPE = (2, 4, 8, 8)
 TORCH_CLASSES = {"ddpm": TorchDDPM, "ddim": TorchDDIM}
 

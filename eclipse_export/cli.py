@@ -74,8 +74,11 @@ def export_parser() -> argparse.ArgumentParser:
         "Export ECLIPSE prior + CLIP bigG text encoder + Kandinsky 2.2 decoder to an ONNX bundle."))
     p.add_argument("--preset", default="tiny", help=f"model source: {', '.join(ALL_PRESETS)} (default: tiny)")
     p.add_argument("--target", default="onnx",
-                   help="onnx (fp32), onnx-fp16, trt-rtx-fp16 (TensorRT-RTX engines) or trt-fp16 (TensorRT 10.3+/11 engines)")
+                   help="onnx (fp32), onnx-fp16, onnx-int8, trt-rtx-fp16 (TensorRT-RTX engines), "
+                        "trt-fp16 or trt-int8 (TensorRT 10.3+/11 engines)")
     p.add_argument("--out", type=Path, help="bundle directory (default: engines/<preset>-<target>)")
+    p.add_argument("--from-bundle", type=Path, metavar="DIR",
+                   help="build the trt-* engines from an existing onnx-fp16 bundle instead of exporting (no torch needed)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     p.add_argument("--seed", type=int, default=0, help="weight seed of the random presets (default: 0)")
     p.add_argument("--exporter", default="torchscript", help="torch.onnx exporter: torchscript or dynamo")
@@ -91,6 +94,17 @@ def export_parser() -> argparse.ArgumentParser:
     e.add_argument("--strip-weights", action="store_true", help="weight-stripped engines, refitted from the ONNX on the device")
     e.add_argument("--engine-cache", type=Path, default=Path("engines/.engine-cache"),
                    help="engines by key, reused when nothing they depend on changed (default engines/.engine-cache)")
+    q = p.add_argument_group("int8 (onnx-int8, trt-int8 targets)")
+    q.add_argument("--int8-components", default="unet",
+                   help="comma-separated components to quantize: unet (default), text_encoder, movq, prior")
+    q.add_argument("--calibration-prompts", type=Path,
+                   help="prompt file (.jsonl or one prompt per line; default: the project's calibration/prompts.jsonl)")
+    q.add_argument("--calibration-count", type=int, default=64, help="calibration prompts used (default 64)")
+    q.add_argument("--calibration-size", default="256x256", metavar="HxW", help="image size during calibration (default 256x256)")
+    q.add_argument("--calibration-steps", type=int, default=25, help="sampling steps during calibration (default 25)")
+    q.add_argument("--calibration-method", default="minmax", help="minmax (default), percentile or entropy")
+    q.add_argument("--calibration-cache", type=Path, default=Path("engines/.calibration"),
+                   help="captured calibration inputs, reused and resumed across exports (default engines/.calibration)")
     g = p.add_argument_group("real checkpoints (--preset kandinsky22): hub ids or local directories")
     g.add_argument("--prior", help="ECLIPSE prior (default: ECLIPSE-Community/ECLIPSE_KandinskyV22_Prior)")
     g.add_argument("--text-encoder", help="CLIP bigG text encoder + tokenizer (default: laion/CLIP-ViT-bigG-14-laion2B-39B-b160k)")
@@ -114,6 +128,15 @@ def export_main(argv=None) -> int:
         raise UserError(f"unknown exporter {args.exporter!r} (choose from {', '.join(EXPORTERS)})")
     if args.seed < 0:
         raise UserError("--seed must be >= 0")
+    if args.from_bundle is not None:
+        from .export import build_engines_for_bundle
+
+        if args.out is None:
+            raise UserError("--from-bundle needs --out (the new bundle with engines)")
+        out = build_engines_for_bundle(args.from_bundle, args.out, args.target, _build_options(args),
+                                       args.engine_cache, args.overwrite, log=_log)
+        print(out)
+        return 0
     locations = {
         "prior": args.prior,
         "text_encoder": args.text_encoder,
@@ -128,12 +151,44 @@ def export_main(argv=None) -> int:
     out = args.out or Path("engines") / f"{args.preset}-{args.target}"
     options = ExportOptions(target=args.target, exporter=args.exporter, opset=args.opset,
                             overwrite=args.overwrite, check_parity=not args.no_parity_check,
-                            build=_build_options(args), engine_cache=args.engine_cache)
+                            build=_build_options(args), engine_cache=args.engine_cache,
+                            int8=_int8_options(args) if args.target.endswith("int8") else None)
     _log(f"exporting preset {args.preset} -> {out} ({args.target})")
     source = make_source(args.preset, seed=args.seed, locations=locations, allow_pickle=args.allow_pickle)
     export_bundle(source, out, options, log=_log)
     print(out)
     return 0
+
+
+def _int8_options(args):
+    from .calibrate import CaptureOptions
+    from .export import Int8Options
+    from .quantize import METHODS
+    from .specs import COMPONENTS
+
+    components = tuple(c.strip() for c in args.int8_components.split(",") if c.strip())
+    unknown = [c for c in components if c not in COMPONENTS]
+    if not components or unknown:
+        raise UserError(f"--int8-components: unknown {', '.join(unknown) or '(none given)'} "
+                        f"(choose from {', '.join(COMPONENTS)})")
+    if args.calibration_prompts is not None and not args.calibration_prompts.is_file():
+        raise UserError(f"--calibration-prompts {args.calibration_prompts}: no such file")
+    if args.calibration_count < 1:
+        raise UserError("--calibration-count must be >= 1")
+    if args.calibration_steps < 1:
+        raise UserError("--calibration-steps must be >= 1")
+    if args.calibration_method not in METHODS:
+        raise UserError(f"--calibration-method must be one of {', '.join(METHODS)}")
+    try:
+        h, w = (int(v) for v in args.calibration_size.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--calibration-size takes HxW, e.g. 256x256, got {args.calibration_size!r}") from None
+    if h % 64 or w % 64 or not (64 <= h <= 2048 and 64 <= w <= 2048):
+        raise UserError(f"--calibration-size {args.calibration_size}: multiples of 64 between 64 and 2048")
+    return Int8Options(components=components, prompts=args.calibration_prompts,
+                       calibration_prompts=args.calibration_count,
+                       capture=CaptureOptions(height=h, width=w, steps=args.calibration_steps),
+                       method=args.calibration_method, cache_dir=args.calibration_cache)
 
 
 def _build_options(args):
@@ -178,9 +233,14 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scheduler", choices=("ddpm", "ddim"), default=None, help="default: the bundle's")
     p.add_argument("--out", type=Path, default=Path("out.png"), help="PNG file to write (default: out.png)")
+    p.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt", "tensorrt-rtx"), default="auto",
+                   help="auto (default): the bundle's engines if it has any, else ONNX Runtime")
     p.add_argument("--provider", action="append", default=None,
                    help="ONNX Runtime provider, repeatable, in order of preference: cpu, cuda, tensorrt (default: cpu)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--low-memory", action="store_true",
+                   help="TensorRT backends: hold one engine at a time (8 GB Jetson boards)")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="TensorRT backends: do not capture the UNet step")
     p.add_argument("--compare-reference", action="store_true",
                    help="also run the PyTorch reference on the same noises and print per-stage parity")
     p.add_argument("--report", type=Path, default=None, help="write timings (and parity) as JSON here")
@@ -196,6 +256,10 @@ def _check_writable(path: Path, what: str) -> None:
         raise UserError(f"cannot write {what} {path}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise UserError(f"cannot write {what} {path}: permission denied")
+
+
+def _user_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "eclipse-export"
 
 
 def _stage_line(timings: dict) -> str:
@@ -217,7 +281,18 @@ def generate_main(argv=None) -> int:
     # Validate the request before loading anything.
     req, warnings = Request.make(args.prompt, args.negative_prompt, args.height, args.width, args.steps,
                                  args.guidance, args.seed, args.scheduler)
-    backend = make_backend("onnxruntime", providers=args.provider or ["cpu"], threads=args.threads)
+    backend_name = args.backend
+    if backend_name == "auto":
+        from .runtime.backends import backend_for_bundle
+        from .runtime.bundle import BundleError, open_bundle
+
+        try:
+            backend_name = backend_for_bundle(open_bundle(args.bundle, verify_hashes=False).manifest)
+        except BundleError:
+            backend_name = "onnxruntime"  # Pipeline.from_bundle below reports what is wrong with it
+    backend = make_backend(backend_name, providers=args.provider or ["cpu"], threads=args.threads,
+                           low_memory=args.low_memory, cuda_graphs=not args.no_cuda_graphs,
+                           runtime_cache_dir=_user_cache() / "rtx-runtime-cache")
     t0 = time.perf_counter()
     pipeline = Pipeline.from_bundle(args.bundle, backend, verify_hashes=not args.skip_hash_check)
     _log(f"loaded {args.bundle} ({pipeline.bundle.precision}, {backend.name}) in {time.perf_counter() - t0:.2f} s")

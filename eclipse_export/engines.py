@@ -128,13 +128,17 @@ def build_engine(onnx_path: Path, spec: ComponentSpec, dims: Mapping[str, int], 
     trt = import_flavour(options.flavour)
     version = trt.__version__
     shapes = profile_shapes(spec, dims, options)
-    key = engine_key(onnx_sha256, precision, shapes, options, version)
+    built_for = (list(options.compute_capabilities) if options.flavour == "tensorrt-rtx"
+                 else [build_gpu_compute_capability()])
+    # TensorRT (not RTX) engines belong to the GPU that built them: that GPU is part of the key
+    key = engine_key(onnx_sha256, precision, shapes, options,
+                     version if options.flavour == "tensorrt-rtx" else f"{version}/{built_for[0]}")
     name = f"{spec.name}.{'rtx.' if options.flavour == 'tensorrt-rtx' else ''}plan"
     entry = {
         "file": f"engines/{name}", "key": key, "flavour": options.flavour, "version": version,
         "precision": precision, "profile": {k: [list(s) for s in v] for k, v in shapes.items()},
         "static": bool(options.static), "strip_weights": options.strip_weights,
-        "compute_capabilities": list(options.compute_capabilities) if options.flavour == "tensorrt-rtx" else ["build-gpu"],
+        "compute_capabilities": built_for,
     }
     target = out_dir / "engines" / name
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -200,6 +204,17 @@ def build_engine(onnx_path: Path, spec: ComponentSpec, dims: Mapping[str, int], 
     return entry
 
 
+def build_gpu_compute_capability() -> str:
+    """TensorRT (not RTX) builds for the GPU it runs on: record which, so the runtime can refuse
+    the engine elsewhere. "unknown" when cuda-python cannot tell."""
+    try:
+        from .runtime.cuda import Cuda
+
+        return Cuda().info().compute_capability
+    except Exception:  # no cuda-python or no GPU: the build itself will say what is wrong
+        return "unknown"
+
+
 def _atomic_write(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -220,6 +235,7 @@ def check_engine_compatible(entry: dict, installed_version: str | None, gpu_cc: 
         problems.append(f"{FLAVOURS[flavour]} is not installed")
     elif installed_version != entry["version"]:
         problems.append(f"built with {flavour} {entry['version']}, this machine has {installed_version}")
-    if flavour == "tensorrt-rtx" and gpu_cc and gpu_cc not in entry["compute_capabilities"]:
-        problems.append(f"built for {', '.join(entry['compute_capabilities'])}, this GPU is {gpu_cc}")
+    built_for = [c for c in entry["compute_capabilities"] if c != "unknown"]
+    if gpu_cc and built_for and gpu_cc not in built_for:
+        problems.append(f"built for {', '.join(built_for)}, this GPU is {gpu_cc}")
     return problems

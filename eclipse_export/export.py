@@ -40,9 +40,11 @@ DEFAULT_OPSET = 17
 # protobuf cannot serialise a model over 2 GiB; stay well under it before switching to external data
 EXTERNAL_DATA_BYTES = 1 << 30
 # target -> precision of its graphs
-TARGETS = {"onnx": "fp32", "onnx-fp16": "fp16", "trt-fp16": "fp16", "trt-rtx-fp16": "fp16"}
-# engine targets -> TensorRT flavour (their bundles hold the FP16 ONNX too: refit, re-builds)
-ENGINE_TARGETS = {"trt-fp16": "tensorrt", "trt-rtx-fp16": "tensorrt-rtx"}
+TARGETS = {"onnx": "fp32", "onnx-fp16": "fp16", "trt-fp16": "fp16", "trt-rtx-fp16": "fp16",
+           "onnx-int8": "int8", "trt-int8": "int8"}
+# engine targets -> TensorRT flavour (their bundles hold the ONNX too: refit, re-builds).
+# INT8 convolutions are a TensorRT feature (TensorRT-RTX has weight-only INT8 GEMM only).
+ENGINE_TARGETS = {"trt-fp16": "tensorrt", "trt-rtx-fp16": "tensorrt-rtx", "trt-int8": "tensorrt"}
 
 
 class ExportError(RuntimeError):
@@ -58,6 +60,19 @@ class ExportOptions:
     check_parity: bool = True
     build: "BuildOptions | None" = None  # engine options for trt-* targets (flavour set from the target)
     engine_cache: Path | None = None
+    int8: "Int8Options | None" = None  # *-int8 targets (default Int8Options())
+
+
+@dataclass(frozen=True)
+class Int8Options:
+    components: tuple[str, ...] = ("unet",)
+    prompts: Path | None = None  # None: the project's calibration/prompts.jsonl
+    calibration_prompts: int = 64  # first N of the calibration split
+    validation_prompts: int = 8  # first N of the validation split: the export-time INT8 parity check
+    capture: "object | None" = None  # calibrate.CaptureOptions (None: defaults)
+    method: str = "minmax"
+    # captured inputs persist here (resumable); None: inside the partial bundle, removed afterwards
+    cache_dir: Path | None = None
 
 
 Log = Callable[[str], None]
@@ -155,6 +170,8 @@ def export_component(source: StackSource, component: str, workdir: Path, options
     expected = [run_torch(component, graph, inputs) for inputs in checks] if options.check_parity else []
 
     precision = TARGETS[options.target]
+    if precision == "int8":
+        precision = "fp32"  # quantized after calibration, once every component's FP32 graph exists
     if precision == "fp16":
         external = _param_bytes(module) // 2 > EXTERNAL_DATA_BYTES
     log(f"  exporting {component} ({n_params / 1e6:.2f} M parameters, {options.exporter} exporter, {precision}"
@@ -282,6 +299,8 @@ def export_bundle(source: StackSource, out: Path, options: ExportOptions = Expor
             raise ExportError(f"negative image embedding has shape {negative.shape}, expected (1, {dims['D']})")
         np.save(work / "negative_image_embeds.npy", negative)
 
+        if TARGETS[options.target] == "int8":
+            _quantize_bundle(work, components, dims, source, options, log)
         files = [f for c in components.values() for f in c["files"]]
         engines = {}
         if build is not None:
@@ -315,6 +334,161 @@ def export_bundle(source: StackSource, out: Path, options: ExportOptions = Expor
     return out
 
 
+def _quantize_bundle(work: Path, components: dict, dims: dict, source, options: ExportOptions, log: Log) -> None:
+    """Calibrate on the FP32 chain, quantize the chosen components in place, check each against
+    its FP32 graph on held-out validation prompts (the INT8 tolerance), and record it all."""
+    from .calibrate import CaptureOptions, capture, iter_feeds
+    from .calibration_prompts import load_prompts
+    from .quantize import check_qdq_rules, quantize_components, quantize_graph
+    from .runtime.backends import OnnxRuntimeBackend
+    from .runtime.bundle import Bundle
+    from .runtime.pipeline import Pipeline
+
+    int8 = options.int8 or Int8Options()
+    try:
+        chosen = quantize_components(int8.components)
+        calib = load_prompts(int8.prompts, split="calibration")[: int8.calibration_prompts]
+        valid = load_prompts(int8.prompts, split="validation")[: int8.validation_prompts]
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    capture_opts = int8.capture or CaptureOptions()
+    key = hashlib.sha256(json.dumps({
+        "weights": {n: c["weights_sha256"] for n, c in components.items()},
+        "capture": capture_opts.__dict__, "calibration": [p.prompt for p in calib],
+        "validation": [p.prompt for p in valid]}, sort_keys=True).encode()).hexdigest()[:16]
+    cache = (int8.cache_dir / key) if int8.cache_dir else work / ".calibration"
+    reset_peak_rss()
+    t0 = time.perf_counter()
+    provisional = Bundle(work, {"dims": dims, "components": components, "precision": "fp32"})
+    pipeline = Pipeline(provisional, OnnxRuntimeBackend())
+    log(f"  calibration: {len(calib)} prompts, {capture_opts.height}x{capture_opts.width}, "
+        f"{capture_opts.unet_steps_per_prompt} of {capture_opts.steps} UNet steps each -> {cache}")
+    calib_info = capture(pipeline, calib, cache / "calibration", capture_opts, log)
+    log(f"  validation: {len(valid)} held-out prompts")
+    capture(pipeline, valid, cache / "validation", capture_opts, log)
+    del pipeline
+    gc.collect()
+    calib_info["peak_rss_bytes"] = peak_rss_bytes()
+    calib_info["seconds"] = round(time.perf_counter() - t0, 1)
+
+    from .quantize import QuantizeOptions
+
+    for name in chosen:
+        entry = components[name]
+        spec = COMPONENTS[name]
+        external = len(entry["files"]) > 1
+        fp32_path = work / entry["graph"]
+        int8_path = work / f"{name}.int8.onnx"
+        reset_peak_rss()
+        log(f"  quantizing {name} (Q/DQ int8, {int8.method} calibration)")
+        report = quantize_graph(fp32_path, int8_path, name, cache / "calibration",
+                                QuantizeOptions(method=int8.method), external=external)
+        report["peak_rss_bytes"] = peak_rss_bytes()
+        problems = check_qdq_rules(int8_path)
+        if problems:
+            raise ExportError(f"{name}: the quantized graph breaks TensorRT's Q/DQ rules: {'; '.join(problems[:3])}")
+        # INT8 vs FP32 graph on the validation prompts' real inputs
+        log(f"  checking {name} int8 against fp32 on the validation inputs")
+        ref_session, q_session = ort_session(fp32_path), ort_session(int8_path)
+        parity = ParityReport(precision="int8")
+        for feed in iter_feeds(cache / "validation", name):
+            want = dict(zip(spec.output_names, ref_session.run(spec.output_names, feed)))
+            got = dict(zip(spec.output_names, q_session.run(spec.output_names, feed)))
+            parity.stages += compare_outputs(name, got, want, spec.tolerance("int8"))
+        del ref_session, q_session
+        for rel in entry["files"]:
+            (work / rel).unlink()
+        int8_files = [int8_path.name] + sorted(p.name for p in work.glob(f"{name}.int8.onnx*") if p != int8_path)
+        final = work / f"{name}.onnx"
+        renamed = []
+        for rel in int8_files:
+            src = work / rel
+            dst = work / rel.replace(f"{name}.int8.onnx", f"{name}.onnx", 1)
+            src.rename(dst)
+            renamed.append(dst.name)
+        if len(renamed) > 1:  # the external data file was renamed: point the graph at its new name
+            _relocate_external(final, renamed[1:])
+        entry.update(graph=final.name, files=renamed, precision="int8", int8=report,
+                     int8_parity=parity.to_json())
+        log(f"  {name}: {sum(report['quantized'].values())} of {sum(report['total'].values())} "
+            f"Conv/MatMul/Gemm quantized; validation cosine >= {min(s.cosine for s in parity.stages):.5f}")
+        if not parity.ok:
+            raise ParityError(parity)
+    for name, entry in components.items():
+        entry["calibration"] = calib_info if name in chosen else None
+    if int8.cache_dir is None:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def build_engines_for_bundle(src: Path, out: Path, target: str, build, engine_cache: Path | None = None,
+                             overwrite: bool = False, log: Log = print) -> Path:
+    """Engines for an existing FP16 bundle, into a new bundle `out` (the graphs are hard-linked
+    where possible). This is the device workflow: export once on a workstation, build on each
+    device from the shipped ONNX."""
+    from dataclasses import replace
+
+    from .engines import EngineBuildError, import_flavour
+    from .runtime.bundle import open_bundle
+
+    if target not in ENGINE_TARGETS:
+        raise ExportError(f"--from-bundle builds engines: target must be one of {', '.join(ENGINE_TARGETS)}")
+    bundle = open_bundle(src)
+    want = TARGETS[target]
+    if bundle.precision != want:
+        raise ExportError(f"{src} holds {bundle.precision} graphs; {target} needs {want} graphs "
+                          f"(export with --target onnx-{want} first)")
+    out = Path(out)
+    if out.resolve() == Path(src).resolve():
+        raise ExportError("--out must differ from --from-bundle (bundles are replaced whole, never edited)")
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} already exists; pass --overwrite to replace it")
+    build = replace(build, flavour=ENGINE_TARGETS[target])
+    try:
+        import_flavour(build.flavour)
+    except EngineBuildError as e:
+        raise ExportError(str(e)) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    started = time.perf_counter()
+    try:
+        manifest = json.loads(json.dumps(bundle.manifest))
+        for rel in manifest["files"]:
+            if rel.startswith("engines/"):
+                continue  # engines of another target are not carried over
+            dst = work / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(Path(src) / rel, dst)
+            except OSError:
+                shutil.copy2(Path(src) / rel, dst)
+        manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("engines/")}
+        engines = _build_engines(work, manifest["components"], manifest["dims"], build, engine_cache, log)
+        manifest["files"].update({e["file"]: file_entry(work, e["file"]) for e in engines.values()})
+        manifest.update(target=target, engines=engines, built_from=str(src),
+                        build_seconds=round(time.perf_counter() - started, 1))
+        (work / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        _publish_modes(work)
+        _replace_dir(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    log(f"bundle with engines written to {out} in {time.perf_counter() - started:.1f} s")
+    return out
+
+
+def _relocate_external(graph: Path, data_files: list[str]) -> None:
+    """Rewrite external-data locations after renaming the data file (only the graph is rewritten)."""
+    import onnx
+
+    model = onnx.load(str(graph), load_external_data=False)
+    new = data_files[0]
+    for t in model.graph.initializer:
+        for kv in t.external_data:
+            if kv.key == "location":
+                kv.value = new
+    onnx.save_model(model, str(graph))
+
+
 def _build_engines(work: Path, components: dict, dims: dict, build, cache: Path | None, log: Log) -> dict:
     """One engine per component, one at a time (peak memory matters on Jetson)."""
     from .engines import EngineBuildError, build_engine
@@ -326,8 +500,10 @@ def _build_engines(work: Path, components: dict, dims: dict, build, cache: Path 
         for extra in entry["files"][1:]:  # the weights file is part of what the engine depends on
             onnx_sha = hashlib.sha256((onnx_sha + file_entry(work, extra)["sha256"]).encode()).hexdigest()
         try:
+            reset_peak_rss()
             engines[name] = build_engine(graph, COMPONENTS[name], dims, entry["precision"], onnx_sha, build,
                                          work, cache, log)
+            engines[name]["peak_rss_bytes"] = peak_rss_bytes()
         except EngineBuildError as e:
             hint = ""
             if build.strip_weights and build.flavour == "tensorrt-rtx":

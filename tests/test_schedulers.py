@@ -17,6 +17,7 @@ from eclipse_export.runtime.schedulers import (
     DDIMScheduler,
     DDPMScheduler,
     SchedulerConfigError,
+    apply_step,
     scheduler_from_config,
 )
 from eclipse_export.presets import SCHEDULER_KANDINSKY22
@@ -212,3 +213,40 @@ def test_runtime_module_imports_no_torch():
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+EPSILON_VARIANTS = [
+    ("ddpm", {}), ("ddim", {}), ("ddpm", dict(clip_sample=True)), ("ddim", dict(clip_sample=True, clip_sample_range=0.5)),
+    ("ddpm", dict(variance_type="fixed_large")), ("ddpm", dict(variance_type="fixed_small_log")),
+    ("ddim", dict(set_alpha_to_one=False, timestep_spacing="trailing")),
+]
+
+
+@pytest.mark.parametrize("kind, overrides", EPSILON_VARIANTS, ids=[f"{k}-{'-'.join(o)}" for k, o in EPSILON_VARIANTS])
+@pytest.mark.parametrize("steps", [1, 4, 50])
+def test_device_step_coefficients_match_step(kind, overrides, steps):
+    """The GPU backend runs each step as one fused kernel from StepCoefficients; apply_step is
+    that kernel in numpy. It must give what step gives, for every step of the schedule."""
+    sched = scheduler_from_config(_config(**overrides), kind)
+    sched.set_timesteps(steps)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(SHAPE, dtype=np.float32)
+    worst = 0.0
+    for t in sched.timesteps:
+        eps = (rng.standard_normal(SHAPE, dtype=np.float32) * 0.8 + 0.1 * x).astype(np.float32)
+        noise = rng.standard_normal(SHAPE, dtype=np.float32) if sched.needs_noise and t > 0 else None
+        k = sched.step_coefficients(int(t))
+        if noise is None:
+            assert k.std == 0.0
+        mine = apply_step(k, eps, x, noise)
+        ref = sched.step(eps, int(t), x, noise=noise)
+        worst = max(worst, float(np.abs(mine - ref).max()) / max(1.0, float(np.abs(ref).max())))
+        x = ref
+    assert worst <= 1e-6
+
+
+def test_device_step_refuses_other_predictions():
+    sched = scheduler_from_config(_config(prediction_type="v_prediction"), "ddpm")
+    sched.set_timesteps(4)
+    with pytest.raises(SchedulerConfigError, match="epsilon only"):
+        sched.step_coefficients(int(sched.timesteps[0]))

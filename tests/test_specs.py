@@ -16,7 +16,7 @@ def test_every_component_has_a_graph_tolerances_and_sample_inputs():
     dims = dict(stack_dims(presets.PRESETS["tiny"]), B=2, h=8, w=16)
     for spec in COMPONENTS.values():
         for precision in PRECISIONS:
-            assert spec.tolerance(precision).min_cosine > 0.99
+            assert spec.tolerance(precision).min_cosine >= 0.99
         sample = spec.sample_inputs(dims, np.random.default_rng(0))
         assert list(sample) == spec.input_names
         for t in spec.inputs:

@@ -99,10 +99,23 @@ class OnnxRuntimeBackend:
                 "threads": self.threads}
 
 
-BACKENDS = ("onnxruntime",)
+BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
 
 
-def make_backend(name: str = "onnxruntime", providers: Sequence[str] = ("cpu",), threads: int | None = None) -> Backend:
+def make_backend(name: str = "onnxruntime", providers: Sequence[str] = ("cpu",), threads: int | None = None,
+                 low_memory: bool = False, cuda_graphs: bool = True, runtime_cache_dir=None) -> Backend:
     if name == "onnxruntime":
         return OnnxRuntimeBackend(providers, threads)
+    if name in ("tensorrt", "tensorrt-rtx"):
+        from .tensorrt_backend import TensorRTBackend  # imports cuda-python only when asked for
+
+        return TensorRTBackend(name, low_memory=low_memory, cuda_graphs=cuda_graphs,
+                               runtime_cache_dir=runtime_cache_dir)
     raise BackendError(f"unknown backend {name!r} (available: {', '.join(BACKENDS)})")
+
+
+def backend_for_bundle(manifest: dict) -> str:
+    """The backend a bundle's target runs on by default."""
+    engines = manifest.get("engines") or {}
+    flavours = {e["flavour"] for e in engines.values()}
+    return flavours.pop() if len(flavours) == 1 else "onnxruntime"

@@ -128,6 +128,20 @@ class Pipeline:
         s = self.dims["S"]
         return (req.batch, self.dims["C"], req.height // s, req.width // s)
 
+    def _stage_done(self, name: str) -> None:
+        hook = getattr(self.backend, "stage_done", None)  # low-memory backends free the engine here
+        if hook:
+            hook(self.sessions[name])
+
+    def _device_loop(self, sched) -> bool:
+        if not hasattr(self.backend, "denoise"):
+            return False
+        try:
+            sched.step_coefficients(int(sched.timesteps[0]))
+        except (ValueError, AttributeError):
+            return False  # a prediction type without a device step: host loop
+        return True
+
     def generate(self, prompt: str | Sequence[str], negative_prompt: str | None = None, height: int = 512,
                  width: int = 512, steps: int = 50, guidance_scale: float = 4.0, seed: int = 0,
                  scheduler: str | None = None, noises: Noises | None = None, record: bool = False,
@@ -163,6 +177,7 @@ class Pipeline:
         t0 = time.perf_counter()
         text = self.sessions["text_encoder"].run({"input_ids": tokens.input_ids})
         timings["text_encoder"] = time.perf_counter() - t0
+        self._stage_done("text_encoder")
 
         # 3. prior: one forward pass, noise in the hidden_states slot
         t0 = time.perf_counter()
@@ -173,6 +188,7 @@ class Pipeline:
             "attention_mask": tokens.attention_mask,
         })
         timings["prior"] = time.perf_counter() - t0
+        self._stage_done("prior")
         embeds = prior_out["image_embeds"]
         if req.negative_prompt is not None:
             image_embeds, negative_embeds = embeds[: req.batch], embeds[req.batch:]
@@ -186,17 +202,24 @@ class Pipeline:
         latents = (noises.latents * np.float32(sched.init_noise_sigma)).astype(np.float32)
         unet = self.sessions["unet"]
         t0 = time.perf_counter()
-        for i, t in enumerate(sched.timesteps):
-            sample = guidance.cfg_batch(latents) if use_cfg else latents
-            eps = unet.run({"sample": sample, "timestep": np.array([t], dtype=np.float32),
-                            "image_embeds": unet_embeds})["noise_pred"]
-            if record and i == 0:
-                inter["unet.noise_pred_step0"] = eps
-            if use_cfg:
-                eps = guidance.combine(eps, req.guidance_scale)
-            latents = sched.step(eps, int(t), latents, noise=noises.steps[i] if sched.needs_noise else None)
-            if progress:
-                progress(i + 1, len(sched.timesteps))
+        if self._device_loop(sched):
+            # the backend keeps latents on the device for the whole loop (fused CFG + step kernel)
+            latents = self.backend.denoise(unet, latents, unet_embeds, sched, req.guidance_scale if use_cfg else None,
+                                           noises.steps if sched.needs_noise else None, progress,
+                                           inter if record else None)
+        else:
+            for i, t in enumerate(sched.timesteps):
+                sample = guidance.cfg_batch(latents) if use_cfg else latents
+                eps = unet.run({"sample": sample, "timestep": np.array([t], dtype=np.float32),
+                                "image_embeds": unet_embeds})["noise_pred"]
+                if record and i == 0:
+                    inter["unet.noise_pred_step0"] = eps
+                if use_cfg:
+                    eps = guidance.combine(eps, req.guidance_scale)
+                latents = sched.step(eps, int(t), latents, noise=noises.steps[i] if sched.needs_noise else None)
+                if progress:
+                    progress(i + 1, len(sched.timesteps))
+        self._stage_done("unet")
         timings["unet"] = time.perf_counter() - t0
         timings["unet_per_step"] = timings["unet"] / len(sched.timesteps)
 
@@ -204,6 +227,7 @@ class Pipeline:
         t0 = time.perf_counter()
         image = self.sessions["movq"].run({"latents": latents})["image"]
         timings["movq"] = time.perf_counter() - t0
+        self._stage_done("movq")
         timings["total"] = time.perf_counter() - t_start
 
         if record:

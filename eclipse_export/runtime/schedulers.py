@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import operator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -96,6 +97,40 @@ def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     return _ONE - alphas
 
 
+@dataclass(frozen=True)
+class StepCoefficients:
+    """One epsilon-prediction step reduced to scalars, so a GPU backend can run it as one fused
+    elementwise kernel with the latents left on the device:
+
+        x0   = clamp((x - b * eps) / a, -clip, clip)
+        prev = c_x0 * x0 + c_x * x + c_eps * eps + std * noise
+
+    `apply_step` below is the numpy statement of that kernel; tests hold it to `step`.
+    """
+
+    a: float
+    b: float
+    clip: float  # +inf: no clipping
+    c_x0: float
+    c_x: float
+    c_eps: float
+    std: float  # 0: the step adds no noise
+
+    def astuple(self) -> tuple[float, ...]:
+        return (self.a, self.b, self.clip, self.c_x0, self.c_x, self.c_eps, self.std)
+
+
+def apply_step(k: StepCoefficients, eps: np.ndarray, x: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
+    """What the device kernel computes (same operation order, float32)."""
+    f = [_F32(v) for v in k.astuple()]
+    a, b, clip, c_x0, c_x, c_eps, std = f
+    x0 = np.clip((x - b * eps) / a, -clip, clip)
+    prev = c_x0 * x0 + c_x * x + c_eps * eps
+    if noise is not None and std != 0:
+        prev = prev + std * noise
+    return prev.astype(_F32, copy=False)
+
+
 class _Base:
     init_noise_sigma = 1.0
     needs_noise = False
@@ -148,6 +183,14 @@ class _Base:
                 f"timestep_spacing={self.timestep_spacing!r} with {n} steps gives timesteps outside 0..{total - 1} "
                 f"in diffusers ({t[0]}..{t[-1]}, {len(t)} steps); choose another step count")
         self.timesteps, self.num_inference_steps = t.copy(), n
+
+    def _require_epsilon(self) -> None:
+        # Kandinsky 2.2 predicts epsilon; the fused device step covers only that
+        if self.prediction_type != "epsilon":
+            raise SchedulerConfigError(f"prediction_type={self.prediction_type!r} has no device step (epsilon only)")
+
+    def _clip_value(self) -> float:
+        return float(self.clip_range) if self.clip_range is not None else math.inf
 
     def _alpha_prod(self, t: int, final: np.float32) -> np.float32:
         return self.alphas_cumprod[t] if t >= 0 else final
@@ -227,6 +270,26 @@ class DDPMScheduler(_Base):
         return prev.astype(_F32, copy=False)
 
 
+    def step_coefficients(self, timestep: int) -> StepCoefficients:
+        self._require_epsilon()
+        t = int(timestep)
+        alpha_prod_t = self.alphas_cumprod[t]
+        alpha_prod_prev = self._alpha_prod(self._prev(t), _ONE)
+        beta_prod_t, beta_prod_prev = _ONE - alpha_prod_t, _ONE - alpha_prod_prev
+        current_alpha = alpha_prod_t / alpha_prod_prev
+        current_beta = _ONE - current_alpha
+        std = _F32(0.0)
+        if t > 0:
+            small = max(beta_prod_prev / beta_prod_t * current_beta, _F32(1e-20))
+            std = {"fixed_small": lambda: np.sqrt(small),
+                   "fixed_small_log": lambda: np.exp(_F32(0.5) * np.log(small)),
+                   "fixed_large": lambda: np.sqrt(current_beta)}[self.variance_type]()
+        return StepCoefficients(
+            a=float(np.sqrt(alpha_prod_t)), b=float(np.sqrt(beta_prod_t)), clip=self._clip_value(),
+            c_x0=float(np.sqrt(alpha_prod_prev) * current_beta / beta_prod_t),
+            c_x=float(np.sqrt(current_alpha) * beta_prod_prev / beta_prod_t), c_eps=0.0, std=float(std))
+
+
 class DDIMScheduler(_Base):
     """Deterministic DDIM (eta = 0): no noise between steps; `noise` is accepted and ignored."""
 
@@ -247,6 +310,18 @@ class DDIMScheduler(_Base):
         x0, eps = self._predict(model_output, sample, alpha_prod_t)
         prev = np.sqrt(alpha_prod_prev) * x0 + np.sqrt(_ONE - alpha_prod_prev) * eps
         return prev.astype(_F32, copy=False)
+
+    def step_coefficients(self, timestep: int) -> StepCoefficients:
+        if self.num_inference_steps is None:
+            raise ValueError("DDIM needs set_timesteps before step")
+        self._require_epsilon()
+        t = int(timestep)
+        alpha_prod_t = self.alphas_cumprod[t]
+        alpha_prod_prev = self._alpha_prod(t - self.num_train_timesteps // self.num_inference_steps,
+                                           self.final_alpha_cumprod)
+        return StepCoefficients(
+            a=float(np.sqrt(alpha_prod_t)), b=float(np.sqrt(_ONE - alpha_prod_t)), clip=self._clip_value(),
+            c_x0=float(np.sqrt(alpha_prod_prev)), c_x=0.0, c_eps=float(np.sqrt(_ONE - alpha_prod_prev)), std=0.0)
 
 
 _CLASSES = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}

@@ -1,0 +1,144 @@
+"""FP32 ONNX -> explicitly quantized (Q/DQ) INT8 ONNX, following TensorRT's rules.
+
+NVIDIA Model Optimizer's ONNX PTQ is the first choice upstream, but it pins onnx 1.21,
+onnxruntime-gpu and cupy and does not install on a CPU machine (see docs/decisions.md), so
+this uses onnxruntime's quantize_static, configured for TensorRT:
+- symmetric int8 for weights and activations (zero point 0), QDQ format;
+- per-channel weights (Conv: axis 0, the output channel; MatMul/Gemm weights [K, N]: axis 1),
+  per-tensor activations;
+- Q/DQ only on the inputs of Conv, MatMul and Gemm; no int32 bias quantization
+  (QuantizeBias=False): TensorRT fuses the float bias itself;
+- everything else stays in the precision of the input graph.
+Calibration ranges: MinMax over the captured inputs (calibrate.py); layers named in
+`exclude` stay in floating point, with the reason recorded in the manifest.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .calibrate import iter_feeds
+
+QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
+METHODS = ("minmax", "percentile", "entropy")
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    method: str = "minmax"
+    max_samples: int | None = None  # calibration feeds per component (None: all captured)
+    exclude: dict[str, str] = field(default_factory=dict)  # node name -> why it stays float
+
+
+def quantize_graph(fp32_path: Path, out_path: Path, component: str, shard_dir: Path,
+                   options: QuantizeOptions = QuantizeOptions(), external: bool = False) -> dict:
+    """Quantize one component's graph with calibration feeds from `shard_dir`; returns a report."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if options.method not in METHODS:
+        raise ValueError(f"unknown calibration method {options.method!r} (choose from {', '.join(METHODS)})")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter_feeds(shard_dir, component, options.max_samples)
+            self.count = 0
+
+        def get_next(self):
+            feed = next(self.feeds, None)
+            if feed is not None:
+                self.count += 1
+            return feed
+
+    reader = Reader()
+    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+              "entropy": CalibrationMethod.Entropy}[options.method]
+    t0 = time.perf_counter()
+    quantize_static(
+        str(fp32_path), str(out_path), reader,
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=list(QUANTIZED_OPS),
+        per_channel=True,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        nodes_to_exclude=list(options.exclude),
+        use_external_data_format=external,
+        calibrate_method=method,
+        extra_options={
+            "ActivationSymmetric": True,
+            "WeightSymmetric": True,
+            "QuantizeBias": False,
+            "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1, "Gemm": 1},
+            # ranges are reduced batch by batch instead of holding every intermediate output
+            "CalibMaxIntermediateOutputs": 8,
+        },
+    )
+    seconds = time.perf_counter() - t0
+    gc.collect()
+    if reader.count == 0:
+        raise ValueError(f"no calibration data for {component} in {shard_dir}")
+    return {"method": options.method, "samples": reader.count, "seconds": round(seconds, 1),
+            "quantized_ops": list(QUANTIZED_OPS), "excluded": dict(options.exclude), **qdq_summary(out_path)}
+
+
+def qdq_summary(path: Path) -> dict:
+    """What the quantizer did, counted from the graph (checks the TensorRT rules hold)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    nodes = model.graph.node
+    producers = {o: n for n in nodes for o in n.output}
+    inits = {i.name: i for i in model.graph.initializer}
+    quantized = {op: 0 for op in QUANTIZED_OPS}
+    total = {op: 0 for op in QUANTIZED_OPS}
+    for n in nodes:
+        if n.op_type in QUANTIZED_OPS:
+            total[n.op_type] += 1
+            if any(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in n.input[:2]):
+                quantized[n.op_type] += 1
+    zero_points_nonzero = 0
+    for n in nodes:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2 and n.input[2] in inits:
+            zp = onnx.numpy_helper.to_array(inits[n.input[2]])
+            zero_points_nonzero += int((zp != 0).any())
+    return {"quantized": quantized, "total": total,
+            "q_nodes": sum(n.op_type == "QuantizeLinear" for n in nodes),
+            "dq_nodes": sum(n.op_type == "DequantizeLinear" for n in nodes),
+            "nonzero_zero_points": zero_points_nonzero}
+
+
+def check_qdq_rules(model_path: Path) -> list[str]:
+    """Violations of TensorRT's explicit-quantization rules (empty: fine)."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    inits = {i.name: i for i in model.graph.initializer}
+    problems = []
+    for n in model.graph.node:
+        if n.op_type == "DequantizeLinear":
+            for c in consumers.get(n.output[0], []):
+                if c.op_type not in QUANTIZED_OPS:
+                    problems.append(f"{n.name} feeds {c.op_type} {c.name} (Q/DQ only on {'/'.join(QUANTIZED_OPS)} inputs)")
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2 and n.input[2] in inits:
+            zp = onnx.numpy_helper.to_array(inits[n.input[2]])
+            if (zp != 0).any():
+                problems.append(f"{n.name}: zero point is not 0 (TensorRT needs symmetric quantization)")
+            if zp.dtype.name != "int8":
+                problems.append(f"{n.name}: {zp.dtype} quantization (TensorRT needs int8)")
+    return problems
+
+
+def quantize_components(components: Sequence[str]) -> tuple[str, ...]:
+    from .specs import COMPONENTS
+
+    unknown = [c for c in components if c not in COMPONENTS]
+    if unknown:
+        raise ValueError(f"unknown component(s) {', '.join(unknown)} (choose from {', '.join(COMPONENTS)})")
+    return tuple(components)

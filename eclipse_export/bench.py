@@ -68,11 +68,11 @@ class Target:
 
 
 class RuntimeRunner:
-    def __init__(self, bundle_dir: Path, providers, threads):
+    def __init__(self, bundle_dir: Path, providers, threads, backend: str = "onnxruntime"):
         from .runtime.backends import make_backend
         from .runtime.pipeline import Pipeline
 
-        self.pipeline = Pipeline.from_bundle(bundle_dir, make_backend("onnxruntime", providers, threads))
+        self.pipeline = Pipeline.from_bundle(bundle_dir, make_backend(backend, providers, threads))
         self.load_seconds = sum(self.pipeline.load_seconds.values())
 
     def run(self, req: Request, noises: Noises):
@@ -117,11 +117,26 @@ def plan_targets(bundles: list[Path], config: BenchConfig, with_torch: bool) -> 
         targets.append(fp16)
     for b in bundles:
         manifest = open_bundle(b, verify_hashes=False).manifest
-        # the bench runs every bundle's ONNX graphs on ONNX Runtime (engines: TensorRT backend, to come)
+        # every bundle's ONNX graphs run on ONNX Runtime; its engines (if any) on their TensorRT flavour
         graphs = "onnx" if manifest["precision"] == "fp32" else f"onnx-{manifest['precision']}"
         targets.append(Target(f"{graphs}@{'+'.join(config.providers)}", manifest["precision"], "runtime",
-                              meta={"bundle": str(b)}))
+                              meta={"bundle": str(b), "backend": "onnxruntime"}))
+        flavours = {e["flavour"] for e in (manifest.get("engines") or {}).values()}
+        for flavour in sorted(flavours):
+            t = Target(manifest["target"], manifest["precision"], "runtime", meta={"bundle": str(b), "backend": flavour})
+            t.skipped = _backend_unavailable(flavour)
+            targets.append(t)
     return targets
+
+
+def _backend_unavailable(flavour: str) -> str | None:
+    from .runtime.backends import BackendError, make_backend
+
+    try:
+        make_backend(flavour)
+    except BackendError as e:
+        return str(e)
+    return None
 
 
 # --- environment --------------------------------------------------------------------------
@@ -254,7 +269,8 @@ def run_bench(bundles: list[Path], out_dir: Path, config: BenchConfig, with_torc
                 if target.name.startswith("torch-"):
                     target.runner = TorchRunner(first_bundle, target.precision, config.torch_device)
                 else:
-                    target.runner = RuntimeRunner(Path(target.meta["bundle"]), config.providers, config.threads)
+                    target.runner = RuntimeRunner(Path(target.meta["bundle"]), config.providers, config.threads,
+                                                  target.meta.get("backend", "onnxruntime"))
             measured = measure(target, req, noises, config, log)
             entry["load_seconds"] = target.runner.load_seconds
             entry["wall_seconds"] = time.perf_counter() - t0

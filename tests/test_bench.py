@@ -98,3 +98,34 @@ def test_bench_refuses_bundles_of_different_models(tiny_bundle, tiny_bundle_copy
     path.write_text(json.dumps(manifest))
     rc = _run(main, ["--bundle", str(tiny_bundle), "--bundle", str(tiny_bundle_copy), "--out", str(tmp_path / "r")])
     assert rc == 2 and "another source" in capsys.readouterr().err
+
+
+def test_engine_bundles_get_their_tensorrt_target(monkeypatch, tmp_path):
+    """A bundle with engines adds its trt-* target, run on its TensorRT flavour; where that
+    backend cannot run (no GPU here) the target is listed as skipped with the reason."""
+    from eclipse_export import bench
+    from eclipse_export.runtime import backends
+    from eclipse_export.runtime.bundle import Bundle
+
+    manifest = {"precision": "fp16", "target": "trt-rtx-fp16",
+                "engines": {n: {"flavour": "tensorrt-rtx"} for n in ("text_encoder", "prior", "unet", "movq")}}
+    monkeypatch.setattr(bench, "open_bundle", lambda path, verify_hashes=True: Bundle(tmp_path, manifest))
+
+    def no_gpu(name, *a, **k):
+        raise backends.BackendError("no usable CUDA GPU here (test)")
+
+    monkeypatch.setattr(backends, "make_backend", no_gpu)
+    targets = bench.plan_targets([tmp_path], bench.BenchConfig(), with_torch=False)
+    assert [(t.name, t.meta["backend"]) for t in targets] == [("onnx-fp16@cpu", "onnxruntime"),
+                                                             ("trt-rtx-fp16", "tensorrt-rtx")]
+    assert targets[0].skipped is None and targets[1].skipped == "no usable CUDA GPU here (test)"
+    monkeypatch.setattr(backends, "make_backend", lambda name, *a, **k: object())
+    assert bench.plan_targets([tmp_path], bench.BenchConfig(), with_torch=False)[1].skipped is None
+
+
+def test_flops_of_clip_text_encoder_at_batch_one(tiny_bundle):
+    """ONNX shape inference loses the batch in CLIP's attention reshapes at batch 1; the count
+    must still be half of batch 2's (the graph is linear in the batch), not a partial sum."""
+    path = tiny_bundle / "text_encoder.onnx"
+    one, two = graph_flops(path, {"input_ids": (1, 77)}), graph_flops(path, {"input_ids": (2, 77)})
+    assert one > 0 and two == 2 * one

@@ -78,7 +78,8 @@ def export_parser() -> argparse.ArgumentParser:
                         "trt-fp16 or trt-int8 (TensorRT 10.3+/11 engines)")
     p.add_argument("--out", type=Path, help="bundle directory (default: engines/<preset>-<target>)")
     p.add_argument("--from-bundle", type=Path, metavar="DIR",
-                   help="build the trt-* engines from an existing onnx-fp16 bundle instead of exporting (no torch needed)")
+                   help="derive from an existing bundle instead of exporting: trt-* engines from its graphs, "
+                        "or onnx-int8/trt-int8 from an fp32 bundle")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     p.add_argument("--seed", type=int, default=0, help="weight seed of the random presets (default: 0)")
     p.add_argument("--exporter", default="torchscript", help="torch.onnx exporter: torchscript or dynamo")
@@ -134,7 +135,8 @@ def export_main(argv=None) -> int:
         if args.out is None:
             raise UserError("--from-bundle needs --out (the new bundle with engines)")
         out = build_engines_for_bundle(args.from_bundle, args.out, args.target, _build_options(args),
-                                       args.engine_cache, args.overwrite, log=_log)
+                                       args.engine_cache, args.overwrite, log=_log,
+                                       int8=_int8_options(args) if args.target.endswith("int8") else None)
         print(out)
         return 0
     locations = {

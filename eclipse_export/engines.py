@@ -71,7 +71,8 @@ def profile_shapes(spec: ComponentSpec, dims: Mapping[str, int], options: BuildO
     ranges = dict(spec.shape_ranges)
     if options.max_batch:
         lo, opt, hi = ranges["B"]
-        factor = 2 if spec.name == "unet" else 1  # CFG doubles the UNet batch
+        # CFG doubles the UNet batch; a negative prompt shares the text encoder's and prior's batch
+        factor = 2 if spec.name in ("unet", "text_encoder", "prior") else 1
         hi = max(lo, options.max_batch * factor)
         ranges["B"] = (lo, min(opt, hi), hi)
     out = {}

@@ -421,32 +421,37 @@ def _quantize_bundle(work: Path, components: dict, dims: dict, source, options: 
 
 
 def build_engines_for_bundle(src: Path, out: Path, target: str, build, engine_cache: Path | None = None,
-                             overwrite: bool = False, log: Log = print) -> Path:
-    """Engines for an existing FP16 bundle, into a new bundle `out` (the graphs are hard-linked
-    where possible). This is the device workflow: export once on a workstation, build on each
-    device from the shipped ONNX."""
+                             overwrite: bool = False, log: Log = print, int8: "Int8Options | None" = None) -> Path:
+    """A new bundle `out` derived from an existing one, without re-exporting (graphs hard-linked
+    where possible): engines from an onnx-fp16 (trt-*-fp16) or onnx-int8 (trt-int8) bundle, which
+    is the device workflow (export once, build on each device from the shipped ONNX), or an INT8
+    bundle (onnx-int8, trt-int8) quantized from an fp32 one."""
     from dataclasses import replace
 
-    from .engines import EngineBuildError, import_flavour
+    from .engines import BuildOptions, EngineBuildError, import_flavour
     from .runtime.bundle import open_bundle
 
-    if target not in ENGINE_TARGETS:
-        raise ExportError(f"--from-bundle builds engines: target must be one of {', '.join(ENGINE_TARGETS)}")
+    derivable = set(ENGINE_TARGETS) | {t for t, p in TARGETS.items() if p == "int8"}
+    if target not in derivable:
+        raise ExportError(f"--from-bundle makes engines or INT8 graphs: target must be one of {', '.join(sorted(derivable))}")
     bundle = open_bundle(src)
     want = TARGETS[target]
-    if bundle.precision != want:
-        raise ExportError(f"{src} holds {bundle.precision} graphs; {target} needs {want} graphs "
-                          f"(export with --target onnx-{want} first)")
+    quantize = want == "int8" and bundle.precision == "fp32"
+    if bundle.precision != want and not quantize:
+        need = "fp32 or int8" if want == "int8" else want
+        raise ExportError(f"{src} holds {bundle.precision} graphs; {target} needs {need} graphs "
+                          f"(export with --target onnx{'' if want == 'int8' else '-' + want} first)")
     out = Path(out)
     if out.resolve() == Path(src).resolve():
         raise ExportError("--out must differ from --from-bundle (bundles are replaced whole, never edited)")
     if out.exists() and not overwrite:
         raise ExportError(f"{out} already exists; pass --overwrite to replace it")
-    build = replace(build, flavour=ENGINE_TARGETS[target])
-    try:
-        import_flavour(build.flavour)
-    except EngineBuildError as e:
-        raise ExportError(str(e)) from None
+    if target in ENGINE_TARGETS:
+        build = replace(build or BuildOptions(), flavour=ENGINE_TARGETS[target])
+        try:
+            import_flavour(build.flavour)
+        except EngineBuildError as e:
+            raise ExportError(str(e)) from None
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     started = time.perf_counter()
@@ -458,21 +463,29 @@ def build_engines_for_bundle(src: Path, out: Path, target: str, build, engine_ca
             dst = work / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             try:
-                os.link(Path(src) / rel, dst)
+                os.link(Path(src) / rel, dst)  # a later unlink (quantization) leaves the source intact
             except OSError:
                 shutil.copy2(Path(src) / rel, dst)
         manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("engines/")}
-        engines = _build_engines(work, manifest["components"], manifest["dims"], build, engine_cache, log)
-        manifest["files"].update({e["file"]: file_entry(work, e["file"]) for e in engines.values()})
-        manifest.update(target=target, engines=engines, built_from=str(src),
-                        build_seconds=round(time.perf_counter() - started, 1))
+        if quantize:
+            options = ExportOptions(target=target, int8=int8)
+            _quantize_bundle(work, manifest["components"], manifest["dims"], None, options, log)
+            graph_files = [f for c in manifest["components"].values() for f in c["files"]]
+            others = [k for k in manifest["files"] if not k.endswith((".onnx", ".onnx.data"))]
+            manifest["files"] = {rel: file_entry(work, rel) for rel in graph_files + others}
+        engines = {}
+        if target in ENGINE_TARGETS:
+            engines = _build_engines(work, manifest["components"], manifest["dims"], build, engine_cache, log)
+            manifest["files"].update({e["file"]: file_entry(work, e["file"]) for e in engines.values()})
+        manifest.update(target=target, precision=want, engines=engines, derived_from=str(src),
+                        derive_seconds=round(time.perf_counter() - started, 1))
         (work / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         _publish_modes(work)
         _replace_dir(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    log(f"bundle with engines written to {out} in {time.perf_counter() - started:.1f} s")
+    log(f"bundle written to {out} in {time.perf_counter() - started:.1f} s")
     return out
 
 

@@ -23,6 +23,10 @@ def test_profiles_follow_the_spec_and_cfg_doubles_the_unet_batch():
     lo, opt, hi = shapes["sample"]
     assert lo == (1, 4, 32, 32) and opt == (2, 4, 64, 64) and hi == (6, 4, 128, 128)
     assert shapes["timestep"] == ((1,), (1,), (1,))
+    # a negative prompt shares the batch of the text encoder and the prior
+    text = profile_shapes(COMPONENTS["text_encoder"], TINY_DIMS, BuildOptions(max_batch=3))["input_ids"]
+    assert text[2] == (6, 77)
+    assert profile_shapes(COMPONENTS["movq"], TINY_DIMS, BuildOptions(max_batch=3))["latents"][2][0] == 3
     static = profile_shapes(COMPONENTS["unet"], TINY_DIMS, BuildOptions(static={"B": 1, "h": 64, "w": 48}))
     assert static["sample"] == ((2, 4, 64, 48),) * 3
     movq = profile_shapes(COMPONENTS["movq"], TINY_DIMS, BuildOptions(static={"B": 1, "h": 64, "w": 48}))

@@ -51,6 +51,9 @@ class BenchConfig:
     providers: tuple[str, ...] = ("cpu",)
     torch_device: str = "cpu"
     peak_tflops: float | None = None
+    # quality report: parity of every target against torch-fp32 on these prompts (batch 1, the
+    # timed request's size and steps, seed per prompt); empty: the timed prompt only
+    quality_prompts: tuple[str, ...] = ()
 
 
 # --- targets -----------------------------------------------------------------------------
@@ -243,6 +246,8 @@ def run_bench(bundles: list[Path], out_dir: Path, config: BenchConfig, with_torc
     results = {"version": RESULTS_VERSION, "complete": False, "config": config.__dict__ | {"batches": list(config.batches)},
                "environment": environment(), "targets": {}, "flops": {}, "failures": []}
     first_bundle = bundles[0]
+    results["quality"] = {}
+    quality_reference = None
     for batch in config.batches:
         req, _ = Request.make([config.prompt] * batch, None, config.height, config.width, config.steps,
                               config.guidance, config.seed, None)
@@ -289,6 +294,16 @@ def run_bench(bundles: list[Path], out_dir: Path, config: BenchConfig, with_torc
                     results["failures"].append(f"{key}: " + "; ".join(
                         f"{m.stage} {', '.join(m.failures)}" for m in report.stages if m.failures) +
                         (f"; {report.image_failure}" if report.image_failure else ""))
+            if config.quality_prompts and batch == config.batches[0]:
+                log(f"[{key}] quality over {len(config.quality_prompts)} prompts")
+                outs = _quality_outputs(target.runner, config, dims, sched_needs_noise)
+                if target.name == "torch-fp32":
+                    quality_reference = outs
+                elif quality_reference is not None:
+                    results["quality"][target.name] = quality_summary(outs, quality_reference, target.precision)
+                    if not results["quality"][target.name]["ok"]:
+                        results["failures"].append(f"{target.name}: quality over the prompt set: "
+                                                   + "; ".join(results["quality"][target.name]["failures"]))
             results["targets"][key] = entry
             write_json(out_dir / "results.json", results)
             # one target's models in memory at a time: full-size stacks are ~8 GB each (a run
@@ -298,6 +313,60 @@ def run_bench(bundles: list[Path], out_dir: Path, config: BenchConfig, with_torc
     results["complete"] = True
     write_json(out_dir / "results.json", results)
     return results
+
+
+def _quality_outputs(runner, config: BenchConfig, dims: dict, needs_noise: bool) -> list:
+    out = []
+    for i, prompt in enumerate(config.quality_prompts):
+        req, _ = Request.make(prompt, None, config.height, config.width, config.steps, config.guidance,
+                              config.seed + i, None)
+        noises = Noises.draw(config.seed + i, 1, dims["D"], (1, dims["C"], config.height // dims["S"],
+                             config.width // dims["S"]), config.steps, needs_noise)
+        _, outputs, images = runner.run(req, noises)
+        out.append((outputs, images))
+    return out
+
+
+def quality_summary(outs: list, reference: list, precision: str) -> dict:
+    """Per stage: worst and mean cosine, worst max abs; image PSNR (min, mean) and SSIM (mean)."""
+    from .compare import parity_report
+
+    enforced = precision in MIN_IMAGE_PSNR_DB
+    stages: dict[str, dict] = {}
+    psnrs, ssims, failures = [], [], []
+    for i, ((outputs, images), ref) in enumerate(zip(outs, reference)):
+        report = parity_report(outputs, images, ref[0], precision if enforced else "fp32")
+        for m in report.stages:
+            st = stages.setdefault(m.stage, {"cosine_min": 1.0, "cosine_sum": 0.0, "max_abs": 0.0, "n": 0})
+            st["cosine_min"] = min(st["cosine_min"], m.cosine)
+            st["cosine_sum"] += m.cosine
+            st["max_abs"] = max(st["max_abs"], m.max_abs)
+            st["n"] += 1
+        psnrs.append(report.image_psnr_db)
+        ssims.append(ssim(images, ref[1]))
+        if enforced and not report.ok:
+            failures.append(f"prompt {i}: " + "; ".join([f"{m.stage} {', '.join(m.failures)}" for m in report.stages
+                                                         if m.failures] + ([report.image_failure] if report.image_failure else [])))
+    for st in stages.values():
+        st["cosine_mean"] = st.pop("cosine_sum") / st["n"]
+    finite = [p for p in psnrs if p != "inf" and math.isfinite(p)]
+    return {"prompts": len(outs), "enforced": enforced, "stages": stages,
+            "image_psnr_db": {"min": min(finite) if finite else "inf", "mean": float(np.mean(finite)) if finite else "inf"},
+            "image_ssim_mean": float(np.mean(ssims)), "failures": failures, "ok": not failures}
+
+
+def quality_markdown(results: dict) -> list[str]:
+    if not results.get("quality"):
+        return []
+    n = next(iter(results["quality"].values()))["prompts"]
+    out = ["", f"Quality against torch-fp32 over {n} prompts (worst / mean stage cosine, worst max abs; image PSNR "
+           "min / mean, mean SSIM):", ""]
+    for target, q in results["quality"].items():
+        stages = "; ".join(f"{k} {v['cosine_min']:.5f} / {v['cosine_mean']:.5f}, {v['max_abs']:.3g}" for k, v in q["stages"].items())
+        psnr = q["image_psnr_db"]
+        out.append(f"- {target}: {stages}; image PSNR {psnr['min']:.1f} / {psnr['mean']:.1f} dB, SSIM {q['image_ssim_mean']:.4f}"
+                   f"{'' if q['ok'] else ' (FAILS its tolerance)'}")
+    return out
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -356,6 +425,7 @@ def markdown(results: dict) -> str:
     for key, e in results["targets"].items():
         if "tflops_achieved" in e:
             out.append(f"- {key}: " + ", ".join(f"{s} {v:.3f}" for s, v in e["tflops_achieved"].items()))
+    out += quality_markdown(results)
     if results["failures"]:
         out += ["", "## Parity failures", ""] + [f"- {f}" for f in results["failures"]]
     return "\n".join(out) + "\n"
@@ -429,6 +499,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int)
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch targets (no parity then)")
     p.add_argument("--peak-tflops", type=float, help="the device's peak, to report the distance to it")
+    p.add_argument("--quality-prompts", type=Path,
+                   help="also report parity over these prompts (.jsonl or .txt; e.g. calibration/prompts.jsonl)")
+    p.add_argument("--quality-split", default="validation", help="split of a .jsonl prompt file (default validation)")
+    p.add_argument("--quality-count", type=int, default=8, help="prompts used from that file (default 8)")
     args = p.parse_args(argv)
     if args.runs < 1 or args.warmup < 0:
         raise UserError("--runs must be >= 1 and --warmup >= 0")
@@ -438,10 +512,23 @@ def main(argv=None) -> int:
         if b.manifest["source"] != opened[0].manifest["source"] or \
                 b.json("scheduler_config.json") != opened[0].json("scheduler_config.json"):
             raise UserError(f"{b.root} was exported from another source or scheduler config than {opened[0].root}")
+    quality = ()
+    if args.quality_prompts is not None:
+        from .calibration_prompts import PromptFileError, load_prompts, take_balanced
+
+        if args.quality_count < 1:
+            raise UserError("--quality-count must be >= 1")
+        try:
+            split = args.quality_split if args.quality_prompts.suffix == ".jsonl" else None
+            quality = tuple(p.prompt for p in take_balanced(load_prompts(args.quality_prompts, split=split),
+                                                             args.quality_count))
+        except PromptFileError as e:
+            raise UserError(str(e)) from None
     config = BenchConfig(height=args.height, width=args.width, steps=args.steps, guidance=args.guidance,
                          warmup=args.warmup, runs=args.runs, batches=tuple(args.batch or (1, 2)),
                          threads=args.threads, providers=tuple(args.provider or ("cpu",)),
-                         torch_device="cuda" if _cuda_available() else "cpu", peak_tflops=args.peak_tflops)
+                         torch_device="cuda" if _cuda_available() else "cpu", peak_tflops=args.peak_tflops,
+                         quality_prompts=quality)
     Request.make(config.prompt, None, config.height, config.width, config.steps, config.guidance, 0)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     try:
@@ -450,7 +537,7 @@ def main(argv=None) -> int:
         log(f"interrupted: partial results in {args.out / 'results.json'}")
         return 130
     print(table(results))
-    for line in ratios(results):
+    for line in ratios(results) + quality_markdown(results):
         print(line)
     (args.out / "results.md").write_text(markdown(results))
     if chart(results, args.out / "chart.png"):

@@ -42,9 +42,8 @@ def stratified_steps(steps: int, k: int, prompt_index: int, seed: int) -> list[i
     """k step indices, one per equal stratum of [0, steps), offset per prompt (deterministic)."""
     k = min(k, steps)
     rng = np.random.default_rng([seed, prompt_index])
-    edges = np.linspace(0, steps, k + 1)
-    picks = {int(min(steps - 1, np.floor(lo + rng.random() * (hi - lo)))) for lo, hi in zip(edges[:-1], edges[1:])}
-    return sorted(picks)
+    edges = [round(j * steps / k) for j in range(k + 1)]  # k non-empty integer strata
+    return [int(rng.integers(lo, hi)) for lo, hi in zip(edges[:-1], edges[1:])]
 
 
 class _Recorder:

@@ -101,6 +101,8 @@ def export_parser() -> argparse.ArgumentParser:
     q.add_argument("--calibration-prompts", type=Path,
                    help="prompt file (.jsonl or one prompt per line; default: the project's calibration/prompts.jsonl)")
     q.add_argument("--calibration-count", type=int, default=64, help="calibration prompts used (default 64)")
+    q.add_argument("--validation-count", type=int, default=8,
+                   help="held-out validation prompts for the export-time INT8 check (default 8)")
     q.add_argument("--calibration-size", default="256x256", metavar="HxW", help="image size during calibration (default 256x256)")
     q.add_argument("--calibration-steps", type=int, default=25, help="sampling steps during calibration (default 25)")
     q.add_argument("--calibration-method", default="minmax", help="minmax (default), percentile or entropy")
@@ -177,6 +179,8 @@ def _int8_options(args):
         raise UserError(f"--calibration-prompts {args.calibration_prompts}: no such file")
     if args.calibration_count < 1:
         raise UserError("--calibration-count must be >= 1")
+    if args.validation_count < 1:
+        raise UserError("--validation-count must be >= 1")
     if args.calibration_steps < 1:
         raise UserError("--calibration-steps must be >= 1")
     if args.calibration_method not in METHODS:
@@ -188,7 +192,7 @@ def _int8_options(args):
     if h % 64 or w % 64 or not (64 <= h <= 2048 and 64 <= w <= 2048):
         raise UserError(f"--calibration-size {args.calibration_size}: multiples of 64 between 64 and 2048")
     return Int8Options(components=components, prompts=args.calibration_prompts,
-                       calibration_prompts=args.calibration_count,
+                       calibration_prompts=args.calibration_count, validation_prompts=args.validation_count,
                        capture=CaptureOptions(height=h, width=w, steps=args.calibration_steps),
                        method=args.calibration_method, cache_dir=args.calibration_cache)
 

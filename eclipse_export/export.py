@@ -338,7 +338,7 @@ def _quantize_bundle(work: Path, components: dict, dims: dict, source, options: 
     """Calibrate on the FP32 chain, quantize the chosen components in place, check each against
     its FP32 graph on held-out validation prompts (the INT8 tolerance), and record it all."""
     from .calibrate import CaptureOptions, capture, iter_feeds
-    from .calibration_prompts import load_prompts
+    from .calibration_prompts import load_prompts, take_balanced
     from .quantize import check_qdq_rules, quantize_components, quantize_graph
     from .runtime.backends import OnnxRuntimeBackend
     from .runtime.bundle import Bundle
@@ -347,8 +347,8 @@ def _quantize_bundle(work: Path, components: dict, dims: dict, source, options: 
     int8 = options.int8 or Int8Options()
     try:
         chosen = quantize_components(int8.components)
-        calib = load_prompts(int8.prompts, split="calibration")[: int8.calibration_prompts]
-        valid = load_prompts(int8.prompts, split="validation")[: int8.validation_prompts]
+        calib = take_balanced(load_prompts(int8.prompts, split="calibration"), int8.calibration_prompts)
+        valid = take_balanced(load_prompts(int8.prompts, split="validation"), int8.validation_prompts)
     except ValueError as e:
         raise ExportError(str(e)) from None
     capture_opts = int8.capture or CaptureOptions()

@@ -1,0 +1,160 @@
+"""INT8: calibration capture, Q/DQ graphs that follow TensorRT's rules, and the onnx-int8 target
+on ONNX Runtime CPU (the UNet's noise prediction within cosine 0.99 of FP32 on held-out
+validation prompts)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from eclipse_export.calibrate import CaptureOptions, capture, iter_feeds, stratified_steps
+
+SMALL = CaptureOptions(height=64, width=64, steps=8, unet_steps_per_prompt=3)
+
+
+def test_stratified_steps_cover_the_schedule():
+    seen = set()
+    for i in range(40):
+        picks = stratified_steps(25, 4, i, seed=0)
+        assert len(picks) == 4 and picks == sorted(picks) and 0 <= picks[0] and picks[-1] < 25
+        # one pick per quarter of the schedule (strata 0-5, 6-11, 12-18, 19-24)
+        assert [sum(p >= e for e in (6, 12, 19)) for p in picks] == [0, 1, 2, 3]
+        seen.update(picks)
+    assert len(seen) >= 20  # different prompts sample different steps
+    assert stratified_steps(25, 4, 3, 0) == stratified_steps(25, 4, 3, 0)
+    assert stratified_steps(2, 4, 0, 0) == [0, 1]
+
+
+def test_capture_records_real_inputs_and_resumes(tiny_pipeline, tmp_path):
+    prompts = ["a red cube", "a green glass bottle on a wooden table", "two cats"]
+    logs = []
+    info = capture(tiny_pipeline, prompts, tmp_path, SMALL, log=logs.append)
+    assert info["captured"] == 3 and info["resumed"] == 0 and len(logs) == 3
+    with np.load(tmp_path / "00001.npz") as z:
+        assert str(z["prompt"]) == prompts[1]
+        steps = z["unet_steps"].tolist()
+        assert len(steps) == 3
+        sample = z["unet/sample"]
+        # the full CFG batch: [unconditional; conditional] halves share the latents
+        assert sample.shape == (3, 2, 4, 8, 8)
+        np.testing.assert_array_equal(sample[:, 0], sample[:, 1])
+        ts = z["unet/timestep"][:, 0]
+        tiny_pipeline.make_scheduler(None)
+        sched = tiny_pipeline.make_scheduler(None)
+        sched.set_timesteps(SMALL.steps)
+        assert ts.tolist() == [float(sched.timesteps[s]) for s in steps]
+        assert z["text_encoder/input_ids"].shape[0] == 1 and z["movq/latents"].shape == (1, 1, 4, 8, 8)
+    # the recorded UNet input at the first step is what the chain really fed it
+    gen = tiny_pipeline.generate(prompts[0], height=64, width=64, steps=8, seed=SMALL.seed, record=True)
+    with np.load(tmp_path / "00000.npz") as z:
+        if 0 in z["unet_steps"].tolist():
+            np.testing.assert_array_equal(z["unet/sample"][0][:1], gen.noises.latents)
+        np.testing.assert_array_equal(z["movq/latents"][0], gen.intermediates["unet.latents"])
+    # resumable: a second run only does what is missing
+    (tmp_path / "00002.npz").unlink()
+    info = capture(tiny_pipeline, prompts, tmp_path, SMALL, log=lambda m: None)
+    assert info["captured"] == 1 and info["resumed"] == 2
+    feeds = list(iter_feeds(tmp_path, "unet"))
+    assert len(feeds) == 9 and set(feeds[0]) == {"sample", "timestep", "image_embeds"}
+    assert len(list(iter_feeds(tmp_path, "unet", limit=4))) == 4
+    assert tiny_pipeline.sessions["unet"].__class__.__name__ != "_Recorder"  # sessions restored
+
+
+@pytest.fixture(scope="module")
+def tiny_int8_bundle(tmp_path_factory):
+    from eclipse_export.export import ExportOptions, Int8Options, export_bundle
+    from eclipse_export.sources import RandomSource
+
+    out = tmp_path_factory.mktemp("int8") / "tiny-onnx-int8"
+    int8 = Int8Options(components=("unet", "movq"), calibration_prompts=16, validation_prompts=6,
+                       capture=CaptureOptions(height=64, width=64, steps=12, unet_steps_per_prompt=4))
+    export_bundle(RandomSource("tiny"), out, ExportOptions(target="onnx-int8", int8=int8), log=lambda m: None)
+    return out
+
+
+def test_onnx_int8_bundle_follows_tensorrt_rules(tiny_int8_bundle):
+    from eclipse_export.quantize import check_qdq_rules, qdq_summary
+
+    manifest = json.loads((tiny_int8_bundle / "manifest.json").read_text())
+    assert manifest["target"] == "onnx-int8" and manifest["precision"] == "int8"
+    comps = manifest["components"]
+    assert comps["unet"]["precision"] == "int8" and comps["movq"]["precision"] == "int8"
+    assert comps["text_encoder"]["precision"] == "fp32" and comps["prior"]["precision"] == "fp32"
+    for name in ("unet", "movq"):
+        path = tiny_int8_bundle / comps[name]["graph"]
+        assert check_qdq_rules(path) == []
+        summary = qdq_summary(path)
+        assert summary["quantized"]["Conv"] == summary["total"]["Conv"] > 0
+        assert summary["nonzero_zero_points"] == 0
+        # attention's activation x activation MatMuls stay float, each with its reason
+        excluded = comps[name]["int8"]["excluded"]
+        assert summary["quantized"]["MatMul"] == summary["total"]["MatMul"] - len(excluded)
+        if name == "unet":
+            assert excluded and all("attention" in why for why in excluded.values())
+        assert comps[name]["int8"]["samples"] > 0
+        assert comps[name]["calibration"]["captured"] == 16
+    # the UNet's noise prediction against its FP32 graph on held-out validation inputs
+    unet_parity = comps["unet"]["int8_parity"]
+    assert unet_parity["ok"] and min(s["cosine"] for s in unet_parity["stages"]) >= 0.99
+    assert len(unet_parity["stages"]) == 6 * 4  # every validation prompt, every captured step
+
+
+def test_qdq_rule_checker_catches_violations(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from eclipse_export.quantize import check_qdq_rules
+
+    scale = numpy_helper.from_array(np.array(0.1, np.float32), "s")
+    zp = numpy_helper.from_array(np.array(3, np.int8), "zp")
+    uzp = numpy_helper.from_array(np.array(0, np.uint8), "uzp")
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["q"], name="q1"),
+        helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["dq"], name="dq1"),
+        helper.make_node("Relu", ["dq"], ["r"], name="relu"),
+        helper.make_node("QuantizeLinear", ["r", "s", "uzp"], ["q2"], name="q2"),
+        helper.make_node("DequantizeLinear", ["q2", "s", "uzp"], ["y"], name="dq2"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], [scale, zp, uzp])
+    path = tmp_path / "bad.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    problems = " | ".join(check_qdq_rules(path))
+    assert "dq1 feeds Relu" in problems and "zero point is not 0" in problems and "uint8" in problems
+
+
+def test_onnx_int8_chain_runs_and_reports_every_stage(tiny_int8_bundle):
+    from eclipse_export.compare import compare_with_reference
+    from eclipse_export.runtime.pipeline import Pipeline
+
+    pipeline = Pipeline.from_bundle(tiny_int8_bundle)
+    gen = pipeline.generate("a red cube on a blue sphere", height=64, width=64, steps=4, seed=0, record=True)
+    report, _ = compare_with_reference(pipeline, gen)
+    stages = {m.stage for m in report.stages}
+    assert {"text_encoder.text_embeds", "prior.image_embeds", "unet.noise_pred_step0", "movq.image"} <= stages
+    assert all(m.finite for m in report.stages)
+    assert report.precision == "int8"
+
+
+needs_rtx = pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None, reason="tensorrt-rtx is not installed")
+
+
+@needs_rtx
+def test_tensorrt_rtx_parser_accepts_the_qdq_graphs(tiny_int8_bundle):
+    """TensorRT-RTX runs INT8 only as weight-only GEMM, but its ONNX parser takes Q/DQ graphs:
+    proof that the graphs import into the TensorRT family."""
+    import tensorrt_rtx as trt
+
+    manifest = json.loads((tiny_int8_bundle / "manifest.json").read_text())
+    logger = trt.Logger(trt.Logger.ERROR)
+    for name in ("unet", "movq"):
+        builder = trt.Builder(logger)
+        network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+        parser = trt.OnnxParser(network, logger)
+        ok = parser.parse_from_file(str(tiny_int8_bundle / manifest["components"][name]["graph"]))
+        assert ok, [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        layer_types = {str(network.get_layer(i).type) for i in range(network.num_layers)}
+        assert "LayerType.QUANTIZE" in layer_types and "LayerType.DEQUANTIZE" in layer_types

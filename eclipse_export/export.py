@@ -462,8 +462,11 @@ def build_engines_for_bundle(src: Path, out: Path, target: str, build, engine_ca
                 continue  # engines of another target are not carried over
             dst = work / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
+            if quantize:  # onnx refuses external data with several hard links ("hardlink attack")
+                shutil.copy2(Path(src) / rel, dst)
+                continue
             try:
-                os.link(Path(src) / rel, dst)  # a later unlink (quantization) leaves the source intact
+                os.link(Path(src) / rel, dst)  # engines only read the graphs: no copy of multi-GB weights
             except OSError:
                 shutil.copy2(Path(src) / rel, dst)
         manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("engines/")}

@@ -103,3 +103,19 @@ def test_trt_fp16_target_needs_tensorrt(tmp_path):
     with pytest.raises(ExportError, match="tensorrt is not installed"):
         export_bundle(RandomSource("tiny"), tmp_path / "b", ExportOptions(target="trt-fp16"), log=lambda m: None)
     assert list(tmp_path.iterdir()) == []
+
+
+@needs_rtx
+def test_engines_from_a_shipped_fp16_bundle(tiny_fp16_bundle, tiny_bundle, tmp_path):
+    """--from-bundle: the device workflow (engines from the ONNX a workstation exported)."""
+    from eclipse_export.export import ExportError, build_engines_for_bundle
+    from eclipse_export.runtime.bundle import open_bundle
+
+    out = build_engines_for_bundle(tiny_fp16_bundle, tmp_path / "trt", "trt-rtx-fp16", BuildOptions(**OPTIONS),
+                                   log=lambda m: None)
+    bundle = open_bundle(out)
+    assert bundle.manifest["target"] == "trt-rtx-fp16" and set(bundle.manifest["engines"]) == set(COMPONENTS)
+    assert all(e["peak_rss_bytes"] > 0 for e in bundle.manifest["engines"].values())
+    with pytest.raises(ExportError, match="holds fp32 graphs; trt-rtx-fp16 needs fp16"):
+        build_engines_for_bundle(tiny_bundle, tmp_path / "x", "trt-rtx-fp16", BuildOptions(**OPTIONS), log=lambda m: None)
+    assert not (tmp_path / "x").exists()

@@ -158,3 +158,28 @@ def test_tensorrt_rtx_parser_accepts_the_qdq_graphs(tiny_int8_bundle):
         assert ok, [str(parser.get_error(i)) for i in range(parser.num_errors)]
         layer_types = {str(network.get_layer(i).type) for i in range(network.num_layers)}
         assert "LayerType.QUANTIZE" in layer_types and "LayerType.DEQUANTIZE" in layer_types
+
+
+def test_int8_bundle_derived_from_an_fp32_bundle(tiny_bundle, tmp_path):
+    """--from-bundle: quantize a shipped fp32 bundle without re-exporting; the source is untouched."""
+    from eclipse_export.cli import export_main
+    from eclipse_export.runtime.bundle import open_bundle
+
+    before = open_bundle(tiny_bundle).manifest["files"]
+    out = tmp_path / "derived-int8"
+    assert export_main(["--from-bundle", str(tiny_bundle), "--target", "onnx-int8", "--out", str(out),
+                        "--calibration-count", "6", "--validation-count", "2", "--calibration-steps", "4",
+                        "--calibration-size", "64x64", "--calibration-cache", str(tmp_path / "cal")]) == 0
+    derived = open_bundle(out)  # every file verified against the new manifest
+    assert derived.manifest["target"] == "onnx-int8" and derived.component("unet")["precision"] == "int8"
+    assert derived.manifest["derived_from"] == str(tiny_bundle)
+    assert open_bundle(tiny_bundle).manifest["files"] == before
+    # resumable: the second derivation finds every shard in the cache
+    logs = []
+    from eclipse_export.export import Int8Options, build_engines_for_bundle
+    from eclipse_export.calibrate import CaptureOptions
+
+    build_engines_for_bundle(tiny_bundle, tmp_path / "again", "onnx-int8", None, overwrite=False, log=logs.append,
+                             int8=Int8Options(calibration_prompts=6, validation_prompts=2, cache_dir=tmp_path / "cal",
+                                              capture=CaptureOptions(height=64, width=64, steps=4)))
+    assert not any(line.strip().startswith("calibration 1/") for line in logs)

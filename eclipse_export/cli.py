@@ -47,6 +47,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _run(main, argv) -> int:
+    import signal
+
+    def terminate(signum, frame):
+        # a service manager's SIGTERM unwinds like Ctrl-C, so the cleanup handlers run and no
+        # half-written bundle or partial results are left behind
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
     try:
         return main(argv)
     except KeyboardInterrupt:

@@ -116,3 +116,23 @@ def test_readme_commands_end_to_end(tmp_path):
     again = subprocess.run(["eclipse-generate", "--bundle", str(bundle), "--prompt", PROMPT, "--seed", "0",
                             "--out", str(png)], capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and png.read_bytes() == first
+
+
+def test_sigterm_during_export_leaves_nothing_behind(tmp_path):
+    """A SIGTERM (service manager, `kill`) mid-export unwinds like Ctrl-C: exit 130, no bundle,
+    no partial directory."""
+    import signal
+    import time
+
+    exe = shutil.which("eclipse-export") or str(Path(sys.executable).with_name("eclipse-export"))
+    out = tmp_path / "bundle"
+    proc = subprocess.Popen([exe, "--preset", "tiny", "--out", str(out)], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob(".bundle.partial-*")):
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".bundle.partial-*")), "the export never started"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    assert list(tmp_path.iterdir()) == []

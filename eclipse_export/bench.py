@@ -181,7 +181,65 @@ def environment() -> dict:
     tegra = _read("/etc/nv_tegra_release")
     if tegra:  # Jetson: L4T release and power mode
         env["jetson"] = {"l4t": tegra.splitlines()[0], "power_mode": _cmd(["nvpmodel", "-q"])}
+    locked = clocks_locked()
+    if locked is False:
+        env.setdefault("warnings", []).append(
+            "jetson_clocks is off (GPU min clock below max): run `sudo jetson_clocks` for stable figures")
     return env
+
+
+def clocks_locked() -> bool | None:
+    """Jetson: whether jetson_clocks pinned the GPU clock (min == max); None where unknown."""
+    shown = _cmd(["jetson_clocks", "--show"])
+    if not shown:
+        return None
+    import re
+
+    m = re.search(r"GPU MinFreq=(\d+) MaxFreq=(\d+)", shown)
+    return None if not m else m.group(1) == m.group(2)
+
+
+class TegraStats:
+    """Samples tegrastats (Jetson) into <out>/tegrastats.log while the run lasts; no-op elsewhere."""
+
+    def __init__(self, out_dir: Path, interval_ms: int = 500):
+        self.path, self.interval_ms, self.proc, self._file = out_dir / "tegrastats.log", interval_ms, None, None
+
+    def __enter__(self) -> "TegraStats":
+        import shutil
+
+        exe = shutil.which("tegrastats")
+        if exe:
+            self._file = open(self.path, "w")
+            self.proc = subprocess.Popen([exe, "--interval", str(self.interval_ms)], stdout=self._file,
+                                         stderr=subprocess.DEVNULL)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            self._file.close()
+
+    def summary(self) -> dict | None:
+        """Peak GPU load, RAM and board power over the samples (None: no tegrastats)."""
+        if self.proc is None:
+            return None
+        import re
+
+        text = self.path.read_text(errors="replace")
+        lines = [line for line in text.splitlines() if line.strip()]
+
+        def peak(pattern: str) -> int | None:
+            values = [int(v) for line in lines for v in re.findall(pattern, line)]
+            return max(values) if values else None
+
+        return {"samples": len(lines), "gpu_load_peak_percent": peak(r"GR3D_FREQ (\d+)%"),
+                "ram_peak_mb": peak(r"RAM (\d+)/\d+MB"), "board_power_peak_mw": peak(r"VDD_IN (\d+)mW"),
+                "log": self.path.name}
 
 
 # --- measuring ----------------------------------------------------------------------------
@@ -245,6 +303,17 @@ def run_bench(bundles: list[Path], out_dir: Path, config: BenchConfig, with_torc
     targets = plan_targets(bundles, config, with_torch)
     results = {"version": RESULTS_VERSION, "complete": False, "config": config.__dict__ | {"batches": list(config.batches)},
                "environment": environment(), "targets": {}, "flops": {}, "failures": []}
+    for warning in results["environment"].get("warnings", []):
+        log(f"warning: {warning}")
+    with TegraStats(out_dir) as tegrastats:
+        _run_targets(bundles, out_dir, config, targets, results, log)
+    results["tegrastats"] = tegrastats.summary()
+    results["complete"] = True
+    write_json(out_dir / "results.json", results)
+    return results
+
+
+def _run_targets(bundles, out_dir: Path, config: BenchConfig, targets, results: dict, log) -> None:
     first_bundle = bundles[0]
     results["quality"] = {}
     quality_reference = None
@@ -310,9 +379,6 @@ def run_bench(bundles: list[Path], out_dir: Path, config: BenchConfig, with_torc
             # holding torch-fp32, onnx and onnx-fp16 together was killed on a 24 GB machine)
             target.runner = None
             gc.collect()
-    results["complete"] = True
-    write_json(out_dir / "results.json", results)
-    return results
 
 
 def _quality_outputs(runner, config: BenchConfig, dims: dict, needs_noise: bool) -> list:

@@ -129,3 +129,34 @@ def test_flops_of_clip_text_encoder_at_batch_one(tiny_bundle):
     path = tiny_bundle / "text_encoder.onnx"
     one, two = graph_flops(path, {"input_ids": (1, 77)}), graph_flops(path, {"input_ids": (2, 77)})
     assert one > 0 and two == 2 * one
+
+
+def test_jetson_sampling_and_clock_warning(tmp_path, monkeypatch):
+    """On Jetson the run samples tegrastats and warns when jetson_clocks is off; stand-in tools
+    on PATH play the board's."""
+    import time
+
+    from eclipse_export import bench
+
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "tegrastats").write_text(
+        "#!/bin/sh\nwhile true; do echo 'RAM 3012/7620MB (lfb 4x4MB) CPU [12%@1510] GR3D_FREQ 87% VDD_IN 9120mW/8000mW'; "
+        "sleep 0.05; done\n")
+    (tools / "jetson_clocks").write_text("#!/bin/sh\necho 'GPU MinFreq=306000000 MaxFreq=1020000000 CurrentFreq=306000000'\n")
+    for f in tools.iterdir():
+        f.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tools}:{__import__('os').environ['PATH']}")
+    assert bench.clocks_locked() is False
+    assert any("jetson_clocks is off" in w for w in bench.environment()["warnings"])
+    with bench.TegraStats(tmp_path, interval_ms=50) as t:
+        time.sleep(0.5)
+    summary = t.summary()
+    assert summary["samples"] >= 2 and summary["gpu_load_peak_percent"] == 87
+    assert summary["ram_peak_mb"] == 3012 and summary["board_power_peak_mw"] == 9120
+    (tools / "jetson_clocks").write_text("#!/bin/sh\necho 'GPU MinFreq=1020000000 MaxFreq=1020000000'\n")
+    assert bench.clocks_locked() is True
+    (tools / "tegrastats").unlink()
+    with bench.TegraStats(tmp_path) as t:
+        pass
+    assert t.summary() is None

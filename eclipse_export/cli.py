@@ -172,6 +172,17 @@ def export_main(argv=None) -> int:
     return 0
 
 
+def _image_size(flag: str, value: str) -> tuple[int, int]:
+    """An HxW option in pixels: multiples of 64 (the latent scale 8 times the UNet's 8)."""
+    try:
+        h, w = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise UserError(f"{flag} takes HxW, e.g. 512x512, got {value!r}") from None
+    if h % 64 or w % 64 or not (64 <= h <= 2048 and 64 <= w <= 2048):
+        raise UserError(f"{flag} {value}: sizes must be multiples of 64 between 64 and 2048")
+    return h, w
+
+
 def _int8_options(args):
     from .calibrate import CaptureOptions
     from .export import Int8Options
@@ -193,12 +204,7 @@ def _int8_options(args):
         raise UserError("--calibration-steps must be >= 1")
     if args.calibration_method not in METHODS:
         raise UserError(f"--calibration-method must be one of {', '.join(METHODS)}")
-    try:
-        h, w = (int(v) for v in args.calibration_size.lower().split("x"))
-    except ValueError:
-        raise UserError(f"--calibration-size takes HxW, e.g. 256x256, got {args.calibration_size!r}") from None
-    if h % 64 or w % 64 or not (64 <= h <= 2048 and 64 <= w <= 2048):
-        raise UserError(f"--calibration-size {args.calibration_size}: multiples of 64 between 64 and 2048")
+    h, w = _image_size("--calibration-size", args.calibration_size)
     return Int8Options(components=components, prompts=args.calibration_prompts,
                        calibration_prompts=args.calibration_count, validation_prompts=args.validation_count,
                        capture=CaptureOptions(height=h, width=w, steps=args.calibration_steps),
@@ -210,12 +216,7 @@ def _build_options(args):
 
     static = None
     if args.static:
-        try:
-            h, w = (int(v) for v in args.static.lower().split("x"))
-        except ValueError:
-            raise UserError(f"--static takes HxW, e.g. 512x512, got {args.static!r}") from None
-        if h % 64 or w % 64 or not (64 <= h <= 2048 and 64 <= w <= 2048):
-            raise UserError(f"--static {args.static}: sizes must be multiples of 64 between 64 and 2048")
+        h, w = _image_size("--static", args.static)
         static = {"B": args.max_batch or 1, "h": h // 8, "w": w // 8}
     if args.max_batch is not None and args.max_batch < 1:
         raise UserError("--max-batch must be >= 1")

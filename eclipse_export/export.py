@@ -323,10 +323,7 @@ def export_bundle(source: StackSource, out: Path, options: ExportOptions = Expor
             "tools": _tool_versions(),
             "export_seconds": round(time.perf_counter() - started, 1),
         }
-        # The manifest is written last: a directory without one is never a bundle.
-        (work / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        _publish_modes(work)
-        _replace_dir(work, out)
+        _publish(work, manifest, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -482,9 +479,7 @@ def build_engines_for_bundle(src: Path, out: Path, target: str, build, engine_ca
             manifest["files"].update({e["file"]: file_entry(work, e["file"]) for e in engines.values()})
         manifest.update(target=target, precision=want, engines=engines, derived_from=str(src),
                         derive_seconds=round(time.perf_counter() - started, 1))
-        (work / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        _publish_modes(work)
-        _replace_dir(work, out)
+        _publish(work, manifest, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -526,6 +521,13 @@ def _build_engines(work: Path, components: dict, dims: dict, build, cache: Path 
                 hint = " (weight-stripped TensorRT-RTX builds failed here on a machine without a GPU: build them on the device)"
             raise ExportError(f"{e}{hint}") from None
     return engines
+
+
+def _publish(work: Path, manifest: dict, out: Path) -> None:
+    # The manifest is written last: a directory without one is never a bundle.
+    (work / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    _publish_modes(work)
+    _replace_dir(work, out)
 
 
 def _publish_modes(root: Path) -> None:

@@ -51,13 +51,19 @@ class OrtSession:
         self.load_seconds = 0.0
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        feed = {}
-        for t in self.spec.inputs:
-            value = np.asarray(inputs[t.name])
-            if value.dtype != np.dtype(t.dtype):
-                raise TypeError(f"{self.spec.name}.{t.name}: expected {t.dtype}, got {value.dtype}")
-            feed[t.name] = np.ascontiguousarray(value)
+        feed = checked_inputs(self.spec, inputs)
         return dict(zip(self._outputs, self._session.run(self._outputs, feed)))
+
+
+def checked_inputs(spec: ComponentSpec, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The spec's inputs as contiguous arrays of the spec's dtypes (every backend takes these)."""
+    feed = {}
+    for t in spec.inputs:
+        value = np.asarray(inputs[t.name])
+        if value.dtype != np.dtype(t.dtype):
+            raise TypeError(f"{spec.name}.{t.name}: expected {t.dtype}, got {value.dtype}")
+        feed[t.name] = np.ascontiguousarray(value)
+    return feed
 
 
 class OnnxRuntimeBackend:

@@ -242,14 +242,8 @@ class DDPMScheduler(_Base):
              noise: np.ndarray | None = None) -> np.ndarray:
         model_output, sample = np.asarray(model_output, _F32), np.asarray(sample, _F32)
         t = int(timestep)
-        alpha_prod_t = self.alphas_cumprod[t]
-        alpha_prod_prev = self._alpha_prod(self._prev(t), _ONE)
-        beta_prod_t, beta_prod_prev = _ONE - alpha_prod_t, _ONE - alpha_prod_prev
-        current_alpha = alpha_prod_t / alpha_prod_prev
-        current_beta = _ONE - current_alpha
+        alpha_prod_t, x0_coeff, sample_coeff, std = self._terms(t)
         x0, _ = self._predict(model_output, sample, alpha_prod_t)
-        x0_coeff = np.sqrt(alpha_prod_prev) * current_beta / beta_prod_t
-        sample_coeff = np.sqrt(current_alpha) * beta_prod_prev / beta_prod_t
         prev = x0_coeff * x0 + sample_coeff * sample
         # diffusers draws noise on every step with t > 0, the last one included, where fixed_small's
         # variance is 0 floored to 1e-20 (std 1e-10): the draw matters only for the RNG stream
@@ -259,6 +253,21 @@ class DDPMScheduler(_Base):
             noise = np.asarray(noise, _F32)
             if noise.shape != sample.shape:
                 raise ValueError(f"variance noise has shape {noise.shape}, the sample {sample.shape}")
+            prev = prev + std * noise
+        return prev.astype(_F32, copy=False)
+
+    def _terms(self, t: int) -> tuple[np.float32, np.float32, np.float32, np.float32]:
+        """(alpha_prod_t, x0 coefficient, sample coefficient, variance std) of the step at t, in
+        float32 as diffusers computes them; std is 0 at t = 0, where no noise is added."""
+        alpha_prod_t = self.alphas_cumprod[t]
+        alpha_prod_prev = self._alpha_prod(self._prev(t), _ONE)
+        beta_prod_t, beta_prod_prev = _ONE - alpha_prod_t, _ONE - alpha_prod_prev
+        current_alpha = alpha_prod_t / alpha_prod_prev
+        current_beta = _ONE - current_alpha
+        x0_coeff = np.sqrt(alpha_prod_prev) * current_beta / beta_prod_t
+        sample_coeff = np.sqrt(current_alpha) * beta_prod_prev / beta_prod_t
+        std = _F32(0.0)
+        if t > 0:
             small = max(beta_prod_prev / beta_prod_t * current_beta, _F32(1e-20))
             if self.variance_type == "fixed_small":
                 std = np.sqrt(small)
@@ -266,28 +275,15 @@ class DDPMScheduler(_Base):
                 std = np.exp(_F32(0.5) * np.log(small))
             else:  # fixed_large: beta_t itself, so the last step adds real noise
                 std = np.sqrt(current_beta)
-            prev = prev + std * noise
-        return prev.astype(_F32, copy=False)
+        return alpha_prod_t, x0_coeff, sample_coeff, std
 
 
     def step_coefficients(self, timestep: int) -> StepCoefficients:
         self._require_epsilon()
-        t = int(timestep)
-        alpha_prod_t = self.alphas_cumprod[t]
-        alpha_prod_prev = self._alpha_prod(self._prev(t), _ONE)
-        beta_prod_t, beta_prod_prev = _ONE - alpha_prod_t, _ONE - alpha_prod_prev
-        current_alpha = alpha_prod_t / alpha_prod_prev
-        current_beta = _ONE - current_alpha
-        std = _F32(0.0)
-        if t > 0:
-            small = max(beta_prod_prev / beta_prod_t * current_beta, _F32(1e-20))
-            std = {"fixed_small": lambda: np.sqrt(small),
-                   "fixed_small_log": lambda: np.exp(_F32(0.5) * np.log(small)),
-                   "fixed_large": lambda: np.sqrt(current_beta)}[self.variance_type]()
+        alpha_prod_t, x0_coeff, sample_coeff, std = self._terms(int(timestep))
         return StepCoefficients(
-            a=float(np.sqrt(alpha_prod_t)), b=float(np.sqrt(beta_prod_t)), clip=self._clip_value(),
-            c_x0=float(np.sqrt(alpha_prod_prev) * current_beta / beta_prod_t),
-            c_x=float(np.sqrt(current_alpha) * beta_prod_prev / beta_prod_t), c_eps=0.0, std=float(std))
+            a=float(np.sqrt(alpha_prod_t)), b=float(np.sqrt(_ONE - alpha_prod_t)), clip=self._clip_value(),
+            c_x0=float(x0_coeff), c_x=float(sample_coeff), c_eps=0.0, std=float(std))
 
 
 class DDIMScheduler(_Base):

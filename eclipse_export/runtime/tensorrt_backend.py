@@ -21,21 +21,18 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engines import FLAVOURS, check_engine_compatible
+from ..engines import FLAVOURS, EngineBuildError, check_engine_compatible, import_flavour
 from ..specs import ComponentSpec
-from .backends import BackendError
+from .backends import BackendError, checked_inputs
 from .bundle import Bundle
 from .cuda import Cuda, DeviceBuffer
 
 
 def _import_trt(flavour: str):
-    import importlib
-
     try:
-        return importlib.import_module(FLAVOURS[flavour])
-    except ImportError:
-        hint = "pip install tensorrt-rtx" if flavour == "tensorrt-rtx" else "install TensorRT 10.3+ (JetPack 6 ships it)"
-        raise BackendError(f"{FLAVOURS[flavour]} is not installed: {hint}") from None
+        return import_flavour(flavour)  # the builder's import: same module names and install hints
+    except EngineBuildError as e:
+        raise BackendError(str(e)) from None
 
 
 def rebuild_hint(bundle: Bundle, flavour: str) -> str:
@@ -178,15 +175,10 @@ class TrtSession:
 
     # the generic Session API -------------------------------------------------------------
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        shapes = {}
-        for t in self.spec.inputs:
-            value = np.asarray(inputs[t.name])
-            if value.dtype != np.dtype(t.dtype):
-                raise TypeError(f"{self.spec.name}.{t.name}: expected {t.dtype}, got {value.dtype}")
-            shapes[t.name] = value.shape
-        self.bind(shapes)
-        for t in self.spec.inputs:
-            self.cuda.h2d(self.ptr(t.name), np.asarray(inputs[t.name]).astype(self.dtypes[t.name], copy=False))
+        feed = checked_inputs(self.spec, inputs)
+        self.bind({name: value.shape for name, value in feed.items()})
+        for name, value in feed.items():
+            self.cuda.h2d(self.ptr(name), value.astype(self.dtypes[name], copy=False))
         self.enqueue()
         out = {}
         for name in self.spec.output_names:

@@ -18,7 +18,9 @@ import hashlib
 import importlib
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -66,6 +68,27 @@ def import_flavour(flavour: str):
         raise EngineBuildError(f"{FLAVOURS[flavour]} is not installed: {hint}") from None
 
 
+# NVIDIA, "CPU-Only AOT and TensorRT-RTX Engines": a weight-stripped (kSTRIP_PLAN + kREFIT) build
+# needs a GPU at build time and at most one compute capability. Seen here with every
+# tensorrt-rtx on PyPI (1.4 to 1.7.1) on a machine without a GPU: any refittable build fails in
+# Myelin ("graph_jit.cpp: CHECK(status == CUDA_SUCCESS) failed").
+RTX_STRIP_DOC = "https://docs.nvidia.com/deeplearning/tensorrt-rtx/latest/inference-library/cpu-engines.html"
+
+
+def preflight(options: BuildOptions) -> None:
+    """What can be known before minutes of export: the flavour imports, and the options are
+    ones it can build here."""
+    import_flavour(options.flavour)
+    if options.strip_weights and options.flavour == "tensorrt-rtx":
+        if len(options.compute_capabilities) != 1:
+            raise EngineBuildError("weight-stripped TensorRT-RTX engines target exactly one compute capability: "
+                                   "pass a single --compute-capability")
+        if build_gpu_compute_capability() == "unknown":
+            raise EngineBuildError("weight-stripped TensorRT-RTX engines need a GPU at build time (NVIDIA: "
+                                   f"{RTX_STRIP_DOC}); build them on the device from the onnx-fp16 bundle "
+                                   "(--from-bundle), or drop --strip-weights")
+
+
 def profile_shapes(spec: ComponentSpec, dims: Mapping[str, int], options: BuildOptions) -> dict[str, tuple]:
     """input name -> (min, opt, max) shapes."""
     ranges = dict(spec.shape_ranges)
@@ -94,6 +117,30 @@ def engine_key(onnx_sha256: str, precision: str, shapes: Mapping, options: Build
     payload = {"onnx": onnx_sha256, "precision": precision, "profile": {k: [list(s) for s in v] for k, v in shapes.items()},
                "flavour": options.flavour, "version": version, "options": options.key_fields()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+class _Logger:
+    """TensorRT's messages at WARNING and above to stderr (as trt.Logger(WARNING) prints them);
+    also keeps the builder's weights total, logged at INFO: it tells how much of a plan is
+    weights, which is what weight stripping would save."""
+
+    _WEIGHTS = re.compile(r"Total Weights Memory: (\d+) bytes")
+
+    @classmethod
+    def make(cls, trt):
+        class Logger(trt.ILogger):
+            def __init__(self):
+                trt.ILogger.__init__(self)
+                self.weights_bytes = None
+
+            def log(self, severity, msg):
+                found = cls._WEIGHTS.search(msg)
+                if found:
+                    self.weights_bytes = int(found.group(1))
+                if int(severity) <= int(trt.ILogger.Severity.WARNING):
+                    print(f"[{trt.__name__}] {severity.name}: {msg}", file=sys.stderr)
+
+        return Logger()
 
 
 class _Progress:
@@ -150,7 +197,7 @@ def build_engine(onnx_path: Path, spec: ComponentSpec, dims: Mapping[str, int], 
         log(f"  {spec.name}: engine from cache ({key[:12]})")
         return entry
 
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = _Logger.make(trt)
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
@@ -166,11 +213,11 @@ def build_engine(onnx_path: Path, spec: ComponentSpec, dims: Mapping[str, int], 
         profile.set_shape(input_name, lo, opt, hi)
     config.add_optimization_profile(profile)
     if options.strip_weights:
-        # weights come back on the device from the same ONNX (refit); REFIT_IDENTICAL lets the
-        # builder optimise as if they were constants
+        # weights come back on the device from the same ONNX (OnnxParserRefitter). TensorRT:
+        # REFIT_IDENTICAL lets the builder optimise as if they were constants (TensorRT 11.3 notes
+        # that plain REFIT can drop a GEMM bias). TensorRT-RTX documents STRIP_PLAN + REFIT.
         config.set_flag(trt.BuilderFlag.STRIP_PLAN)
-        if options.flavour == "tensorrt":
-            config.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)
+        config.set_flag(trt.BuilderFlag.REFIT_IDENTICAL if options.flavour == "tensorrt" else trt.BuilderFlag.REFIT)
     if options.flavour == "tensorrt-rtx":
         ccs = options.compute_capabilities
         unknown = [c for c in ccs if c not in RTX_COMPUTE_CAPABILITIES]
@@ -200,8 +247,10 @@ def build_engine(onnx_path: Path, spec: ComponentSpec, dims: Mapping[str, int], 
         _atomic_write(cached, memoryview(serialized))
     if timing_cache is not None:
         _atomic_write(options.timing_cache, memoryview(timing_cache.serialize()))
-    entry.update(cached=False, build_seconds=round(seconds, 2), bytes=target.stat().st_size)
-    log(f"  {spec.name}: engine {target.stat().st_size / 2**20:.1f} MiB in {seconds:.1f} s")
+    entry.update(cached=False, build_seconds=round(seconds, 2), bytes=target.stat().st_size,
+                 weights_bytes=logger.weights_bytes)
+    weights = f" (weights {logger.weights_bytes / 2**20:.1f} MiB)" if logger.weights_bytes is not None else ""
+    log(f"  {spec.name}: engine {target.stat().st_size / 2**20:.1f} MiB{weights} in {seconds:.1f} s")
     return entry
 
 

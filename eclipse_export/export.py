@@ -275,11 +275,11 @@ def export_bundle(source: StackSource, out: Path, options: ExportOptions = Expor
     if options.target in ENGINE_TARGETS:
         from dataclasses import replace
 
-        from .engines import BuildOptions, EngineBuildError, import_flavour
+        from .engines import BuildOptions, EngineBuildError, preflight
 
         build = replace(options.build or BuildOptions(), flavour=ENGINE_TARGETS[options.target])
         try:  # before minutes of ONNX export, not after
-            import_flavour(build.flavour)
+            preflight(build)
         except EngineBuildError as e:
             raise ExportError(str(e)) from None
 
@@ -425,7 +425,7 @@ def build_engines_for_bundle(src: Path, out: Path, target: str, build, engine_ca
     bundle (onnx-int8, trt-int8) quantized from an fp32 one."""
     from dataclasses import replace
 
-    from .engines import BuildOptions, EngineBuildError, import_flavour
+    from .engines import BuildOptions, EngineBuildError, preflight
     from .runtime.bundle import open_bundle
 
     derivable = set(ENGINE_TARGETS) | {t for t, p in TARGETS.items() if p == "int8"}
@@ -446,7 +446,7 @@ def build_engines_for_bundle(src: Path, out: Path, target: str, build, engine_ca
     if target in ENGINE_TARGETS:
         build = replace(build or BuildOptions(), flavour=ENGINE_TARGETS[target])
         try:
-            import_flavour(build.flavour)
+            preflight(build)
         except EngineBuildError as e:
             raise ExportError(str(e)) from None
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -516,10 +516,7 @@ def _build_engines(work: Path, components: dict, dims: dict, build, cache: Path 
                                          work, cache, log)
             engines[name]["peak_rss_bytes"] = peak_rss_bytes()
         except EngineBuildError as e:
-            hint = ""
-            if build.strip_weights and build.flavour == "tensorrt-rtx":
-                hint = " (weight-stripped TensorRT-RTX builds failed here on a machine without a GPU: build them on the device)"
-            raise ExportError(f"{e}{hint}") from None
+            raise ExportError(str(e)) from None
     return engines
 
 

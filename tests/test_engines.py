@@ -68,6 +68,8 @@ def test_trt_rtx_bundle_builds_all_four_engines(tmp_path):
         assert engine["flavour"] == "tensorrt-rtx" and engine["compute_capabilities"] == ["SM89"]
         assert len(engine["key"]) == 64 and (cache / f"{engine['key']}.plan").is_file()
         assert engine["cached"] is False
+        # the builder's weights total (what stripping would save) is part of the plan
+        assert 0 < engine["weights_bytes"] < engine["bytes"]
     unet = bundle.manifest["engines"]["unet"]["profile"]["sample"]
     assert unet[0][0] == 1 and unet[2][0] == 2 and unet[0][2] == 32 and unet[2][2] == 128
 
@@ -119,3 +121,21 @@ def test_engines_from_a_shipped_fp16_bundle(tiny_fp16_bundle, tiny_bundle, tmp_p
     with pytest.raises(ExportError, match="holds fp32 graphs; trt-rtx-fp16 needs fp16"):
         build_engines_for_bundle(tiny_bundle, tmp_path / "x", "trt-rtx-fp16", BuildOptions(**OPTIONS), log=lambda m: None)
     assert not (tmp_path / "x").exists()
+
+
+@needs_rtx
+def test_weight_stripped_rtx_builds_are_refused_up_front_without_a_gpu(tiny_fp16_bundle, tmp_path):
+    """NVIDIA documents a GPU at build time for STRIP_PLAN + REFIT (seen here: every refittable
+    build fails in Myelin without one); the refusal comes before any work, nothing is written."""
+    from eclipse_export.engines import build_gpu_compute_capability
+    from eclipse_export.export import ExportError, build_engines_for_bundle
+
+    two = BuildOptions(strip_weights=True, compute_capabilities=("SM86", "SM89"), **OPTIONS)
+    with pytest.raises(ExportError, match="exactly one compute capability"):
+        build_engines_for_bundle(tiny_fp16_bundle, tmp_path / "a", "trt-rtx-fp16", two, log=lambda m: None)
+    if build_gpu_compute_capability() != "unknown":
+        pytest.skip("a GPU is present: weight-stripped TensorRT-RTX builds are allowed here")
+    one = BuildOptions(strip_weights=True, **OPTIONS)
+    with pytest.raises(ExportError, match="need a GPU at build time"):
+        build_engines_for_bundle(tiny_fp16_bundle, tmp_path / "b", "trt-rtx-fp16", one, log=lambda m: None)
+    assert list(tmp_path.iterdir()) == []

@@ -5,7 +5,7 @@ each tensor present in both gets its relative error, and each node its *amplific
 output's error over the largest error of its inputs. Rounding to FP16 costs ~2^-11 per op, so
 an amplification far above 1 marks an op that turns small input errors into large ones (an
 overflow, a cancellation, a periodic function of a large argument). This is the measurement
-that found the FP16 UNet's timestep-embedding problem (Sin/Cos of t * freq, amplification ~45);
+that found the FP16 UNet's timestep-embedding problem (Cos and Sin of t * freq amplified 101x and 20x);
 use it to decide which ops a new checkpoint must keep in FP32.
 
     python -m eclipse_export.precision_trace --reference engines/x-onnx --bundle engines/x-onnx-fp16 --component unet
@@ -17,6 +17,8 @@ small shapes (the spec's sample inputs at their smallest size, which is the defa
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Mapping
@@ -40,6 +42,7 @@ class TensorError:
     amplification: float  # rel_error / max(error of the node's inputs, FP16_ROUNDOFF)
     finite: bool
     abs_max: float  # of the FP32 tensor
+    constant: bool = False  # a node without inputs: its error is the conversion's own rounding
 
 
 def _run_all(graph: Path, feed: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], object]:
@@ -47,7 +50,9 @@ def _run_all(graph: Path, feed: Mapping[str, np.ndarray]) -> tuple[dict[str, np.
     import onnx
     import onnxruntime as ort
 
-    model = onnx.load(str(graph))
+    # structure only: weights stay in their external data file (a 5 GB UNet cannot be serialised
+    # for shape inference); the traced copy reads them through links next to it
+    model = onnx.load(str(graph), load_external_data=False)
     model = onnx.shape_inference.infer_shapes(model)
     outputs = {o.name for o in model.graph.output}
     produced = {o for node in model.graph.node for o in node.output}  # converters leave stale value_info
@@ -56,14 +61,35 @@ def _run_all(graph: Path, feed: Mapping[str, np.ndarray]) -> tuple[dict[str, np.
         if info.name in produced and info.name not in outputs and info.type.tensor_type.elem_type in floats:
             model.graph.output.append(info)
             outputs.add(info.name)
-    with tempfile.TemporaryDirectory() as tmp:
-        # through a file with external data: graphs past 2 GB cannot be serialised to bytes
-        path = Path(tmp) / "traced.onnx"
-        onnx.save_model(model, str(path), save_as_external_data=True, location="traced.onnx.data")
+    data_files = {kv.value for t in model.graph.initializer for kv in t.external_data if kv.key == "location"}
+    with _beside(graph, data_files) as tmp:
+        path = Path(tmp) / graph.name
+        onnx.save_model(model, str(path))
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         names = [o.name for o in session.get_outputs()]
         values = dict(zip(names, session.run(names, dict(feed))))
     return values, model.graph
+
+
+def _beside(graph: Path, data_files: set[str]) -> tempfile.TemporaryDirectory:
+    """A temporary directory holding `graph`'s external data files. ONNX Runtime refuses data
+    outside the model's directory, symlinks included: hard links (a directory next to the bundle,
+    same file system) or, where that fails, copies."""
+    for base in (graph.parent.parent, None):
+        try:
+            tmp = tempfile.TemporaryDirectory(prefix=".precision-trace-", dir=base)
+        except OSError:
+            continue
+        try:
+            for name in data_files:
+                os.link(graph.parent / name, Path(tmp.name) / name)
+            return tmp
+        except OSError:
+            tmp.cleanup()
+    tmp = tempfile.TemporaryDirectory(prefix=".precision-trace-")
+    for name in data_files:
+        shutil.copyfile(graph.parent / name, Path(tmp.name) / name)
+    return tmp
 
 
 def _rel_error(a: np.ndarray, b: np.ndarray) -> float:
@@ -89,13 +115,21 @@ def trace(reference: Path, candidate: Path, feed: Mapping[str, np.ndarray]) -> l
             into = max([errors.get(i, 0.0) for i in node.input] + [FP16_ROUNDOFF])
             finite = bool(np.isfinite(cand[name]).all())
             rows.append(TensorError(index, node.op_type, node.name, name, err, err / into, finite,
-                                    float(np.abs(ref[name]).max()) if ref[name].size else 0.0))
+                                    float(np.abs(ref[name]).max()) if ref[name].size else 0.0,
+                                    constant=not any(node.input)))
     return rows
 
 
 def amplifiers(rows: list[TensorError], top: int = 10) -> list[TensorError]:
-    """The nodes that grow the error most (non-finite outputs first)."""
-    return sorted(rows, key=lambda r: (r.finite, -r.amplification))[:top]
+    """The nodes that grow the error most (non-finite outputs first). Constants have no input
+    error to amplify: see `changed_constants`."""
+    return sorted((r for r in rows if not r.constant), key=lambda r: (r.finite, -r.amplification))[:top]
+
+
+def changed_constants(rows: list[TensorError], above: float = 4 * FP16_ROUNDOFF) -> list[TensorError]:
+    """Constants the conversion changed by more than rounding: typically a mask's float32
+    minimum clamped to FP16's -65504, harmless after a Softmax; anything else deserves a look."""
+    return [r for r in rows if r.constant and r.rel_error > above]
 
 
 def format_rows(rows: list[TensorError]) -> str:
@@ -119,6 +153,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the spec's sample inputs")
     p.add_argument("--timestep", type=float, default=None, help="UNet: timestep of the sample input")
     args = p.parse_args(argv)
+    if args.top < 1:
+        p.error("--top must be >= 1")
     try:
         ref, cand = open_bundle(args.reference), open_bundle(args.bundle)
     except BundleError as e:
@@ -139,6 +175,10 @@ def main(argv=None) -> int:
     out = rows[-1]
     print(f"{args.component}: {len(rows)} tensors compared; last ({out.tensor}) rel error {out.rel_error:.2e}")
     print(format_rows(amplifiers(rows, args.top)))
+    changed = changed_constants(rows)
+    if changed:
+        print(f"constants changed beyond FP16 rounding ({len(changed)}; e.g. mask values clamped to +-65504):")
+        print(format_rows(changed[: args.top]))
     return 0
 
 

@@ -119,28 +119,27 @@ def engine_key(onnx_sha256: str, precision: str, shapes: Mapping, options: Build
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-class _Logger:
+_WEIGHTS_LINE = re.compile(r"Total Weights Memory: (\d+) bytes")
+
+
+def _recording_logger(trt):
     """TensorRT's messages at WARNING and above to stderr (as trt.Logger(WARNING) prints them);
     also keeps the builder's weights total, logged at INFO: it tells how much of a plan is
     weights, which is what weight stripping would save."""
 
-    _WEIGHTS = re.compile(r"Total Weights Memory: (\d+) bytes")
+    class Logger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.weights_bytes = None
 
-    @classmethod
-    def make(cls, trt):
-        class Logger(trt.ILogger):
-            def __init__(self):
-                trt.ILogger.__init__(self)
-                self.weights_bytes = None
+        def log(self, severity, msg):
+            found = _WEIGHTS_LINE.search(msg)
+            if found:
+                self.weights_bytes = int(found.group(1))
+            if int(severity) <= int(trt.ILogger.Severity.WARNING):
+                print(f"[{trt.__name__}] {severity.name}: {msg}", file=sys.stderr)
 
-            def log(self, severity, msg):
-                found = cls._WEIGHTS.search(msg)
-                if found:
-                    self.weights_bytes = int(found.group(1))
-                if int(severity) <= int(trt.ILogger.Severity.WARNING):
-                    print(f"[{trt.__name__}] {severity.name}: {msg}", file=sys.stderr)
-
-        return Logger()
+    return Logger()
 
 
 class _Progress:
@@ -197,7 +196,7 @@ def build_engine(onnx_path: Path, spec: ComponentSpec, dims: Mapping[str, int], 
         log(f"  {spec.name}: engine from cache ({key[:12]})")
         return entry
 
-    logger = _Logger.make(trt)
+    logger = _recording_logger(trt)
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)

@@ -26,7 +26,7 @@ import numpy as np
 
 from . import __version__
 from .memory import fmt_bytes, peak_rss_bytes, reset_peak_rss
-from .onnx_io import save_external
+from .onnx_io import link_or_copy, save_external
 from .parity import ParityError, ParityReport, compare_outputs
 from .runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, file_entry
 from .specs import COMPONENTS, ComponentSpec
@@ -462,10 +462,7 @@ def build_engines_for_bundle(src: Path, out: Path, target: str, build, engine_ca
             if quantize:  # onnx refuses external data with several hard links ("hardlink attack")
                 shutil.copy2(Path(src) / rel, dst)
                 continue
-            try:
-                os.link(Path(src) / rel, dst)  # engines only read the graphs: no copy of multi-GB weights
-            except OSError:
-                shutil.copy2(Path(src) / rel, dst)
+            link_or_copy(Path(src) / rel, dst)  # engines only read the graphs
         manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("engines/")}
         if quantize:
             options = ExportOptions(target=target, int8=int8)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,3 +33,11 @@ def save_external(model, path: Path) -> list[str]:
         onnx.save_model(model, path.name, save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data, size_threshold=1024)
     return [path.name, data]
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link where the file system allows it (multi-GB weights are only read), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

@@ -17,8 +17,6 @@ small shapes (the spec's sample inputs at their smallest size, which is the defa
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
 import tempfile
 from collections.abc import Mapping
@@ -26,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .onnx_io import link_or_copy
 
 # FP16's unit roundoff: an input error floor, so that exact inputs (weights, shapes) do not make
 # every consumer look like an amplifier
@@ -73,22 +73,14 @@ def _run_all(graph: Path, feed: Mapping[str, np.ndarray]) -> tuple[dict[str, np.
 
 def _beside(graph: Path, data_files: set[str]) -> tempfile.TemporaryDirectory:
     """A temporary directory holding `graph`'s external data files. ONNX Runtime refuses data
-    outside the model's directory, symlinks included: hard links (a directory next to the bundle,
-    same file system) or, where that fails, copies."""
-    for base in (graph.parent.parent, None):
-        try:
-            tmp = tempfile.TemporaryDirectory(prefix=".precision-trace-", dir=base)
-        except OSError:
-            continue
-        try:
-            for name in data_files:
-                os.link(graph.parent / name, Path(tmp.name) / name)
-            return tmp
-        except OSError:
-            tmp.cleanup()
-    tmp = tempfile.TemporaryDirectory(prefix=".precision-trace-")
+    outside the model's directory, symlinks included: hard links from a directory next to the
+    bundle (same file system), copies where that cannot be."""
+    try:
+        tmp = tempfile.TemporaryDirectory(prefix=".precision-trace-", dir=graph.parent.parent)
+    except OSError:  # a read-only place
+        tmp = tempfile.TemporaryDirectory(prefix=".precision-trace-")
     for name in data_files:
-        shutil.copyfile(graph.parent / name, Path(tmp.name) / name)
+        link_or_copy(graph.parent / name, Path(tmp.name) / name)
     return tmp
 
 

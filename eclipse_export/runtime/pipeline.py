@@ -19,7 +19,7 @@ from . import guidance
 from .backends import Backend, OnnxRuntimeBackend
 from .bundle import Bundle, open_bundle
 from .images import to_uint8
-from .noise import Noises
+from .noise import SEED_MAX, Noises
 from .schedulers import scheduler_from_config
 from .tokenizer import ClipTokenizer
 
@@ -70,8 +70,8 @@ class Request:
             raise GenerationError(f"guidance scale must be a finite number, got {guidance_scale!r}")
         if guidance_scale < 1:
             warnings.append(f"guidance scale {guidance_scale} < 1 means no classifier-free guidance (same as 1)")
-        if not isinstance(seed, int) or seed < 0:
-            raise GenerationError(f"seed must be a non-negative integer, got {seed!r}")
+        if not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+            raise GenerationError(f"seed must be an integer between 0 and 2**64 - 1, got {seed!r}")
         req = Request(prompts, negative_prompt, height, width, steps, float(guidance_scale), seed, scheduler)
         return req, warnings
 

@@ -1,26 +1,51 @@
 // ONNX Runtime through its C API (CPU and CUDA execution providers). Built only with
 // -DECLIPSE_WITH_ONNXRUNTIME=ON and ONNX Runtime's headers; otherwise creating it says so.
+// libonnxruntime is opened when the backend is created (dlopen), not linked: the library and
+// the apps using other backends run where ONNX Runtime is not installed, and one build works
+// with any ONNX Runtime at least as new as its headers (the onnxruntime wheel's library, whose
+// file name differs from its soname, included).
 #include "backend.hpp"
 
 #ifdef ECLIPSE_WITH_ONNXRUNTIME
 
+#include <dlfcn.h>
 #include <onnxruntime_c_api.h>
 
 #include <algorithm>
+#include <map>
+#include <mutex>
 #include <sstream>
+
+#ifndef ECLIPSE_ORT_DEFAULT_LIBRARY
+#define ECLIPSE_ORT_DEFAULT_LIBRARY "libonnxruntime.so.1"
+#endif
 
 namespace eclipse::core {
 namespace {
 
-const OrtApi &ort() {
-    static const OrtApi *api = OrtGetApiBase()->GetApi(ORT_API_VERSION);
+// The OrtApi of the library at `path`, opened once per process and never closed (ONNX Runtime
+// does not support being unloaded).
+const OrtApi *load_api(const std::string &path) {
+    static std::mutex mutex;
+    static std::map<std::string, const OrtApi *> apis;
+    std::lock_guard<std::mutex> lock(mutex);
+    if (auto it = apis.find(path); it != apis.end()) return it->second;
+    void *handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (!handle) throw Error(ECLIPSE_ERR_BACKEND, "cannot load ONNX Runtime (" + path + "): " + dlerror());
+    using GetApiBase = const OrtApiBase *(*)();
+    auto get_base = reinterpret_cast<GetApiBase>(dlsym(handle, "OrtGetApiBase"));
+    if (!get_base) throw Error(ECLIPSE_ERR_BACKEND, path + " is not ONNX Runtime (no OrtGetApiBase)");
+    const OrtApi *api = get_base()->GetApi(ORT_API_VERSION);
     if (!api) {
-        throw Error(ECLIPSE_ERR_BACKEND, std::string("the ONNX Runtime library (") + OrtGetApiBase()->GetVersionString() +
-                                             ") is older than the headers this library was built with (API " +
+        throw Error(ECLIPSE_ERR_BACKEND, "ONNX Runtime " + std::string(get_base()->GetVersionString()) + " at " + path +
+                                             " is older than the headers this library was built with (API " +
                                              std::to_string(ORT_API_VERSION) + ")");
     }
-    return *api;
+    return apis[path] = api;
 }
+
+const OrtApi *g_api = nullptr;  // set by every backend before use; all backends share one process
+const OrtApi &ort() { return *g_api; }
 
 void check(OrtStatus *status, const std::string &what) {
     if (!status) return;
@@ -85,6 +110,10 @@ private:
 class OnnxRuntimeBackend final : public Backend {
 public:
     explicit OnnxRuntimeBackend(const eclipse_onnxruntime_options &o) : threads_(o.intra_op_threads), device_(o.device_id) {
+        const OrtApi *api = load_api(o.library_path ? o.library_path : ECLIPSE_ORT_DEFAULT_LIBRARY);
+        if (g_api && g_api != api)
+            throw Error(ECLIPSE_ERR_BACKEND, "another ONNX Runtime library is already in use in this process");
+        g_api = api;
         OrtEnv *env = nullptr;
         check(ort().CreateEnv(ORT_LOGGING_LEVEL_ERROR, "eclipse", &env), "creating the environment");
         env_ = Released::hold(env, ort().ReleaseEnv);
@@ -97,7 +126,7 @@ public:
         int count = 0;
         check(ort().GetAvailableProviders(&available, &count), "listing providers");
         std::vector<std::string> names(available, available + count);
-        ort().ReleaseAvailableProviders(available, count);
+        check(ort().ReleaseAvailableProviders(available, count), "listing providers");
         if (std::find(providers_.begin(), providers_.end(), "cuda") != providers_.end() &&
             std::find(names.begin(), names.end(), "CUDAExecutionProvider") == names.end()) {
             std::string have;

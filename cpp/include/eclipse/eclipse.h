@@ -102,6 +102,9 @@ typedef struct eclipse_onnxruntime_options {
     const char *providers;  /* comma-separated, in order of preference: "cpu", "cuda" */
     int32_t intra_op_threads; /* 0: ONNX Runtime's default */
     int32_t device_id;        /* CUDA device */
+    /* libonnxruntime to open (dlopen); NULL: the one named at build time, else the system's
+     * libonnxruntime.so.1 */
+    const char *library_path;
 } eclipse_onnxruntime_options;
 ECLIPSE_API eclipse_onnxruntime_options eclipse_onnxruntime_default_options(void);
 /* ECLIPSE_ERR_UNSUPPORTED when the library was built without ONNX Runtime. */

@@ -481,9 +481,12 @@ def test_under_address_and_undefined_behavior_sanitizers(bundle):
     asan_lib = asan_dir / "libeclipse.so"
     if not asan_lib.is_file():
         pytest.skip(f"{asan_lib} is not built (make cpp-asan; make test builds it)")
-    runtime_lib = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    # the ASan runtime must come first; libstdc++ too, or ASan cannot intercept C++ throws from a
+    # Python process that loaded no C++ before it started
+    preload = [subprocess.run(["gcc", f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+               for name in ("libasan.so", "libstdc++.so.6")]
     env = dict(os.environ, ECLIPSE_LIB=str(asan_lib), ECLIPSE_BIN_DIR=str(asan_dir), ECLIPSE_TEST_BUNDLE=str(bundle),
-               ECLIPSE_SANITIZER_CHILD="1", LD_PRELOAD=runtime_lib,
+               ECLIPSE_SANITIZER_CHILD="1", LD_PRELOAD=" ".join(preload),
                # Python itself does not free everything at exit: leaks are checked in the C++ test binary
                ASAN_OPTIONS="detect_leaks=0:abort_on_error=1", UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1")
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],

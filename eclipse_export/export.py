@@ -338,7 +338,7 @@ def _quantize_bundle(work: Path, components: dict, dims: dict, source, options: 
     from .calibration_prompts import load_prompts, take_balanced
     from .quantize import check_qdq_rules, quantize_components, quantize_graph
     from .runtime.backends import OnnxRuntimeBackend
-    from .runtime.bundle import Bundle
+    from .runtime.bundle import trusted_bundle
     from .runtime.pipeline import Pipeline
 
     int8 = options.int8 or Int8Options()
@@ -356,7 +356,8 @@ def _quantize_bundle(work: Path, components: dict, dims: dict, source, options: 
     cache = (int8.cache_dir / key) if int8.cache_dir else work / ".calibration"
     reset_peak_rss()
     t0 = time.perf_counter()
-    provisional = Bundle(work, {"dims": dims, "components": components, "precision": "fp32"})
+    written = [str(p.relative_to(work)) for p in work.rglob("*") if p.is_file()]
+    provisional = trusted_bundle(work, {"dims": dims, "components": components, "precision": "fp32"}, written)
     pipeline = Pipeline(provisional, OnnxRuntimeBackend())
     log(f"  calibration: {len(calib)} prompts, {capture_opts.height}x{capture_opts.width}, "
         f"{capture_opts.unet_steps_per_prompt} of {capture_opts.steps} UNet steps each -> {cache}")

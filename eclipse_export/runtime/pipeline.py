@@ -17,10 +17,10 @@ import numpy as np
 from ..specs import COMPONENTS
 from . import guidance
 from .backends import Backend, OnnxRuntimeBackend
-from .bundle import Bundle, open_bundle
+from .bundle import Bundle, BundleError, open_bundle
 from .images import to_uint8
 from .noise import Noises
-from .schedulers import scheduler_from_config
+from .schedulers import SchedulerConfigError, scheduler_from_config
 from .tokenizer import ClipTokenizer
 
 MIN_SIZE, MAX_SIZE, SIZE_MULTIPLE = 64, 2048, 64
@@ -91,6 +91,27 @@ class Generation:
     intermediates: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+def _load_tokenizer(bundle: Bundle) -> ClipTokenizer:
+    config = "tokenizer/tokenizer_config.json"
+    try:
+        return ClipTokenizer.from_files(bundle.path("tokenizer/tokenizer.json"),
+                                        bundle.path(config) if bundle.has(config) else None)
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a malformed tokenizer.json
+        raise BundleError(f"{bundle.root}: the tokenizer files cannot be used ({e})") from None
+
+
+def _load_negative(bundle: Bundle) -> np.ndarray:
+    rel = "negative_image_embeds.npy"
+    try:
+        value = np.load(bundle.path(rel), allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{bundle.root / rel} is unreadable ({e})") from None
+    want = (1, bundle.dims["D"])
+    if value.shape != want or value.dtype.kind != "f" or not np.isfinite(value).all():
+        raise BundleError(f"{bundle.root / rel} holds {value.dtype} {value.shape}, expected finite float {want}")
+    return value.astype(np.float32)
+
+
 class Pipeline:
     """Loaded graphs + tokenizer + scheduler config of one bundle. Immutable after loading:
     per-generation state lives in `generate`'s locals, so one Pipeline can serve many calls."""
@@ -99,9 +120,13 @@ class Pipeline:
         self.bundle = bundle
         self.backend = backend
         self.dims = bundle.dims
-        self.tokenizer = ClipTokenizer.from_dir(bundle.path("tokenizer"))
+        self.tokenizer = _load_tokenizer(bundle)
         self.scheduler_config = bundle.json("scheduler_config.json")
-        self.negative_image_embeds = np.load(bundle.path("negative_image_embeds.npy")).astype(np.float32)
+        try:  # refuse a config this runtime cannot follow now, not at the first generation
+            scheduler_from_config(self.scheduler_config)
+        except (SchedulerConfigError, ValueError, TypeError, KeyError) as e:
+            raise BundleError(f"{bundle.root}: scheduler_config.json cannot be used ({e})") from None
+        self.negative_image_embeds = _load_negative(bundle)
         self.load_seconds = {}
         self.sessions = {}
         for name, spec in COMPONENTS.items():
@@ -226,6 +251,9 @@ class Pipeline:
         # 5. MoVQ decode (post-processing is inside the graph)
         t0 = time.perf_counter()
         image = self.sessions["movq"].run({"latents": latents})["image"]
+        if image.shape != (req.batch, req.height, req.width, 3):  # dims.S disagrees with the MoVQ graph
+            raise BundleError(f"{self.bundle.root}: the movq graph returned images of shape {image.shape} for "
+                              f"{req.height}x{req.width}; the manifest's dims do not match its graphs")
         timings["movq"] = time.perf_counter() - t0
         self._stage_done("movq")
         timings["total"] = time.perf_counter() - t_start

@@ -257,7 +257,7 @@ def stage_flops(bundle_dir: Path, req: Request, cfg_batch: int) -> dict[str, int
     bundle = open_bundle(bundle_dir, verify_hashes=False)
     d = bundle.dims
     b = req.batch
-    text_b = 2 * b if req.negative_prompt else b
+    text_b = 2 * b if req.negative_prompt is not None else b
     h, w = req.height // d["S"], req.width // d["S"]
     shapes = {
         "text_encoder": {"input_ids": (text_b, d["T"])},

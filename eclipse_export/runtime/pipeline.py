@@ -52,11 +52,16 @@ class Request:
         prompts = (prompt,) if isinstance(prompt, str) else tuple(prompt)
         if not prompts:
             raise GenerationError("no prompt given")
-        for p in prompts:
-            if not isinstance(p, str) or not p.strip():
-                raise GenerationError("the prompt is empty; describe the image to generate")
-        if negative_prompt is not None and not negative_prompt.strip():
-            negative_prompt = None  # an empty negative prompt means "none", as in the ECLIPSE demo
+        if not all(isinstance(p, str) for p in prompts):
+            raise GenerationError("prompts must be strings")
+        if any(not p.strip() for p in prompts):
+            # as the official ECLIPSE pipeline: an empty prompt is unconditional generation
+            warnings.append("the prompt is empty: generating without text conditioning")
+        # None and "" differ, as in the official ECLIPSE code (KandinskyPriorPipeline): None uses
+        # the CLIP image embedding of a zeros image (the bundle's negative_image_embeds.npy); any
+        # string, "" included, is run through the prior like the prompt.
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            raise GenerationError(f"the negative prompt must be a string or None, got {type(negative_prompt).__name__}")
         for name, value in (("height", height), ("width", width)):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise GenerationError(f"{name} must be an integer, got {value!r}")
@@ -70,6 +75,8 @@ class Request:
             raise GenerationError(f"guidance scale must be a finite number, got {guidance_scale!r}")
         if guidance_scale < 1:
             warnings.append(f"guidance scale {guidance_scale} < 1 means no classifier-free guidance (same as 1)")
+        if negative_prompt is not None and guidance_scale <= 1:
+            warnings.append("the negative prompt has no effect without classifier-free guidance (guidance <= 1)")
         if not isinstance(seed, int) or seed < 0:
             raise GenerationError(f"seed must be a non-negative integer, got {seed!r}")
         req = Request(prompts, negative_prompt, height, width, steps, float(guidance_scale), seed, scheduler)

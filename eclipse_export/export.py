@@ -37,6 +37,10 @@ if TYPE_CHECKING:
 
 EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_OPSET = 17
+# 14: torch's exporter has no scaled_dot_product_attention before it (measured: 12 and 13 fail,
+# 14..22 export the tiny stack); 21: the newest opset of ONNX 1.16, which ONNX Runtime 1.20 (the
+# runtime's oldest supported version, pyproject) implements
+MIN_OPSET, MAX_OPSET = 14, 21
 # protobuf cannot serialise a model over 2 GiB; stay well under it before switching to external data
 EXTERNAL_DATA_BYTES = 1 << 30
 # target -> precision of its graphs

@@ -77,8 +77,8 @@ class Request:
             warnings.append(f"guidance scale {guidance_scale} < 1 means no classifier-free guidance (same as 1)")
         if negative_prompt is not None and guidance_scale <= 1:
             warnings.append("the negative prompt has no effect without classifier-free guidance (guidance <= 1)")
-        if not isinstance(seed, int) or seed < 0:
-            raise GenerationError(f"seed must be a non-negative integer, got {seed!r}")
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
+            raise GenerationError(f"seed must be an integer in 0..2^64-1, got {seed!r}")
         req = Request(prompts, negative_prompt, height, width, steps, float(guidance_scale), seed, scheduler)
         return req, warnings
 

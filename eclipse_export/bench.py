@@ -257,7 +257,7 @@ def stage_flops(bundle_dir: Path, req: Request, cfg_batch: int) -> dict[str, int
     bundle = open_bundle(bundle_dir, verify_hashes=False)
     d = bundle.dims
     b = req.batch
-    text_b = 2 * b if req.negative_prompt else b
+    text_b = 2 * b if req.negative_prompt is not None else b
     h, w = req.height // d["S"], req.width // d["S"]
     shapes = {
         "text_encoder": {"input_ids": (text_b, d["T"])},
@@ -537,11 +537,11 @@ def compare_results(a: dict, b: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from .cli import UserError
+    from .cli import ArgumentParser, UserError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["compare"]:
-        p = argparse.ArgumentParser(prog="eclipse-bench compare")
+        p = ArgumentParser(prog="eclipse-bench compare")
         p.add_argument("a", type=Path)
         p.add_argument("b", type=Path)
         args = p.parse_args(argv[1:])
@@ -551,7 +551,7 @@ def main(argv=None) -> int:
             raise UserError(f"cannot read results: {e}") from None
         print(compare_results(a, b))
         return 0
-    p = argparse.ArgumentParser(prog="eclipse-bench", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="eclipse-bench", description=__doc__.splitlines()[0])
     p.add_argument("--bundle", type=Path, action="append", required=True)
     p.add_argument("--out", type=Path, required=True, help="results directory")
     p.add_argument("--height", type=int, default=256)

@@ -23,6 +23,15 @@ class UserError(Exception):
     pass
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's own errors (bad int, unknown choice, missing flag) become UserError, so every
+    user mistake ends the same way: one `error:` line and exit status 2 (argparse would print
+    the usage block first)."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -78,7 +87,7 @@ def _run(main, argv) -> int:
 def export_parser() -> argparse.ArgumentParser:
     from .presets import ALL_PRESETS
 
-    p = argparse.ArgumentParser(prog="eclipse-export", description=(
+    p = ArgumentParser(prog="eclipse-export", description=(
         "Export ECLIPSE prior + CLIP bigG text encoder + Kandinsky 2.2 decoder to an ONNX bundle."))
     p.add_argument("--preset", default="tiny", help=f"model source: {', '.join(ALL_PRESETS)} (default: tiny)")
     p.add_argument("--target", default="onnx",
@@ -127,7 +136,7 @@ def export_parser() -> argparse.ArgumentParser:
 
 def export_main(argv=None) -> int:
     args = export_parser().parse_args(argv)
-    from .export import EXPORTERS, TARGETS, ExportOptions, export_bundle
+    from .export import DEFAULT_OPSET, EXPORTERS, MAX_OPSET, MIN_OPSET, TARGETS, ExportOptions, export_bundle
     from .presets import ALL_PRESETS, REAL_PRESETS
     from .sources import make_source
 
@@ -139,6 +148,8 @@ def export_main(argv=None) -> int:
         raise UserError(f"unknown exporter {args.exporter!r} (choose from {', '.join(EXPORTERS)})")
     if args.seed < 0:
         raise UserError("--seed must be >= 0")
+    if not MIN_OPSET <= args.opset <= MAX_OPSET:
+        raise UserError(f"--opset must be between {MIN_OPSET} and {MAX_OPSET} (default {DEFAULT_OPSET})")
     if args.from_bundle is not None:
         from .export import build_engines_for_bundle
 
@@ -237,7 +248,7 @@ def _build_options(args):
 
 
 def generate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="eclipse-generate", description="Generate an image with an exported bundle.")
+    p = ArgumentParser(prog="eclipse-generate", description="Generate an image with an exported bundle.")
     p.add_argument("--bundle", type=Path, required=True, help="bundle directory made by eclipse-export")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default=None)
@@ -288,6 +299,8 @@ def generate_main(argv=None) -> int:
     from .runtime.images import save_png
     from .runtime.pipeline import Pipeline, Request
 
+    if args.threads is not None and args.threads < 1:
+        raise UserError("--threads must be >= 1")
     if args.out.suffix.lower() != ".png":
         raise UserError(f"--out must be a .png file, got {args.out}")
     _check_writable(args.out, "output")

@@ -32,7 +32,7 @@ def reference_for(bundle: Bundle, device: str = "cpu", keep_loaded: bool = False
 
     manifest = bundle.manifest
     weights = {name: entry.get("weights_sha256") for name, entry in manifest["components"].items()}
-    return ReferencePipeline(source_from_manifest(manifest["source"]), bundle.path("tokenizer"),
+    return ReferencePipeline(source_from_manifest(manifest["source"]), bundle.path("tokenizer/tokenizer.json").parent,
                              bundle.json("scheduler_config.json"), expected_weights=weights, device=device,
                              keep_loaded=keep_loaded)
 

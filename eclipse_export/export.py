@@ -28,6 +28,7 @@ from . import __version__
 from .memory import fmt_bytes, peak_rss_bytes, reset_peak_rss
 from .onnx_io import link_or_copy, save_external
 from .parity import ParityError, ParityReport, compare_outputs
+from .progress import heartbeat
 from .runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, file_entry
 from .specs import COMPONENTS, ComponentSpec
 from .sources import COMPONENT_NAMES, StackSource, state_dict_sha256
@@ -37,6 +38,10 @@ if TYPE_CHECKING:
 
 EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_OPSET = 17
+# 14: torch's exporter has no scaled_dot_product_attention before it (measured: 12 and 13 fail,
+# 14..22 export the tiny stack); 21: the newest opset of ONNX 1.16, which ONNX Runtime 1.20 (the
+# runtime's oldest supported version, pyproject) implements
+MIN_OPSET, MAX_OPSET = 14, 21
 # protobuf cannot serialise a model over 2 GiB; stay well under it before switching to external data
 EXTERNAL_DATA_BYTES = 1 << 30
 # target -> precision of its graphs
@@ -286,44 +291,45 @@ def export_bundle(source: StackSource, out: Path, options: ExportOptions = Expor
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     started = time.perf_counter()
     try:
-        components = {}
-        for i, name in enumerate(COMPONENT_NAMES, 1):
-            log(f"[{i}/{len(COMPONENT_NAMES) + 1}] {name}")
-            components[name] = export_component(source, name, work, options, log)
+        with heartbeat(log) as log:
+            components = {}
+            for i, name in enumerate(COMPONENT_NAMES, 1):
+                log(f"[{i}/{len(COMPONENT_NAMES) + 1}] {name}")
+                components[name] = export_component(source, name, work, options, log)
 
-        log(f"[{len(COMPONENT_NAMES) + 1}/{len(COMPONENT_NAMES) + 1}] tokenizer, scheduler, negative image embedding")
-        tokenizer_source = source.write_tokenizer(work / "tokenizer")
-        (work / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2, sort_keys=True))
-        negative = source.negative_image_embeds()
-        if negative.shape != (1, dims["D"]):
-            raise ExportError(f"negative image embedding has shape {negative.shape}, expected (1, {dims['D']})")
-        np.save(work / "negative_image_embeds.npy", negative)
+            log(f"[{len(COMPONENT_NAMES) + 1}/{len(COMPONENT_NAMES) + 1}] tokenizer, scheduler, negative image embedding")
+            tokenizer_source = source.write_tokenizer(work / "tokenizer")
+            (work / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2, sort_keys=True))
+            negative = source.negative_image_embeds()
+            if negative.shape != (1, dims["D"]):
+                raise ExportError(f"negative image embedding has shape {negative.shape}, expected (1, {dims['D']})")
+            np.save(work / "negative_image_embeds.npy", negative)
 
-        if TARGETS[options.target] == "int8":
-            _quantize_bundle(work, components, dims, source, options, log)
-        files = [f for c in components.values() for f in c["files"]]
-        engines = {}
-        if build is not None:
-            engines = _build_engines(work, components, dims, build, options.engine_cache, log)
-            files += [e["file"] for e in engines.values()]
-        files += ["scheduler_config.json", "negative_image_embeds.npy"]
-        files += sorted(str(p.relative_to(work)) for p in (work / "tokenizer").rglob("*") if p.is_file())
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "target": options.target,
-            "precision": TARGETS[options.target],
-            "dims": dims,
-            "source": source.describe(),
-            "tokenizer": tokenizer_source,
-            "components": components,
-            "engines": engines,
-            "files": {rel: file_entry(work, rel) for rel in files},
-            "tools": _tool_versions(),
-            "export_seconds": round(time.perf_counter() - started, 1),
-        }
-        _publish(work, manifest, out)
+            if TARGETS[options.target] == "int8":
+                _quantize_bundle(work, components, dims, source, options, log)
+            files = [f for c in components.values() for f in c["files"]]
+            engines = {}
+            if build is not None:
+                engines = _build_engines(work, components, dims, build, options.engine_cache, log)
+                files += [e["file"] for e in engines.values()]
+            files += ["scheduler_config.json", "negative_image_embeds.npy"]
+            files += sorted(str(p.relative_to(work)) for p in (work / "tokenizer").rglob("*") if p.is_file())
+            manifest = {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "target": options.target,
+                "precision": TARGETS[options.target],
+                "dims": dims,
+                "source": source.describe(),
+                "tokenizer": tokenizer_source,
+                "components": components,
+                "engines": engines,
+                "files": {rel: file_entry(work, rel) for rel in files},
+                "tools": _tool_versions(),
+                "export_seconds": round(time.perf_counter() - started, 1),
+            }
+            _publish(work, manifest, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -338,7 +344,7 @@ def _quantize_bundle(work: Path, components: dict, dims: dict, source, options: 
     from .calibration_prompts import load_prompts, take_balanced
     from .quantize import check_qdq_rules, quantize_components, quantize_graph
     from .runtime.backends import OnnxRuntimeBackend
-    from .runtime.bundle import Bundle
+    from .runtime.bundle import trusted_bundle
     from .runtime.pipeline import Pipeline
 
     int8 = options.int8 or Int8Options()
@@ -356,7 +362,8 @@ def _quantize_bundle(work: Path, components: dict, dims: dict, source, options: 
     cache = (int8.cache_dir / key) if int8.cache_dir else work / ".calibration"
     reset_peak_rss()
     t0 = time.perf_counter()
-    provisional = Bundle(work, {"dims": dims, "components": components, "precision": "fp32"})
+    written = [str(p.relative_to(work)) for p in work.rglob("*") if p.is_file()]
+    provisional = trusted_bundle(work, {"dims": dims, "components": components, "precision": "fp32"}, written)
     pipeline = Pipeline(provisional, OnnxRuntimeBackend())
     log(f"  calibration: {len(calib)} prompts, {capture_opts.height}x{capture_opts.width}, "
         f"{capture_opts.unet_steps_per_prompt} of {capture_opts.steps} UNet steps each -> {cache}")
@@ -453,30 +460,31 @@ def build_engines_for_bundle(src: Path, out: Path, target: str, build, engine_ca
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     started = time.perf_counter()
     try:
-        manifest = json.loads(json.dumps(bundle.manifest))
-        for rel in manifest["files"]:
-            if rel.startswith("engines/"):
-                continue  # engines of another target are not carried over
-            dst = work / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            if quantize:  # onnx refuses external data with several hard links ("hardlink attack")
-                shutil.copy2(Path(src) / rel, dst)
-                continue
-            link_or_copy(Path(src) / rel, dst)  # engines only read the graphs
-        manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("engines/")}
-        if quantize:
-            options = ExportOptions(target=target, int8=int8)
-            _quantize_bundle(work, manifest["components"], manifest["dims"], None, options, log)
-            graph_files = [f for c in manifest["components"].values() for f in c["files"]]
-            others = [k for k in manifest["files"] if not k.endswith((".onnx", ".onnx.data"))]
-            manifest["files"] = {rel: file_entry(work, rel) for rel in graph_files + others}
-        engines = {}
-        if target in ENGINE_TARGETS:
-            engines = _build_engines(work, manifest["components"], manifest["dims"], build, engine_cache, log)
-            manifest["files"].update({e["file"]: file_entry(work, e["file"]) for e in engines.values()})
-        manifest.update(target=target, precision=want, engines=engines, derived_from=str(src),
-                        derive_seconds=round(time.perf_counter() - started, 1))
-        _publish(work, manifest, out)
+        with heartbeat(log) as log:
+            manifest = json.loads(json.dumps(bundle.manifest))
+            for rel in manifest["files"]:
+                if rel.startswith("engines/"):
+                    continue  # engines of another target are not carried over
+                dst = work / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                if quantize:  # onnx refuses external data with several hard links ("hardlink attack")
+                    shutil.copy2(Path(src) / rel, dst)
+                    continue
+                link_or_copy(Path(src) / rel, dst)  # engines only read the graphs
+            manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("engines/")}
+            if quantize:
+                options = ExportOptions(target=target, int8=int8)
+                _quantize_bundle(work, manifest["components"], manifest["dims"], None, options, log)
+                graph_files = [f for c in manifest["components"].values() for f in c["files"]]
+                others = [k for k in manifest["files"] if not k.endswith((".onnx", ".onnx.data"))]
+                manifest["files"] = {rel: file_entry(work, rel) for rel in graph_files + others}
+            engines = {}
+            if target in ENGINE_TARGETS:
+                engines = _build_engines(work, manifest["components"], manifest["dims"], build, engine_cache, log)
+                manifest["files"].update({e["file"]: file_entry(work, e["file"]) for e in engines.values()})
+            manifest.update(target=target, precision=want, engines=engines, derived_from=str(src),
+                            derive_seconds=round(time.perf_counter() - started, 1))
+            _publish(work, manifest, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

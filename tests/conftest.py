@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,13 @@ def tiny_fp16_bundle(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "tiny-onnx-fp16"
     export_bundle(RandomSource("tiny"), out, ExportOptions(target="onnx-fp16"), log=lambda m: None)
     return out
+
+
+def console_script(name: str) -> str:
+    """An installed console script of this package: next to the interpreter running the tests
+    (the venv's bin/, whether or not it is on PATH), else on PATH. Missing is a failure, not a
+    skip: `make test` must run every test that CI runs."""
+    beside = Path(sys.executable).with_name(name)
+    found = str(beside) if beside.is_file() else shutil.which(name)
+    assert found, f"console script {name} is not installed (pip install -e .)"
+    return found

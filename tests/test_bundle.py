@@ -68,3 +68,145 @@ def test_bad_manifest(tiny_bundle_copy, content, message):
 def test_not_a_directory(tmp_path):
     with pytest.raises(BundleError, match="does not exist"):
         open_bundle(tmp_path / "nope")
+
+
+# --- every path the runtime opens is a verified file inside the bundle ----------------------------
+
+def _edit_manifest(bundle, change) -> None:
+    path = bundle / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def _outside_file(tmp_path):
+    """A real graph outside the bundle, listed with its true size and hash: only the path is wrong."""
+    from eclipse_export.runtime.bundle import file_entry
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "evil.onnx").write_bytes(b"not a graph")
+    return outside / "evil.onnx", file_entry(outside, "evil.onnx")
+
+
+@pytest.mark.parametrize("where", ["graph", "files_key", "engine"])
+@pytest.mark.parametrize("style", ["absolute", "dotdot", "dotdot_inside", "backslash"])
+def test_paths_outside_the_bundle_are_refused_before_anything_opens(tiny_bundle_copy, tmp_path, where, style):
+    evil, entry = _outside_file(tmp_path)
+    rel = {"absolute": str(evil), "dotdot": "../outside/evil.onnx", "dotdot_inside": "tokenizer/../prior.onnx",
+           "backslash": "..\\outside\\evil.onnx"}[style]
+
+    def change(m):
+        m["files"][rel] = entry
+        if where == "graph":
+            m["components"]["prior"]["graph"] = rel
+            m["components"]["prior"]["files"] = [rel]
+        elif where == "engine":
+            m["engines"] = {"prior": {"file": rel, "flavour": "tensorrt-rtx", "version": "1.7", "key": "k",
+                                      "compute_capabilities": ["SM89"]}}
+
+    _edit_manifest(tiny_bundle_copy, change)
+    with pytest.raises(BundleError, match="invalid:.*(absolute|relative|backslash)"):
+        open_bundle(tiny_bundle_copy)
+
+
+def test_symlink_out_of_the_bundle_is_refused(tiny_bundle_copy, tmp_path):
+    evil, entry = _outside_file(tmp_path)
+    (tiny_bundle_copy / "evil.onnx").symlink_to(evil)
+    (tiny_bundle_copy / "prior.onnx").unlink()
+    (tiny_bundle_copy / "prior.onnx").symlink_to(evil)
+
+    def change(m):
+        m["files"]["prior.onnx"] = entry
+
+    _edit_manifest(tiny_bundle_copy, change)
+    with pytest.raises(BundleError, match="prior.onnx resolves outside the bundle"):
+        open_bundle(tiny_bundle_copy)
+
+
+def test_a_graph_not_listed_in_files_is_refused(tiny_bundle_copy):
+    import shutil
+
+    shutil.copy(tiny_bundle_copy / "prior.onnx", tiny_bundle_copy / "unlisted.onnx")
+    _edit_manifest(tiny_bundle_copy, lambda m: m["components"]["prior"].update(graph="unlisted.onnx"))
+    with pytest.raises(BundleError, match="components.prior.graph 'unlisted.onnx' is not one of the manifest's files"):
+        open_bundle(tiny_bundle_copy)
+
+
+def test_bundle_path_hands_out_listed_files_only(tiny_bundle):
+    bundle = open_bundle(tiny_bundle)
+    assert bundle.path("prior.onnx") == tiny_bundle / "prior.onnx"
+    for rel in ("manifest.json", "tokenizer", "../x", "/etc/passwd", "nope.onnx"):
+        with pytest.raises(BundleError, match="does not list"):
+            bundle.path(rel)
+
+
+def test_external_data_escaping_the_bundle_is_refused_by_onnx_runtime(tmp_path):
+    """Graph files are hash-verified, but a graph names its external data itself: ONNX Runtime
+    refuses a location outside the graph's directory (absolute or ..), which the backend reports
+    as a bundle error. This pins that behaviour of the installed ONNX Runtime."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from eclipse_export.runtime.backends import OnnxRuntimeBackend
+    from eclipse_export.runtime.bundle import Bundle
+    from eclipse_export.specs import COMPONENTS
+
+    (tmp_path / "b").mkdir()
+    weight = numpy_helper.from_array(np.ones((4, 4), np.float32), "W")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save_model(model, str(tmp_path / "b" / "g.onnx"), save_as_external_data=True, location="g.data",
+                    size_threshold=0)
+    (tmp_path / "b" / "g.data").rename(tmp_path / "g.data")
+    model = onnx.load(str(tmp_path / "b" / "g.onnx"), load_external_data=False)
+    for location in ("../g.data", str(tmp_path / "g.data")):
+        for kv in model.graph.initializer[0].external_data:
+            if kv.key == "location":
+                kv.value = location
+        onnx.save_model(model, str(tmp_path / "b" / "g.onnx"))
+        bundle = Bundle(tmp_path / "b", {"components": {"prior": {"graph": "g.onnx"}}, "dims": {}},
+                        frozenset({"g.onnx"}))
+        with pytest.raises(BundleError, match="cannot load"):
+            OnnxRuntimeBackend().load(COMPONENTS["prior"], bundle)
+
+
+def test_graph_that_does_not_fit_the_manifest_is_refused_at_load(tiny_bundle_copy):
+    """The manifest names the prior's graph as the UNet's: refused when loading, not mid-generation."""
+    from eclipse_export.runtime.pipeline import Pipeline
+
+    def change(m):
+        m["components"]["unet"]["graph"] = "prior.onnx"
+        m["components"]["unet"]["files"] = ["prior.onnx"]
+
+    _edit_manifest(tiny_bundle_copy, change)
+    with pytest.raises(BundleError, match="unet graph does not fit the manifest.*has no tensor 'sample'"):
+        Pipeline.from_bundle(tiny_bundle_copy)
+
+
+def test_dims_that_do_not_match_the_graphs_are_refused_at_load(tiny_bundle_copy):
+    from eclipse_export.runtime.pipeline import Pipeline
+
+    _edit_manifest(tiny_bundle_copy, lambda m: m["dims"].update(T=76))
+    with pytest.raises(BundleError, match="text_encoder graph does not fit.*input_ids axis 1 is 77.*76"):
+        Pipeline.from_bundle(tiny_bundle_copy)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m.update(files=[]), "'files' must be a non-empty object"),
+    (lambda m: m["files"]["prior.onnx"].update(bytes="12"), "bytes must be a non-negative integer"),
+    (lambda m: m["files"]["prior.onnx"].update(sha256="abc"), "sha256 must be 64"),
+    (lambda m: m.update(precision="fp8"), "precision must be one of"),
+    (lambda m: m["dims"].update(D=10**12), "dims.D must be an integer"),
+    (lambda m: m["components"].pop("movq"), "'components' must name exactly"),
+    (lambda m: m["files"].pop("negative_image_embeds.npy"), "required file 'negative_image_embeds.npy'"),
+    (lambda m: m.update(engines=[1]), "'engines' must be an object"),
+    (lambda m: m.update(format_version="1"), "format_version must be a positive integer"),
+])
+def test_malformed_manifest_is_one_bundle_error(tiny_bundle_copy, change, message):
+    _edit_manifest(tiny_bundle_copy, change)
+    with pytest.raises(BundleError, match=message):
+        open_bundle(tiny_bundle_copy)

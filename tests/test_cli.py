@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from eclipse_export.cli import EXIT_USAGE, _run, export_main, generate_main
+
+from .conftest import console_script
 
 PROMPT = "a red cube on a blue sphere"
 
@@ -32,7 +35,6 @@ def _one_line_error(captured) -> str:
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--prompt", ""], "prompt is empty"),
     (["--height", "100"], "multiple of 64"),
     (["--width", "8192"], "between 64 and 2048"),
     (["--steps", "0"], "steps"),
@@ -45,6 +47,29 @@ def test_generate_bad_input(capsys, tiny_bundle, tmp_path, extra, message):
     assert rc == EXIT_USAGE
     assert message in _one_line_error(captured)
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_negative_prompt_flag_keeps_none_and_empty_apart(capsys, tiny_bundle, tiny_pipeline, tmp_path):
+    """--negative-prompt "" runs the prior on "" (as the official code does); no flag uses the
+    bundle's zero-image embedding. Both CLI images equal the Python API's for the same request."""
+    from PIL import Image
+
+    common = ["--guidance", "4", "--seed", "3"]
+    images = {}
+    for name, extra, negative in (("empty", ["--negative-prompt", ""], ""), ("none", [], None)):
+        rc, captured = _generate(capsys, tiny_bundle, *common, *extra, out=tmp_path / f"{name}.png")
+        assert rc == 0, captured.err
+        images[name] = np.asarray(Image.open(tmp_path / f"{name}.png"))
+        api = tiny_pipeline.generate(PROMPT, negative_prompt=negative, height=64, width=64, steps=2,
+                                     guidance_scale=4.0, seed=3)
+        np.testing.assert_array_equal(images[name], api.images[0])
+    assert not np.array_equal(images["empty"], images["none"])
+
+
+def test_empty_prompt_generates_with_a_warning(capsys, tiny_bundle, tmp_path):
+    rc, captured = _generate(capsys, tiny_bundle, "--prompt", "", out=tmp_path / "x.png")
+    assert rc == 0, captured.err
+    assert "warning: the prompt is empty" in captured.err and (tmp_path / "x.png").is_file()
 
 
 def test_generate_unwritable_output(capsys, tiny_bundle, tmp_path):
@@ -100,20 +125,20 @@ def test_export_refuses_existing_output(capsys, tmp_path):
     assert rc == EXIT_USAGE and "--overwrite" in _one_line_error(capsys.readouterr())
 
 
-@pytest.mark.skipif(shutil.which("eclipse-export") is None, reason="console scripts not installed (pip install -e .)")
 def test_readme_commands_end_to_end(tmp_path):
     """The README's main job, through the installed console scripts, as a user runs it."""
     bundle, png = tmp_path / "engines" / "tiny-onnx", tmp_path / "out.png"
-    exp = subprocess.run(["eclipse-export", "--preset", "tiny", "--target", "onnx", "--out", str(bundle)],
+    export, generate = console_script("eclipse-export"), console_script("eclipse-generate")
+    exp = subprocess.run([export, "--preset", "tiny", "--target", "onnx", "--out", str(bundle)],
                          capture_output=True, text=True, timeout=600)
     assert exp.returncode == 0, exp.stderr
     assert "[5/5]" in exp.stderr  # progress output
-    gen = subprocess.run(["eclipse-generate", "--bundle", str(bundle), "--prompt", PROMPT, "--seed", "0",
+    gen = subprocess.run([generate, "--bundle", str(bundle), "--prompt", PROMPT, "--seed", "0",
                           "--out", str(png), "--compare-reference"], capture_output=True, text=True, timeout=600)
     assert gen.returncode == 0, gen.stderr
     assert "image (8-bit PNG) PSNR" in gen.stdout and "NO" not in gen.stdout.replace("NOTE", "")
     first = png.read_bytes()
-    again = subprocess.run(["eclipse-generate", "--bundle", str(bundle), "--prompt", PROMPT, "--seed", "0",
+    again = subprocess.run([generate, "--bundle", str(bundle), "--prompt", PROMPT, "--seed", "0",
                             "--out", str(png)], capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and png.read_bytes() == first
 
@@ -124,7 +149,7 @@ def test_sigterm_during_export_leaves_nothing_behind(tmp_path):
     import signal
     import time
 
-    exe = shutil.which("eclipse-export") or str(Path(sys.executable).with_name("eclipse-export"))
+    exe = console_script("eclipse-export")
     out = tmp_path / "bundle"
     proc = subprocess.Popen([exe, "--preset", "tiny", "--out", str(out)], stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120

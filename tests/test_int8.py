@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -183,3 +184,50 @@ def test_int8_bundle_derived_from_an_fp32_bundle(tiny_bundle, tmp_path):
                              int8=Int8Options(calibration_prompts=6, validation_prompts=2, cache_dir=tmp_path / "cal",
                                               capture=CaptureOptions(height=64, width=64, steps=4)))
     assert not any(line.strip().startswith("calibration 1/") for line in logs)
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("simulated quantizer failure"), KeyboardInterrupt()])
+def test_failed_or_interrupted_int8_derivation_leaves_no_bundle(tiny_bundle, tmp_path, monkeypatch, failure):
+    """--from-bundle quantization that fails (or is interrupted) half-way: no output bundle, no
+    partial directory; complete calibration shards stay in the cache for the next run."""
+    import eclipse_export.quantize as quantize_mod
+    from eclipse_export.export import Int8Options, build_engines_for_bundle
+
+    def boom(src, dst, *args, **kwargs):
+        Path(dst).write_bytes(b"half a graph")
+        raise failure
+
+    monkeypatch.setattr(quantize_mod, "quantize_graph", boom)
+    out, cache = tmp_path / "out" / "int8", tmp_path / "cal"
+    out.parent.mkdir()
+    with pytest.raises(type(failure)):
+        build_engines_for_bundle(tiny_bundle, out, "onnx-int8", None, log=lambda m: None,
+                                 int8=Int8Options(calibration_prompts=2, validation_prompts=1, cache_dir=cache,
+                                                  capture=CaptureOptions(height=64, width=64, steps=2)))
+    assert list(out.parent.iterdir()) == []
+    shards = sorted(p.name for p in cache.rglob("*") if p.is_file())
+    assert shards and all(not name.startswith(".") for name in shards), shards  # no temporary shard files
+
+
+def test_failed_capture_keeps_complete_shards_only(tiny_pipeline, tmp_path, monkeypatch):
+    """A capture that dies mid-prompt (or mid-write) leaves the shards that were complete and no
+    temporary file; the export that ran it leaves no bundle (see the derivation test above)."""
+    import eclipse_export.calibrate as calibrate_mod
+
+    real_savez, calls = np.savez, []
+
+    def savez_then_die(path, **arrays):
+        calls.append(path)
+        if len(calls) == 3:
+            with open(path, "wb") as f:
+                f.write(b"PK half a zip")
+            raise OSError("simulated disk full")
+        real_savez(path, **arrays)
+
+    monkeypatch.setattr(calibrate_mod.np, "savez", savez_then_die)
+    with pytest.raises(OSError, match="disk full"):
+        capture(tiny_pipeline, ["a", "b", "c", "d"], tmp_path, SMALL, log=lambda m: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000.npz", "00001.npz"]
+    monkeypatch.setattr(calibrate_mod.np, "savez", real_savez)
+    info = capture(tiny_pipeline, ["a", "b", "c", "d"], tmp_path, SMALL, log=lambda m: None)
+    assert info["resumed"] == 2 and info["captured"] == 2

@@ -49,7 +49,9 @@ def test_guidance_changes_the_image_and_one_means_off(tiny_pipeline):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(prompt="   "), "empty"),
+    (dict(prompt=[]), "no prompt"),
+    (dict(prompt=["a cat", 3]), "strings"),
+    (dict(negative_prompt=b"blurry"), "negative prompt must be a string"),
     (dict(height=100), "multiple of 64"),
     (dict(width=4096), "between"),
     (dict(steps=0), "steps"),
@@ -65,6 +67,42 @@ def test_bad_requests(tiny_pipeline, kwargs, message):
         tiny_pipeline.generate(**args)
 
 
+@pytest.mark.parametrize("prompt", ["", "   "])
+def test_empty_prompt_is_unconditional_generation_with_a_warning(tiny_pipeline, prompt):
+    """The official pipeline accepts an empty prompt; so do we, and say what it means."""
+    gen = tiny_pipeline.generate(prompt, height=64, width=64, steps=2)
+    assert any("prompt is empty" in w for w in gen.warnings)
+    assert gen.images.shape == (1, 64, 64, 3)
+
+
+def test_no_negative_prompt_and_empty_negative_prompt_differ(tiny_pipeline):
+    """Official rule: None -> the bundle's zero-image embedding; any string, "" included -> the
+    prior run on it, in the same batch as the prompt."""
+    base = dict(height=64, width=64, steps=2, seed=5, guidance_scale=4.0, record=True)
+    none = tiny_pipeline.generate(PROMPT, negative_prompt=None, **base)
+    empty = tiny_pipeline.generate(PROMPT, negative_prompt="", **base)
+    np.testing.assert_array_equal(none.intermediates["prior.negative_image_embeds"],
+                                  tiny_pipeline.negative_image_embeds)
+    assert none.noises.prior.shape[0] == 1 and empty.noises.prior.shape[0] == 2
+    # "" went through the text encoder and the prior like a prompt: not the stored constant
+    alone = tiny_pipeline.sessions["prior"].run({
+        "noise": empty.noises.prior[1:],
+        **_encode(tiny_pipeline, ""),
+    })["image_embeds"]
+    np.testing.assert_allclose(empty.intermediates["prior.negative_image_embeds"], alone, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(alone, tiny_pipeline.negative_image_embeds)
+    assert not np.array_equal(none.images, empty.images)
+    assert any("no effect" in w for w in tiny_pipeline.generate(PROMPT, negative_prompt="", height=64, width=64,
+                                                                 steps=1, guidance_scale=1.0).warnings)
+
+
+def _encode(pipeline, text: str) -> dict:
+    tokens = pipeline.tokenizer([text])
+    out = pipeline.sessions["text_encoder"].run({"input_ids": tokens.input_ids})
+    return {"text_embeds": out["text_embeds"], "text_hidden_states": out["text_hidden_states"],
+            "attention_mask": tokens.attention_mask}
+
+
 def test_long_prompt_is_truncated_with_a_warning(tiny_pipeline):
     gen = tiny_pipeline.generate(" ".join(["a very long prompt"] * 40), height=64, width=64, steps=1)
     assert any("truncated" in w for w in gen.warnings)
@@ -74,15 +112,17 @@ def test_long_prompt_is_truncated_with_a_warning(tiny_pipeline):
     dict(guidance_scale=4.0, steps=4),
     dict(guidance_scale=7.5, steps=3, negative_prompt="blurry, low quality", scheduler="ddim"),
     dict(guidance_scale=1.0, steps=2, height=128, width=64),
+    dict(guidance_scale=4.0, steps=2, negative_prompt=""),  # "" is a prompt for the prior, not "none"
+    dict(guidance_scale=4.0, steps=2, prompt=""),  # unconditional, accepted by both
 ])
 def test_fp32_parity_with_pytorch_reference(tiny_bundle, case):
     """The product's promise: every stage cosine >= 0.99999 and image PSNR >= 50 dB (fp32)."""
     from eclipse_export.runtime.pipeline import Pipeline
 
     pipeline = Pipeline.from_bundle(tiny_bundle)
-    args = dict(height=64, width=64, seed=0)
+    args = dict(prompt=PROMPT, height=64, width=64, seed=0)
     args.update(case)
-    gen = pipeline.generate(PROMPT, record=True, **args)
+    gen = pipeline.generate(record=True, **args)
     report, _ = compare_with_reference(pipeline, gen)
     assert report.ok, report.table()
     assert min(m.cosine for m in report.stages) >= 0.99999

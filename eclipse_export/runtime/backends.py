@@ -13,8 +13,8 @@ from typing import Protocol
 
 import numpy as np
 
-from ..specs import ComponentSpec
-from .bundle import Bundle
+from ..specs import ComponentSpec, TensorSpec
+from .bundle import Bundle, BundleError
 
 
 class BackendError(RuntimeError):
@@ -41,6 +41,53 @@ ORT_PROVIDERS = {
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
+
+
+# ONNX Runtime's type strings for the dtypes the specs use
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int32)": "int32",
+              "tensor(int64)": "int64"}
+
+
+def io_problems(spec: ComponentSpec, dims: Mapping[str, int], found: Mapping[str, tuple[str, Sequence]]) -> list[str]:
+    """How a loaded graph's I/O (name -> (dtype, shape with ints for fixed axes)) departs from
+    the spec resolved with the bundle's dims. A bundle whose manifest names the wrong graph, or
+    whose dims do not match its graphs, is refused at load instead of failing mid-generation."""
+    problems = []
+    for t in spec.inputs + spec.outputs:
+        if t.name not in found:
+            problems.append(f"has no tensor {t.name!r}")
+            continue
+        dtype, shape = found[t.name]
+        if dtype != t.dtype:
+            problems.append(f"{t.name} is {dtype}, expected {t.dtype}")
+        if len(shape) != len(t.shape):
+            problems.append(f"{t.name} has rank {len(shape)}, expected {len(t.shape)}")
+            continue
+        dynamic = t.dynamic_axes()
+        for axis, (got, want) in enumerate(zip(shape, t.shape)):
+            if axis in dynamic or not isinstance(got, int) or got < 0:
+                continue
+            expected = _resolved(want, dims)
+            if got != expected:
+                problems.append(f"{t.name} axis {axis} is {got}, the manifest's dims give {expected}")
+    extra = set(found) - set(spec.input_names + spec.output_names)
+    if extra:
+        problems.append(f"has unexpected tensors {sorted(extra)}")
+    return problems
+
+
+def _resolved(d, dims: Mapping[str, int]) -> int:
+    return TensorSpec("", "", (d,)).resolve(dims)[0]
+
+
+def check_io(spec: ComponentSpec, bundle: Bundle, found: Mapping[str, tuple[str, Sequence]]) -> None:
+    problems = io_problems(spec, bundle.dims, found)
+    if problems:
+        raise BundleError(f"{bundle.root}: the {spec.name} graph does not fit the manifest ({'; '.join(problems)}); "
+                          f"re-export it (eclipse-export ... --out {bundle.root})")
+
+
+_ORT_GRAPH_ERRORS = ("InvalidProtobuf", "InvalidGraph", "NoSuchFile", "Fail", "InvalidArgument", "NotImplemented")
 
 
 class OrtSession:
@@ -95,7 +142,17 @@ class OnnxRuntimeBackend:
         if self.threads:
             opts.intra_op_num_threads = self.threads
         t0 = time.perf_counter()
-        session = self._ort.InferenceSession(str(bundle.graph_path(spec.name)), opts, providers=self.providers)
+        path = bundle.graph_path(spec.name)
+        try:
+            session = self._ort.InferenceSession(str(path), opts, providers=self.providers)
+        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types, one per status code
+            # a graph ORT cannot parse (or whose external data points outside the bundle, which ORT
+            # refuses: "External data path escapes model directory") is the bundle's fault; anything
+            # else (a provider that fails to start) is this machine's
+            error = BundleError if type(e).__name__ in _ORT_GRAPH_ERRORS else BackendError
+            raise error(f"ONNX Runtime cannot load {path} ({str(e).strip()[:300]})") from None
+        found = {a.name: (_ORT_TYPES.get(a.type, a.type), a.shape) for a in session.get_inputs() + session.get_outputs()}
+        check_io(spec, bundle, found)
         out = OrtSession(spec, session)
         out.load_seconds = time.perf_counter() - t0
         return out

@@ -1,17 +1,36 @@
 """Bundle = a directory of graphs + tokenizer + scheduler config + negative embedding, described
 by `manifest.json`. Reading and verifying it needs no torch (the edge runtime does it).
+
+A manifest is untrusted input: `open_bundle` checks its whole structure, and every path in it,
+once, before anything is loaded. Every file the runtime (or an engine loader) opens afterwards
+goes through `Bundle.path`, which hands out only paths that are `files` entries: relative, inside
+the bundle after symlinks are resolved, and size/hash-verified. So no manifest can make the
+runtime open a file outside the bundle, and a damaged one is one `BundleError`, never a traceback.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
-from pathlib import Path
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 
 FORMAT = "eclipse-export-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+# What the runtime reads from a manifest, and so what open_bundle checks.
+COMPONENT_NAMES = ("text_encoder", "prior", "unet", "movq")
+PRECISIONS = ("fp32", "fp16", "int8")
+ENGINE_FLAVOURS = ("tensorrt", "tensorrt-rtx")
+DIM_NAMES = ("T", "D", "E", "C", "S")
+# Files the pipeline opens by name (tokenizer_config.json is read when the bundle lists it).
+REQUIRED_FILES = ("scheduler_config.json", "negative_image_embeds.npy", "tokenizer/tokenizer.json")
+# Far above any real stack (bigG: D = E = 1280, T = 77) and small enough that arrays sized from
+# them cannot exhaust memory before a graph refuses them.
+MAX_DIM = 1 << 16
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class BundleError(RuntimeError):
@@ -35,6 +54,8 @@ def file_entry(root: Path, rel: str) -> dict:
 class Bundle:
     root: Path
     manifest: dict
+    # the relative paths the runtime may open: a verified manifest's `files` (see open_bundle)
+    files: frozenset[str] = field(default_factory=frozenset)
 
     @property
     def precision(self) -> str:
@@ -48,13 +69,26 @@ class Bundle:
         return self.manifest["components"][name]
 
     def graph_path(self, name: str) -> Path:
-        return self.root / self.component(name)["graph"]
+        return self.path(self.component(name)["graph"])
 
     def path(self, rel: str) -> Path:
+        """The path of a file the manifest lists; anything else is refused."""
+        if rel not in self.files:
+            raise BundleError(f"bundle {self.root} does not list {rel!r} in its manifest's files; "
+                              f"{_hint(self.root)}")
         return self.root / rel
 
+    def has(self, rel: str) -> bool:
+        return rel in self.files
+
     def json(self, rel: str) -> dict:
-        return json.loads((self.root / rel).read_text())
+        try:
+            value = json.loads(self.path(rel).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise BundleError(f"{self.root / rel} is unreadable ({e}); {_hint(self.root)}") from None
+        if not isinstance(value, dict):
+            raise BundleError(f"{self.root / rel} does not hold a JSON object; {_hint(self.root)}")
+        return value
 
 
 def _hint(root: Path) -> str:
@@ -67,30 +101,141 @@ def open_bundle(root: str | Path, verify_hashes: bool = True) -> Bundle:
     if not root.is_dir():
         raise BundleError(f"bundle {root} does not exist or is not a directory; create one with eclipse-export")
     try:
-        manifest = json.loads((root / MANIFEST).read_text())
+        manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise BundleError(f"{root} has no {MANIFEST}: not a bundle, or an export that did not finish; {_hint(root)}") from None
     except (OSError, ValueError) as e:
         raise BundleError(f"{root / MANIFEST} is unreadable ({e}); {_hint(root)}") from None
-
-    if manifest.get("format") != FORMAT:
-        raise BundleError(f"{root} is not an eclipse-export bundle (format {manifest.get('format')!r})")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise BundleError(f"{root} is not an eclipse-export bundle (format {found!r})")
     version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not _is_int(version) or version < 1:
+        raise BundleError(f"{root / MANIFEST}: format_version must be a positive integer, got {version!r}; {_hint(root)}")
+    if version > FORMAT_VERSION:
         raise BundleError(
             f"{root} has bundle format {version}, newer than this runtime reads ({FORMAT_VERSION}); "
             "upgrade eclipse-export, or re-export the bundle with this version"
         )
 
+    problems = manifest_problems(manifest)
+    if problems:  # structure first: a malformed entry must not be followed to the file system
+        raise BundleError(f"{root / MANIFEST} is invalid: " + "; ".join(problems) + f"; {_hint(root)}")
+    problems = _file_problems(root, manifest["files"], verify_hashes)
+    if problems:
+        raise BundleError(f"bundle {root} is damaged: " + "; ".join(problems) + f"; {_hint(root)}")
+    return Bundle(root, manifest, frozenset(manifest["files"]))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def unsafe_path_reason(rel) -> str | None:
+    """Why `rel` cannot name a file inside a bundle (None: it can). Lexical only: symlinks are
+    checked against the real directory in _file_problems."""
+    if not isinstance(rel, str) or not rel:
+        return "is not a non-empty string"
+    if "\\" in rel or "\x00" in rel or ":" in rel:
+        return "holds a backslash, NUL or colon"
+    p = PurePosixPath(rel)
+    if p.is_absolute():
+        return "is absolute"
+    if any(part in ("..", ".") for part in rel.split("/")) or str(p) != rel:
+        return "is not a plain relative path (., .. or empty parts)"
+    if rel == MANIFEST:
+        return "is the manifest itself"
+    return None
+
+
+def manifest_problems(m: dict) -> list[str]:
+    """Everything wrong with the manifest's structure: types, required keys, paths, ranges."""
+    problems: list[str] = []
+    files = m.get("files")
+    if not isinstance(files, dict) or not files:
+        return ["'files' must be a non-empty object"]
+    for rel, entry in files.items():
+        why = unsafe_path_reason(rel)
+        if why:
+            problems.append(f"files entry {rel!r} {why}")
+        elif not isinstance(entry, dict):
+            problems.append(f"files[{rel!r}] must be an object")
+        else:
+            if not (isinstance(entry.get("sha256"), str) and _SHA256.fullmatch(entry["sha256"])):
+                problems.append(f"files[{rel!r}].sha256 must be 64 lowercase hex digits")
+            if not (_is_int(entry.get("bytes")) and entry["bytes"] >= 0):
+                problems.append(f"files[{rel!r}].bytes must be a non-negative integer")
+
+    def listed(where: str, rel) -> None:
+        if unsafe_path_reason(rel) or rel not in files:
+            problems.append(f"{where} {rel!r} is not one of the manifest's files")
+
+    for rel in REQUIRED_FILES:
+        listed("required file", rel)
+    if m.get("precision") not in PRECISIONS:
+        problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {m.get('precision')!r}")
+    dims = m.get("dims")
+    if not isinstance(dims, dict):
+        problems.append("'dims' must be an object")
+    else:
+        for k in DIM_NAMES:
+            if not (_is_int(dims.get(k)) and 1 <= dims[k] <= MAX_DIM):
+                problems.append(f"dims.{k} must be an integer in 1..{MAX_DIM}, got {dims.get(k)!r}")
+    components = m.get("components")
+    if not isinstance(components, dict) or set(components) != set(COMPONENT_NAMES):
+        got = sorted(components) if isinstance(components, dict) else components
+        problems.append(f"'components' must name exactly {', '.join(COMPONENT_NAMES)}, got {got!r}")
+    else:
+        for name, c in components.items():
+            if not isinstance(c, dict):
+                problems.append(f"components.{name} must be an object")
+                continue
+            listed(f"components.{name}.graph", c.get("graph"))
+            graph_files = c.get("files")
+            if not isinstance(graph_files, list) or c.get("graph") not in graph_files:
+                problems.append(f"components.{name}.files must be a list holding its graph")
+            else:
+                for rel in graph_files:
+                    listed(f"components.{name}.files entry", rel)
+    engines = m.get("engines") or {}
+    if not isinstance(engines, dict):
+        problems.append("'engines' must be an object")
+        engines = {}
+    for name, e in engines.items():
+        if name not in COMPONENT_NAMES or not isinstance(e, dict):
+            problems.append(f"engines.{name} must be an object of a known component")
+            continue
+        listed(f"engines.{name}.file", e.get("file"))
+        if e.get("flavour") not in ENGINE_FLAVOURS:
+            problems.append(f"engines.{name}.flavour must be one of {', '.join(ENGINE_FLAVOURS)}")
+        if not isinstance(e.get("version"), str) or not isinstance(e.get("key"), str):
+            problems.append(f"engines.{name}.version and .key must be strings")
+        ccs = e.get("compute_capabilities")
+        if not isinstance(ccs, list) or not all(isinstance(c, str) for c in ccs):
+            problems.append(f"engines.{name}.compute_capabilities must be a list of strings")
+    return problems
+
+
+def _file_problems(root: Path, files: dict, verify_hashes: bool) -> list[str]:
     problems = []
-    for rel, entry in sorted(manifest.get("files", {}).items()):
+    real_root = root.resolve()
+    for rel, entry in sorted(files.items()):
         path = root / rel
-        if not path.is_file():
+        try:
+            inside = path.resolve().is_relative_to(real_root)
+        except (OSError, RuntimeError):  # a symlink loop
+            inside = False
+        if not inside:
+            problems.append(f"{rel} resolves outside the bundle (a symlink?)")
+        elif not path.is_file():
             problems.append(f"missing {rel}")
         elif path.stat().st_size != entry["bytes"]:
             problems.append(f"{rel} has {path.stat().st_size} bytes, manifest says {entry['bytes']}")
         elif verify_hashes and sha256_file(path) != entry["sha256"]:
             problems.append(f"{rel} was altered (sha256 differs from the manifest)")
-    if problems:
-        raise BundleError(f"bundle {root} is damaged: " + "; ".join(problems) + f"; {_hint(root)}")
-    return Bundle(root, manifest)
+    return problems
+
+
+def trusted_bundle(root: Path, manifest: dict, files: Iterable[str]) -> Bundle:
+    """A bundle this process is writing (export's calibration pass): no manifest on disk yet."""
+    return Bundle(root, manifest, frozenset(files))

@@ -17,10 +17,10 @@ import numpy as np
 from ..specs import COMPONENTS
 from . import guidance
 from .backends import Backend, OnnxRuntimeBackend
-from .bundle import Bundle, open_bundle
+from .bundle import Bundle, BundleError, open_bundle
 from .images import to_uint8
-from .noise import SEED_MAX, Noises
-from .schedulers import scheduler_from_config
+from .noise import Noises
+from .schedulers import SchedulerConfigError, scheduler_from_config
 from .tokenizer import ClipTokenizer
 
 MIN_SIZE, MAX_SIZE, SIZE_MULTIPLE = 64, 2048, 64
@@ -52,11 +52,16 @@ class Request:
         prompts = (prompt,) if isinstance(prompt, str) else tuple(prompt)
         if not prompts:
             raise GenerationError("no prompt given")
-        for p in prompts:
-            if not isinstance(p, str) or not p.strip():
-                raise GenerationError("the prompt is empty; describe the image to generate")
-        if negative_prompt is not None and not negative_prompt.strip():
-            negative_prompt = None  # an empty negative prompt means "none", as in the ECLIPSE demo
+        if not all(isinstance(p, str) for p in prompts):
+            raise GenerationError("prompts must be strings")
+        if any(not p.strip() for p in prompts):
+            # as the official ECLIPSE pipeline: an empty prompt is unconditional generation
+            warnings.append("the prompt is empty: generating without text conditioning")
+        # None and "" differ, as in the official ECLIPSE code (KandinskyPriorPipeline): None uses
+        # the CLIP image embedding of a zeros image (the bundle's negative_image_embeds.npy); any
+        # string, "" included, is run through the prior like the prompt.
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            raise GenerationError(f"the negative prompt must be a string or None, got {type(negative_prompt).__name__}")
         for name, value in (("height", height), ("width", width)):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise GenerationError(f"{name} must be an integer, got {value!r}")
@@ -70,8 +75,10 @@ class Request:
             raise GenerationError(f"guidance scale must be a finite number, got {guidance_scale!r}")
         if guidance_scale < 1:
             warnings.append(f"guidance scale {guidance_scale} < 1 means no classifier-free guidance (same as 1)")
-        if not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
-            raise GenerationError(f"seed must be an integer between 0 and 2**64 - 1, got {seed!r}")
+        if negative_prompt is not None and guidance_scale <= 1:
+            warnings.append("the negative prompt has no effect without classifier-free guidance (guidance <= 1)")
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
+            raise GenerationError(f"seed must be an integer in 0..2^64-1, got {seed!r}")
         req = Request(prompts, negative_prompt, height, width, steps, float(guidance_scale), seed, scheduler)
         return req, warnings
 
@@ -91,6 +98,27 @@ class Generation:
     intermediates: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+def _load_tokenizer(bundle: Bundle) -> ClipTokenizer:
+    config = "tokenizer/tokenizer_config.json"
+    try:
+        return ClipTokenizer.from_files(bundle.path("tokenizer/tokenizer.json"),
+                                        bundle.path(config) if bundle.has(config) else None)
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a malformed tokenizer.json
+        raise BundleError(f"{bundle.root}: the tokenizer files cannot be used ({e})") from None
+
+
+def _load_negative(bundle: Bundle) -> np.ndarray:
+    rel = "negative_image_embeds.npy"
+    try:
+        value = np.load(bundle.path(rel), allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{bundle.root / rel} is unreadable ({e})") from None
+    want = (1, bundle.dims["D"])
+    if value.shape != want or value.dtype.kind != "f" or not np.isfinite(value).all():
+        raise BundleError(f"{bundle.root / rel} holds {value.dtype} {value.shape}, expected finite float {want}")
+    return value.astype(np.float32)
+
+
 class Pipeline:
     """Loaded graphs + tokenizer + scheduler config of one bundle. Immutable after loading:
     per-generation state lives in `generate`'s locals, so one Pipeline can serve many calls."""
@@ -99,9 +127,13 @@ class Pipeline:
         self.bundle = bundle
         self.backend = backend
         self.dims = bundle.dims
-        self.tokenizer = ClipTokenizer.from_dir(bundle.path("tokenizer"))
+        self.tokenizer = _load_tokenizer(bundle)
         self.scheduler_config = bundle.json("scheduler_config.json")
-        self.negative_image_embeds = np.load(bundle.path("negative_image_embeds.npy")).astype(np.float32)
+        try:  # refuse a config this runtime cannot follow now, not at the first generation
+            scheduler_from_config(self.scheduler_config)
+        except (SchedulerConfigError, ValueError, TypeError, KeyError) as e:
+            raise BundleError(f"{bundle.root}: scheduler_config.json cannot be used ({e})") from None
+        self.negative_image_embeds = _load_negative(bundle)
         self.load_seconds = {}
         self.sessions = {}
         for name, spec in COMPONENTS.items():
@@ -226,6 +258,9 @@ class Pipeline:
         # 5. MoVQ decode (post-processing is inside the graph)
         t0 = time.perf_counter()
         image = self.sessions["movq"].run({"latents": latents})["image"]
+        if image.shape != (req.batch, req.height, req.width, 3):  # dims.S disagrees with the MoVQ graph
+            raise BundleError(f"{self.bundle.root}: the movq graph returned images of shape {image.shape} for "
+                              f"{req.height}x{req.width}; the manifest's dims do not match its graphs")
         timings["movq"] = time.perf_counter() - t0
         self._stage_done("movq")
         timings["total"] = time.perf_counter() - t_start

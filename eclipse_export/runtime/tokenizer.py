@@ -38,23 +38,32 @@ class ClipTokenizer:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "ClipTokenizer":
+        path = Path(path)
+        config = path / "tokenizer_config.json"
+        return cls.from_files(path / "tokenizer.json", config if config.is_file() else None)
+
+    @classmethod
+    def from_files(cls, tokenizer_json: str | Path, config_json: str | Path | None = None) -> "ClipTokenizer":
+        """tokenizer.json plus (optionally) transformers' tokenizer_config.json, which names the
+        pad token and the context length."""
         from tokenizers import Tokenizer
 
-        path = Path(path)
-        tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-        config = {}
-        if (path / "tokenizer_config.json").is_file():
-            config = json.loads((path / "tokenizer_config.json").read_text())
+        tok = Tokenizer.from_file(str(tokenizer_json))
+        config = json.loads(Path(config_json).read_text(encoding="utf-8")) if config_json else {}
+        if not isinstance(config, dict):
+            raise ValueError("tokenizer_config.json does not hold a JSON object")
         pad = config.get("pad_token", "<|endoftext|>")
         if isinstance(pad, dict):  # older configs store AddedToken dicts
             pad = pad.get("content")
-        pad_id = tok.token_to_id(pad)
+        pad_id = tok.token_to_id(pad) if isinstance(pad, str) else None
         if pad_id is None:
             raise ValueError(f"pad token {pad!r} is not in the vocabulary")
-        max_length = int(config.get("model_max_length", 77))
+        max_length = config.get("model_max_length", 77)
+        if not isinstance(max_length, (int, float)) or max_length < 2:
+            raise ValueError(f"model_max_length {max_length!r} is not a usable context length")
         if max_length > 10_000:  # transformers' "no limit" sentinel: CLIP's context is 77
             max_length = 77
-        return cls(tok, pad_id, max_length)
+        return cls(tok, pad_id, int(max_length))
 
     def _check_special_tokens(self) -> None:
         """The json's post-processor must wrap every prompt as [bos, ..., eos]."""

@@ -35,50 +35,81 @@ struct GraphIO {
     std::vector<TensorView> inputs, outputs;
 };
 
-int64_t resolve_dim(const json &d, const std::map<std::string, int64_t> &dims) {
-    if (d.is_number_integer()) return d.get<int64_t>();
+[[noreturn]] void bad_io(const std::string &component, const std::string &why) {
+    throw Error(ECLIPSE_ERR_BUNDLE, "the manifest's I/O spec of " + component + " " + why +
+                                        "; re-export the bundle (eclipse-export ... --out DIR)");
+}
+
+int64_t resolve_dim(const std::string &component, const json &d, const std::map<std::string, int64_t> &dims) {
+    constexpr int64_t kMaxDim = int64_t{1} << 16;
+    if (d.is_number_integer()) {
+        const int64_t v = d.get<int64_t>();
+        if (v < 1 || v > kMaxDim) bad_io(component, "has a dimension " + d.dump());
+        return v;
+    }
+    if (!d.is_string()) bad_io(component, "has a dimension " + d.dump());
     const std::string expr = d.get<std::string>();
     int64_t value = 1;
     size_t start = 0;
-    while (true) {
+    while (true) {  // "X" or "X*Y*..."
         const size_t star = expr.find('*', start);
         const std::string name = expr.substr(start, star == std::string::npos ? std::string::npos : star - start);
         auto it = dims.find(name);
-        if (it == dims.end()) throw Error(ECLIPSE_ERR_BUNDLE, "the manifest's graph I/O uses an unknown dimension '" + name + "'");
+        if (it == dims.end()) bad_io(component, "uses an unknown dimension '" + name + "'");
         value *= it->second;
+        if (value > kMaxDim * kMaxDim) bad_io(component, "has a dimension too large to be real: " + expr);
         if (star == std::string::npos) return value;
         start = star + 1;
     }
 }
 
-std::vector<TensorView> views(const json &specs, const std::map<std::string, int64_t> &dims) {
+std::vector<TensorView> views(const std::string &component, const json &specs, const std::map<std::string, int64_t> &dims) {
+    if (!specs.is_array()) bad_io(component, "is not a list of tensors");
     std::vector<TensorView> out;
     for (const auto &s : specs) {
+        if (!s.is_object() || !s.value("name", json()).is_string() || !s.value("shape", json()).is_array())
+            bad_io(component, "has a tensor without a name or shape");
         TensorView t;
-        t.name = s.at("name").get<std::string>();
-        const std::string dtype = s.at("dtype").get<std::string>();
+        t.name = s["name"].get<std::string>();
+        const json dtype = s.value("dtype", json());
         if (dtype == "float32") t.dtype = DType::Float32;
         else if (dtype == "int32") t.dtype = DType::Int32;
-        else throw Error(ECLIPSE_ERR_UNSUPPORTED, "graph tensor " + t.name + " has dtype " + dtype + " (float32/int32 only)");
-        for (const auto &d : s.at("shape")) t.shape.push_back(resolve_dim(d, dims));
+        else throw Error(ECLIPSE_ERR_UNSUPPORTED, component + "." + t.name + " has dtype " + dtype.dump() + " (float32/int32 only)");
+        if (s["shape"].size() > ECLIPSE_MAX_RANK) bad_io(component, "has a tensor of rank above 8");
+        for (const auto &d : s["shape"]) t.shape.push_back(resolve_dim(component, d, dims));
         out.push_back(std::move(t));
     }
     return out;
 }
 
+struct Feed {
+    const void *data;
+    size_t count;  // elements the pipeline holds: the spec's shape must agree, or the graph would read past them
+    DType dtype;
+};
+using Outputs = std::map<std::string, std::vector<float>>;
+
+const std::vector<float> &output(const Outputs &out, const std::string &component, const std::string &name) {
+    auto it = out.find(name);
+    if (it == out.end()) bad_io(component, "has no output '" + name + "'");
+    return it->second;
+}
+
 // Runs one component: inputs by name from `feed`, outputs into buffers sized here.
-std::map<std::string, std::vector<float>> run_component(State &state, const std::string &name,
-                                                        const std::map<std::string, const void *> &feed,
-                                                        const std::map<std::string, int64_t> &dims) {
+Outputs run_component(State &state, const std::string &name, const std::map<std::string, Feed> &feed,
+                      const std::map<std::string, int64_t> &dims) {
     const Context &ctx = *state.context;
     const json &io = ctx.data->bundle->component(name).at("io");
-    std::vector<TensorView> inputs = views(io.at("inputs"), dims), outputs = views(io.at("outputs"), dims);
+    std::vector<TensorView> inputs = views(name, io.at("inputs"), dims), outputs = views(name, io.at("outputs"), dims);
     for (auto &t : inputs) {
         auto it = feed.find(t.name);
         if (it == feed.end()) throw Error(ECLIPSE_ERR_UNSUPPORTED, name + " graph wants an input '" + t.name + "' this runtime does not know");
-        t.data = const_cast<void *>(it->second);  // backends read inputs only
+        if (static_cast<size_t>(t.count()) != it->second.count || t.dtype != it->second.dtype)
+            bad_io(name, "gives " + t.name + " " + std::to_string(t.count()) + " values of another type or count than the chain's " +
+                             std::to_string(it->second.count));
+        t.data = const_cast<void *>(it->second.data);  // backends read inputs only
     }
-    std::map<std::string, std::vector<float>> out;
+    Outputs out;
     for (auto &t : outputs) {
         if (t.dtype != DType::Float32) throw Error(ECLIPSE_ERR_UNSUPPORTED, name + "." + t.name + " is not float32");
         auto &buf = out[t.name];
@@ -88,6 +119,8 @@ std::map<std::string, std::vector<float>> run_component(State &state, const std:
     ctx.sessions.at(name)->run(state.session_states[name].get(), inputs, outputs);
     return out;
 }
+
+Feed f32(const std::vector<float> &v) { return {v.data(), v.size(), DType::Float32}; }
 
 struct Noise {
     std::vector<float> prior, latents, steps;
@@ -140,9 +173,10 @@ std::shared_ptr<const BundleData> BundleData::open(const std::string &path, bool
     if (data->C <= 0 || data->D <= 0 || data->S <= 0)
         throw Error(ECLIPSE_ERR_BUNDLE, "bundle " + path + " has no dims C, D, S in its manifest");
     NpyArray neg = parse_npy(b.read("negative_image_embeds.npy"), "negative_image_embeds.npy");
-    if (static_cast<int64_t>(neg.data.size()) != data->D)
-        throw Error(ECLIPSE_ERR_BUNDLE, "negative_image_embeds.npy has " + std::to_string(neg.data.size()) +
-                                            " values, the bundle's embedding width D is " + std::to_string(data->D));
+    const bool finite = std::all_of(neg.data.begin(), neg.data.end(), [](float v) { return std::isfinite(v); });
+    if (neg.shape != std::vector<int64_t>{1, data->D} || !finite)
+        throw Error(ECLIPSE_ERR_BUNDLE, path + "/negative_image_embeds.npy does not hold finite floats of shape (1, " +
+                                            std::to_string(data->D) + ")");
     data->negative_image_embeds = std::move(neg.data);
     Scheduler(data->scheduler_config, "");  // refuse an unsupported scheduler now, not mid-request
     return data;
@@ -196,8 +230,11 @@ Result generate(State &state, const char *prompt, const eclipse_params &p) {
     }
     if (p.steps < 1) bad_request("steps must be a whole number >= 1, got " + std::to_string(p.steps));
     if (!std::isfinite(p.guidance_scale)) bad_request("guidance scale must be a finite number, got " + format_number(p.guidance_scale));
+    if (is_blank(prompt)) warn("the prompt is empty: generating without text conditioning");
     if (p.guidance_scale < 1)
         warn("guidance scale " + format_number(p.guidance_scale) + " < 1 means no classifier-free guidance (same as 1)");
+    if (p.negative_prompt != nullptr && p.guidance_scale <= 1)
+        warn("the negative prompt has no effect without classifier-free guidance (guidance <= 1)");
     Scheduler sched(data.scheduler_config, scheduler_kind_name(p.scheduler));
     sched.set_timesteps(p.steps);
 
@@ -221,27 +258,30 @@ Result generate(State &state, const char *prompt, const eclipse_params &p) {
         ids.insert(ids.end(), tok.ids.begin(), tok.ids.end());
         mask.insert(mask.end(), tok.mask.begin(), tok.mask.end());
     }
-    if (std::count(mask.begin(), mask.begin() + T, 1) == 2)
-        warn("the prompt is empty: unconditional generation (no text condition)");
     std::map<std::string, int64_t> dims;
-    for (const auto &[k, v] : data.bundle->manifest().at("dims").items()) dims[k] = v.get<int64_t>();
+    for (const auto &[k, v] : data.bundle->manifest().at("dims").items()) {
+        if (v.is_number_integer()) dims[k] = v.get<int64_t>();  // C, D, E, S, T are checked at open
+    }
     dims["T"] = T;
 
     // 2. text encoder
     dims["B"] = prior_batch;
     auto t0 = std::chrono::steady_clock::now();
-    auto text = run_component(state, "text_encoder", {{"input_ids", ids.data()}}, dims);
+    auto text = run_component(state, "text_encoder", {{"input_ids", {ids.data(), ids.size(), DType::Int32}}}, dims);
+    const std::vector<float> &text_embeds = output(text, "text_encoder", "text_embeds");
+    const std::vector<float> &text_hidden = output(text, "text_encoder", "text_hidden_states");
     result.timings["text_encoder"] = seconds_since(t0);
 
     // 3. prior: one forward pass, noise in the hidden_states slot
     t0 = std::chrono::steady_clock::now();
     auto prior = run_component(state, "prior",
-                               {{"noise", noise.prior.data()}, {"text_embeds", text.at("text_embeds").data()},
-                                {"text_hidden_states", text.at("text_hidden_states").data()},
-                                {"attention_mask", mask.data()}},
+                               {{"noise", f32(noise.prior)}, {"text_embeds", f32(text_embeds)},
+                                {"text_hidden_states", f32(text_hidden)},
+                                {"attention_mask", {mask.data(), mask.size(), DType::Int32}}},
                                dims);
     result.timings["prior"] = seconds_since(t0);
-    const std::vector<float> &embeds = prior.at("image_embeds");
+    const std::vector<float> &embeds = output(prior, "prior", "image_embeds");
+    if (static_cast<int64_t>(embeds.size()) != prior_batch * D) bad_io("prior", "does not give (B, D) image embeddings");
     const float *positive = embeds.data();
     const float *negative_embeds = negative ? embeds.data() + D : data.negative_image_embeds.data();
 
@@ -296,9 +336,11 @@ Result generate(State &state, const char *prompt, const eclipse_params &p) {
             if (cfg) std::copy(latents.begin(), latents.end(), sample.begin() + static_cast<long>(n));
             const float timestep = static_cast<float>(t);
             auto eps = run_component(state, "unet",
-                                     {{"sample", sample.data()}, {"timestep", &timestep}, {"image_embeds", unet_embeds.data()}},
+                                     {{"sample", f32(sample)}, {"timestep", {&timestep, 1, DType::Float32}},
+                                      {"image_embeds", f32(unet_embeds)}},
                                      dims);
-            const std::vector<float> &pred = eps.at("noise_pred");
+            const std::vector<float> &pred = output(eps, "unet", "noise_pred");
+            if (pred.size() != sample.size()) bad_io("unet", "does not give noise_pred of the sample's shape");
             const float *e = pred.data();
             if (cfg) {  // eps = u + s * (c - u), float32 as guidance.combine
                 for (size_t k = 0; k < n; ++k) guided[k] = pred[k] + scale * (pred[n + k] - pred[k]);
@@ -316,11 +358,13 @@ Result generate(State &state, const char *prompt, const eclipse_params &p) {
     // 5. MoVQ decode (post-processing is inside the graph: image in [0, 1], (B, H, W, 3))
     dims["B"] = B;
     t0 = std::chrono::steady_clock::now();
-    auto image = run_component(state, "movq", {{"latents", latents.data()}}, dims);
+    auto image = run_component(state, "movq", {{"latents", f32(latents)}}, dims);
     result.timings["movq"] = seconds_since(t0);
-    const std::vector<float> &rgb = image.at("image");
+    const std::vector<float> &rgb = output(image, "movq", "image");
     result.height = static_cast<int32_t>(data.S * h);
     result.width = static_cast<int32_t>(data.S * w);
+    if (rgb.size() != static_cast<size_t>(result.height) * static_cast<size_t>(result.width) * 3)
+        bad_io("movq", "does not give (B, H, W, 3) images for " + std::to_string(p.height) + "x" + std::to_string(p.width));
     result.pixels.resize(rgb.size());
     for (size_t i = 0; i < rgb.size(); ++i) {  // as images.to_uint8: clip, * 255 in float32, round half even
         const float v = std::min(std::max(rgb[i], 0.0f), 1.0f) * 255.0f;

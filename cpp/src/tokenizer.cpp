@@ -161,6 +161,17 @@ std::vector<std::pair<size_t, size_t>> byte_level_split(const CodePoints &s, siz
 
 }  // namespace
 
+bool is_blank(const std::string &text) {
+    try {
+        for (int32_t c : decode(text)) {
+            if (!is_space(c) && !(c >= 0x1C && c <= 0x1F)) return false;  // str.isspace adds U+001C..001F
+        }
+        return true;
+    } catch (const Error &) {
+        return false;
+    }
+}
+
 ClipTokenizer::ClipTokenizer(const json &tok, const json &config) {
     try {
         const json &model = tok.at("model");

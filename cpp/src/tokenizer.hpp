@@ -27,6 +27,10 @@ struct Tokens {
     bool truncated = false;
 };
 
+// True when the UTF-8 text is empty or only whitespace as Python's str.isspace sees it (the
+// Python runtime's test for an empty prompt); invalid UTF-8 counts as not blank.
+bool is_blank(const std::string &utf8);
+
 class ClipTokenizer {
 public:
     // tokenizer.json and tokenizer_config.json (may be null) of the bundle

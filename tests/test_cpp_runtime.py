@@ -28,7 +28,7 @@ from eclipse_export.runtime.pipeline import Pipeline, Request
 from eclipse_export.runtime.schedulers import SchedulerConfigError, scheduler_from_config
 from eclipse_export.runtime.tokenizer import ClipTokenizer
 
-from .eclipse_ctypes import (ERR_BACKEND, ERR_BUNDLE, ERR_CANCELLED, ERR_INVALID_ARGUMENT, ERR_UNSUPPORTED, ROOT,
+from eclipse_export.cpp import (ERR_BACKEND, ERR_BUNDLE, ERR_CANCELLED, ERR_INVALID_ARGUMENT, ERR_UNSUPPORTED, ROOT,
                              SCHEDULERS, EclipseError, OrtGraphs, Runtime, StepCoefficients, check, load_library)
 
 SANITIZER_CHILD = os.environ.get("ECLIPSE_SANITIZER_CHILD") == "1"
@@ -490,7 +490,7 @@ def test_under_address_and_undefined_behavior_sanitizers(bundle):
 
 # --- fuzzed manifests (the same mutations as tests/test_fuzz.py) ----------------------------------
 
-def test_mutated_manifests_never_crash_the_library(lib, bundle, tmp_path, graphs):
+def test_mutated_manifests_never_crash_the_library(lib, bundle, tmp_path):
     """Each mutated manifest gives a bundle/unsupported status or a working context, never a
     crash or an internal error; and whatever the Python runtime refuses, the C library refuses."""
     from hypothesis import given, settings
@@ -501,13 +501,14 @@ def test_mutated_manifests_never_crash_the_library(lib, bundle, tmp_path, graphs
     shutil.copytree(bundle, root, copy_function=os.link)
     (root / "manifest.json").unlink()
     valid = json.loads((bundle / "manifest.json").read_text())
+    graphs = OrtGraphs(reuse_sessions=True)
     backend = C.c_void_p()
     check(lib, lib.eclipse_backend_custom_create(C.byref(graphs.table), C.byref(backend)))
     outcomes = {"refused": 0, "ran": 0}
 
     # fewer cases than test_fuzz.py: every accepted one loads four graphs (this runs twice, once
     # under the sanitizers)
-    @settings(FUZZ, max_examples=max(1, FUZZ_EXAMPLES // 4))
+    @settings(FUZZ, max_examples=max(1, FUZZ_EXAMPLES // 5))
     @given(mutated_manifests(valid))
     def case(manifest):
         (root / "manifest.json").write_text(json.dumps(manifest, allow_nan=True))
@@ -544,3 +545,23 @@ def test_mutated_manifests_never_crash_the_library(lib, bundle, tmp_path, graphs
     finally:
         lib.eclipse_backend_free(backend)
     print(f"C manifest fuzz: {outcomes}")
+
+
+@pytest.mark.skipif(SANITIZER_CHILD, reason="compiles against the plain build")
+def test_readme_c_example_compiles_and_runs(lib, bundle, tmp_path):
+    """README's "Embedding in C/C++" example, as printed, against the built library."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Embedding in C/C++"):]
+    source = section[section.index("```c\n") + 5:]
+    (tmp_path / "app.c").write_text(source[:source.index("```")])
+    build = Path(os.environ.get("ECLIPSE_LIB") or ROOT / "build" / "cpp" / "libeclipse.so").resolve().parent
+    cc = subprocess.run(["cc", "-std=c99", "-Wall", "-Werror", "-I", str(ROOT / "cpp" / "include"), "app.c", "-o", "app",
+                         "-L", str(build), "-leclipse", f"-Wl,-rpath,{build}"], cwd=tmp_path, capture_output=True, text=True)
+    assert cc.returncode == 0, cc.stderr
+    (tmp_path / "engines").mkdir()
+    (tmp_path / "engines" / "tiny-onnx").symlink_to(bundle)
+    run = subprocess.run(["./app"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    if lib.eclipse_backend_available(b"onnxruntime"):
+        assert run.returncode == 0 and (tmp_path / "out.png").stat().st_size > 0, run.stderr
+    else:
+        assert run.returncode == 1 and run.stderr.startswith("error: this eclipse library was built without ONNX Runtime")

@@ -1,6 +1,12 @@
-"""ctypes view of cpp/include/eclipse/eclipse.h, and a custom backend that serves the bundle's
-graphs from ONNX Runtime's Python package: how the tests run the C++ chain without ONNX
-Runtime's C headers (which no registry ships)."""
+"""The C/C++ runtime (libeclipse, cpp/) from Python through ctypes: a view of
+cpp/include/eclipse/eclipse.h, a custom backend serving the bundle's graphs from ONNX Runtime's
+Python package (how CI runs the C++ chain without ONNX Runtime's C headers, which no registry
+ships), and a side-by-side measurement of the two runtimes:
+
+    python -m eclipse_export.cpp --bundle engines/tiny-onnx --lib build/cpp-ort/libeclipse.so
+
+No torch: this module only needs numpy, onnxruntime and the built library.
+"""
 
 from __future__ import annotations
 
@@ -52,6 +58,11 @@ class CustomBackend(C.Structure):
                 ("run", RUN), ("free_session", FREE_SESSION), ("free_user_data", FREE_USER), ("denoise", DENOISE)]
 
 
+class OrtOptions(C.Structure):
+    _fields_ = [("struct_size", C.c_uint32), ("providers", C.c_char_p), ("intra_op_threads", C.c_int32),
+                ("device_id", C.c_int32), ("library_path", C.c_char_p)]
+
+
 class Params(C.Structure):
     _fields_ = [("struct_size", C.c_uint32), ("api_version", C.c_uint32), ("negative_prompt", C.c_char_p),
                 ("width", C.c_int32), ("height", C.c_int32), ("steps", C.c_int32), ("guidance_scale", C.c_double),
@@ -73,7 +84,7 @@ def load_library(path: str | os.PathLike | None = None) -> C.CDLL:
         "eclipse_set_log_callback": (None, [p, p]),
         "eclipse_backend_available": (C.c_int, [C.c_char_p]),
         "eclipse_backend_custom_create": (C.c_int, [C.POINTER(CustomBackend), C.POINTER(p)]),
-        "eclipse_backend_onnxruntime_create": (C.c_int, [p, C.POINTER(p)]),
+        "eclipse_backend_onnxruntime_create": (C.c_int, [C.POINTER(OrtOptions), C.POINTER(p)]),
         "eclipse_backend_free": (None, [p]),
         "eclipse_bundle_open": (C.c_int, [C.c_char_p, C.c_int, C.POINTER(p)]),
         "eclipse_bundle_free": (None, [p]),
@@ -123,9 +134,10 @@ class OrtGraphs:
     ctypes callbacks alive as long as it lives; optionally runs the UNet loop itself (`denoise`)
     the way a device backend would: from the library's per-step coefficients."""
 
-    def __init__(self, device_loop: bool = False):
+    def __init__(self, device_loop: bool = False, reuse_sessions: bool = False):
         import onnxruntime as ort
 
+        self._reuse = {} if reuse_sessions else None  # graph path -> InferenceSession (fuzzing reloads often)
         self._ort = ort
         self.sessions: dict[int, tuple[str, object]] = {}
         self.loaded: list[str] = []
@@ -141,9 +153,14 @@ class OrtGraphs:
 
     def _load(self, _user, component, graph_path, out):
         try:
-            opts = self._ort.SessionOptions()
-            opts.log_severity_level = 3
-            session = self._ort.InferenceSession(graph_path.decode(), opts, providers=["CPUExecutionProvider"])
+            path = graph_path.decode()
+            session = self._reuse.get(path) if self._reuse is not None else None
+            if session is None:
+                opts = self._ort.SessionOptions()
+                opts.log_severity_level = 3
+                session = self._ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+                if self._reuse is not None:
+                    self._reuse[path] = session
             with self._lock:
                 handle, self._next = self._next, self._next + 1
                 self.sessions[handle] = (component.decode(), session)
@@ -221,13 +238,15 @@ class OrtGraphs:
 class Runtime:
     """bundle + backend + context of the C library, freed together."""
 
-    def __init__(self, lib, bundle: Path, backend_table=None, verify_hashes: bool = True, ort_backend: bool = False):
+    def __init__(self, lib, bundle: Path, backend_table=None, verify_hashes: bool = True, ort_backend: bool = False,
+                 threads: int = 0):
         self.lib = lib
         self.bundle = C.c_void_p()
         check(lib, lib.eclipse_bundle_open(str(bundle).encode(), int(verify_hashes), C.byref(self.bundle)))
         self.backend = C.c_void_p()
-        if ort_backend:
-            check(lib, lib.eclipse_backend_onnxruntime_create(None, C.byref(self.backend)))
+        if ort_backend:  # the library's own ONNX Runtime backend (C API), CPU provider
+            options = OrtOptions(C.sizeof(OrtOptions), b"cpu", threads, 0, None)
+            check(lib, lib.eclipse_backend_onnxruntime_create(C.byref(options), C.byref(self.backend)))
         else:
             check(lib, lib.eclipse_backend_custom_create(C.byref(backend_table), C.byref(self.backend)))
         self.context = C.c_void_p()
@@ -280,3 +299,95 @@ class Runtime:
                 lib.eclipse_result_free(result)
             if own_state:
                 lib.eclipse_state_free(state)
+
+
+# --- side-by-side measurement -------------------------------------------------------------------
+
+STAGES = ("text_encoder", "prior", "unet", "unet_per_step", "movq", "total")
+
+
+def compare(bundle: Path, lib_path: Path, example: Path | None, prompt: str, height: int, width: int, steps: int,
+            guidance: float, seed: int, runs: int, threads: int, out_dir: Path) -> dict:
+    """The same request on the Python runtime and on the C++ runtime, both on ONNX Runtime CPU in
+    this process, alternating runs after one warm-up each; then the example program's PNG."""
+    import subprocess
+    import time
+
+    from PIL import Image
+
+    from .runtime.backends import OnnxRuntimeBackend
+    from .runtime.pipeline import Pipeline, Request
+
+    lib = load_library(lib_path)
+    if not lib.eclipse_backend_available(b"onnxruntime"):
+        raise SystemExit(f"{lib_path} was built without ONNX Runtime (make cpp-ort)")
+    python = Pipeline.from_bundle(bundle, OnnxRuntimeBackend(["cpu"], threads or None))
+    cpp = Runtime(lib, bundle, ort_backend=True, threads=threads)
+    req = Request((prompt,), None, height, width, steps, guidance, seed, None)
+    times = {"python": {k: [] for k in STAGES}, "cpp": {k: [] for k in STAGES}}
+    try:
+        for i in range(runs + 1):
+            # a pause between the two: each runtime's ONNX Runtime keeps its threads spinning for a
+            # while after a run, which would slow the other's first stage
+            gen = python.run(req)
+            time.sleep(0.5)
+            got = cpp.generate(prompt, None, height, width, steps, guidance, seed)
+            time.sleep(0.5)
+            if i == 0:
+                continue  # warm-up
+            for k in STAGES:
+                times["python"][k].append(gen.timings[k])
+                times["cpp"][k].append(got["timings"][k])
+    finally:
+        cpp.close()
+    report = {"request": dict(prompt=prompt, height=height, width=width, steps=steps, guidance=guidance, seed=seed),
+              "runs": runs, "version": lib.eclipse_version().decode(),
+              "p50_ms": {side: {k: 1000 * float(np.median(v)) for k, v in t.items()} for side, t in times.items()},
+              "image_max_lsb_inprocess": int(np.abs(got["image"].astype(int) - gen.images[0].astype(int)).max())}
+    if example is not None:
+        png = out_dir / "cpp-example.png"
+        args = [str(example), "--bundle", str(bundle), "--prompt", prompt, "--height", str(height), "--width",
+                str(width), "--steps", str(steps), "--guidance", str(guidance), "--seed", str(seed), "--out", str(png)]
+        done = subprocess.run(args, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"{example} failed: {done.stderr.strip()}")
+        image = np.asarray(Image.open(png).convert("RGB"))
+        report["image_max_lsb_example"] = int(np.abs(image.astype(int) - gen.images[0].astype(int)).max())
+    return report
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m eclipse_export.cpp",
+                                description="Per-stage latency and image difference: C++ runtime vs Python runtime "
+                                            "(both ONNX Runtime CPU, one process).")
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--lib", type=Path, default=ROOT / "build" / "cpp-ort" / "libeclipse.so")
+    p.add_argument("--example", type=Path, default=None, help="eclipse-generate-cpp to run on the same request")
+    p.add_argument("--prompt", default="a red cube on a blue sphere")
+    p.add_argument("--height", type=int, default=256)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
+    p.add_argument("--out", type=Path, default=Path("."), help="where the example's PNG goes")
+    a = p.parse_args(argv)
+    r = compare(a.bundle, a.lib, a.example, a.prompt, a.height, a.width, a.steps, a.guidance, a.seed, a.runs,
+                a.threads, a.out)
+    print("| stage | Python runtime p50 ms | C++ runtime p50 ms | C++ / Python |")
+    print("| --- | --- | --- | --- |")
+    for k in STAGES:
+        py, cc = r["p50_ms"]["python"][k], r["p50_ms"]["cpp"][k]
+        print(f"| {k} | {py:.2f} | {cc:.2f} | {cc / py:.2f} |")
+    print(f"image max difference: in-process {r['image_max_lsb_inprocess']} LSB"
+          + (f", example program {r['image_max_lsb_example']} LSB" if "image_max_lsb_example" in r else ""))
+    print(json.dumps(r))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

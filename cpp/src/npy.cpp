@@ -1,7 +1,6 @@
 #include "npy.hpp"
 
 #include <cstring>
-#include <regex>
 
 #include "common.hpp"
 
@@ -12,12 +11,20 @@ namespace {
     throw Error(ECLIPSE_ERR_BUNDLE, what + " is not a readable .npy array (" + why + ")");
 }
 
-// The value of 'key' in the header dict, as written by numpy: 'descr': '<f4', 'shape': (1, 32), ...
-std::string header_value(const std::string &header, const std::string &key, const std::string &pattern,
-                         const std::string &what) {
-    std::smatch m;
-    if (!std::regex_search(header, m, std::regex("'" + key + "'\\s*:\\s*" + pattern))) fail(what, "no " + key);
-    return m[1].str();
+// The text after 'key': in the header dict, as numpy writes it: {'descr': '<f4', 'fortran_order':
+// False, 'shape': (1, 32), }
+std::string header_value(const std::string &header, const std::string &key, const std::string &what) {
+    const size_t at = header.find("'" + key + "'");
+    if (at == std::string::npos) fail(what, "no " + key);
+    size_t v = header.find(':', at);
+    if (v == std::string::npos) fail(what, "no value for " + key);
+    v = header.find_first_not_of(' ', v + 1);
+    if (v == std::string::npos) fail(what, "no value for " + key);
+    const char open = header[v];
+    const char close = open == '\'' ? '\'' : open == '(' ? ')' : ',';
+    const size_t end = header.find(close, v + 1);
+    if (end == std::string::npos) fail(what, "unterminated " + key);
+    return open == '\'' || open == '(' ? header.substr(v + 1, end - v - 1) : header.substr(v, end - v);
 }
 
 }  // namespace
@@ -40,16 +47,26 @@ NpyArray parse_npy(const std::string &bytes, const std::string &what) {
     }
     if (bytes.size() < offset + header_len) fail(what, "truncated header");
     const std::string header = bytes.substr(offset, header_len);
-    const std::string descr = header_value(header, "descr", "'([^']*)'", what);
-    if (header_value(header, "fortran_order", "(True|False)", what) != "False") fail(what, "Fortran order");
-    const std::string shape_text = header_value(header, "shape", "\\(([^)]*)\\)", what);
+    const std::string descr = header_value(header, "descr", what);
+    if (header_value(header, "fortran_order", what) != "False") fail(what, "Fortran order");
+    const std::string shape_text = header_value(header, "shape", what);
 
     NpyArray out;
     int64_t count = 1;
-    static const std::regex kInt("\\d+");
-    for (auto it = std::sregex_iterator(shape_text.begin(), shape_text.end(), kInt); it != std::sregex_iterator(); ++it) {
-        out.shape.push_back(std::stoll(it->str()));
-        count *= out.shape.back();
+    for (size_t i = 0; i < shape_text.size();) {  // "1, 32" or "32," or ""
+        if (shape_text[i] < '0' || shape_text[i] > '9') {
+            if (shape_text[i] != ',' && shape_text[i] != ' ') fail(what, "shape (" + shape_text + ")");
+            ++i;
+            continue;
+        }
+        int64_t d = 0;
+        for (; i < shape_text.size() && shape_text[i] >= '0' && shape_text[i] <= '9'; ++i) {
+            d = d * 10 + (shape_text[i] - '0');
+            if (d > (int64_t{1} << 32)) fail(what, "a dimension too large");
+        }
+        out.shape.push_back(d);
+        count *= d;
+        if (count > (int64_t{1} << 32)) fail(what, "too many values");
     }
     size_t item;
     if (descr == "<f4" || descr == "=f4") item = 4;

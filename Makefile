@@ -56,7 +56,7 @@ cpp: cpp-deps
 
 # the same under AddressSanitizer + UndefinedBehaviorSanitizer
 cpp-asan: cpp-deps
-	cmake -S cpp -B $(CPP_ASAN) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DECLIPSE_SANITIZE=ON > /dev/null
+	cmake -S cpp -B $(CPP_ASAN) -DCMAKE_BUILD_TYPE=Debug -DECLIPSE_SANITIZE=ON > /dev/null
 	cmake --build $(CPP_ASAN) -j $(JOBS)
 
 # with the ONNX Runtime backend (needs ORT_INCLUDE; see README "Embedding in C/C++")

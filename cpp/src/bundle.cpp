@@ -163,6 +163,27 @@ bool inside(const fs::path &root, const fs::path &path) {
 
 }  // namespace
 
+std::vector<std::string> engine_problems(const json &entry, const std::string &installed_version, const std::string &gpu_cc) {
+    // the manifest check at open guarantees flavour, version and compute_capabilities
+    const std::string flavour = entry.at("flavour").get<std::string>();
+    const std::string version = entry.at("version").get<std::string>();
+    std::vector<std::string> problems;
+    if (installed_version.empty())
+        problems.push_back((flavour == "tensorrt-rtx" ? std::string("tensorrt_rtx") : flavour) + " is not installed");
+    else if (installed_version != version)
+        problems.push_back("built with " + flavour + " " + version + ", this machine has " + installed_version);
+    std::vector<std::string> built_for;
+    for (const auto &c : entry.at("compute_capabilities")) {
+        if (c != "unknown") built_for.push_back(c.get<std::string>());
+    }
+    if (!gpu_cc.empty() && !built_for.empty() && std::find(built_for.begin(), built_for.end(), gpu_cc) == built_for.end()) {
+        std::string list;
+        for (const auto &c : built_for) list += (list.empty() ? "" : ", ") + c;
+        problems.push_back("built for " + list + ", this GPU is " + gpu_cc);
+    }
+    return problems;
+}
+
 std::string sha256_file(const fs::path &path) {
     std::ifstream in(path, std::ios::binary);
     if (!in) throw Error(ECLIPSE_ERR_BUNDLE, "cannot read " + path.string());

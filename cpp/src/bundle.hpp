@@ -9,6 +9,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -38,6 +39,14 @@ private:
     nlohmann::json manifest_;
     std::map<std::string, std::filesystem::path> files_;  // manifest path -> resolved path
 };
+
+// Why an engine entry of the manifest cannot run with the installed TensorRT flavour on this
+// GPU (empty: it can), as eclipse_export/engines.py's check_engine_compatible says it: the
+// version must be the one that built it, the GPU one of the compute capabilities it was built
+// for ("unknown" entries ignored). installed_version "" means the flavour is not installed;
+// gpu_cc like "SM89", "" when unknown. For device backends (TensorRT), before deserializing.
+std::vector<std::string> engine_problems(const nlohmann::json &entry, const std::string &installed_version,
+                                         const std::string &gpu_cc);
 
 // Lower-case hex sha256 of a file (OpenSSL), read in 4 MiB blocks.
 std::string sha256_file(const std::filesystem::path &path);

@@ -151,6 +151,19 @@ int main() {
         }
     });
 
+    run("engine entries: version and compute capability as engines.check_engine_compatible", [] {
+        const nlohmann::json e = {{"flavour", "tensorrt-rtx"}, {"version", "1.7.1.116"},
+                                  {"compute_capabilities", {"SM86", "SM89", "unknown"}}};
+        EXPECT(engine_problems(e, "1.7.1.116", "SM89").empty());
+        EXPECT(engine_problems(e, "1.7.1.116", "").empty());
+        EXPECT((engine_problems(e, "", "SM89") == std::vector<std::string>{"tensorrt_rtx is not installed"}));
+        EXPECT((engine_problems(e, "1.6.1.120", "SM120") ==
+                std::vector<std::string>{"built with tensorrt-rtx 1.7.1.116, this machine has 1.6.1.120",
+                                         "built for SM86, SM89, this GPU is SM120"}));
+        const nlohmann::json any = {{"flavour", "tensorrt"}, {"version", "10.3.0"}, {"compute_capabilities", {"unknown"}}};
+        EXPECT(engine_problems(any, "10.3.0", "SM87").empty());
+    });
+
     run("PNG: written atomically and read back pixel for pixel", [] {
         const fs::path d = temp_dir("png");
         std::vector<uint8_t> px(5 * 3 * 3);

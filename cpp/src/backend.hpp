@@ -11,6 +11,9 @@
 //                                                      guidance + scheduler step on the device
 //                                                      from per-step eclipse_step_coefficients;
 //                                                      has_device_loop() says it is there
+//   Backend::stage_done(session, state)                after each stage (as the Python
+//                                                      pipeline's hook): a low-memory device
+//                                                      backend frees that stage's engine here
 #pragma once
 
 #include <memory>
@@ -48,6 +51,8 @@ public:
     virtual ~Backend() = default;
     virtual std::string name() const = 0;
     virtual std::unique_ptr<Session> load(const Bundle &bundle, const ComponentFiles &component) const = 0;
+
+    virtual void stage_done(const Session &session, SessionState *state) const { (void)session, (void)state; }
 
     virtual bool has_device_loop() const { return false; }
     // The whole UNet loop; returns false when the progress callback cancelled it.

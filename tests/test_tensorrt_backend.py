@@ -9,6 +9,7 @@ test_schedulers). The real GPU path is tested at the end and skips without a GPU
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import types
 
@@ -193,6 +194,7 @@ def fake_backend(bundle, low_memory=False, cuda_graphs=True) -> tb.TensorRTBacke
         engine_file = b.root / f"{spec.name}.fake-engine"
         engine_file.write_bytes(b.component(spec.name)["graph"].encode())
         entry = {"file": engine_file.name, "key": spec.name, "profile": {}, "strip_weights": False}
+        b = dataclasses.replace(b, files=b.files | {engine_file.name})  # as a real bundle lists its engines
         return tb.TrtSession(backend, spec, b, entry)
 
     backend.load = load

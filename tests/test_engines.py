@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from eclipse_export.engines import BuildOptions, build_engine, check_engine_compatible, engine_key, profile_shapes
+from eclipse_export.engines import BuildOptions, build_engine, engine_key, profile_shapes
+from eclipse_export.runtime.trt_flavours import check_engine_compatible
 from eclipse_export.specs import COMPONENTS
 
 needs_rtx = pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None,
@@ -18,19 +19,65 @@ TINY_DIMS = {"T": 77, "D": 32, "E": 32, "C": 4, "S": 8}
 OPTIONS = dict(workspace_mib=8192, max_batch=1)
 
 
-def test_profiles_follow_the_spec_and_cfg_doubles_the_unet_batch():
+def test_profiles_follow_the_spec():
     shapes = profile_shapes(COMPONENTS["unet"], TINY_DIMS, BuildOptions(max_batch=3))
     lo, opt, hi = shapes["sample"]
     assert lo == (1, 4, 32, 32) and opt == (2, 4, 64, 64) and hi == (6, 4, 128, 128)
     assert shapes["timestep"] == ((1,), (1,), (1,))
-    # a negative prompt shares the batch of the text encoder and the prior
-    text = profile_shapes(COMPONENTS["text_encoder"], TINY_DIMS, BuildOptions(max_batch=3))["input_ids"]
-    assert text[2] == (6, 77)
-    assert profile_shapes(COMPONENTS["movq"], TINY_DIMS, BuildOptions(max_batch=3))["latents"][2][0] == 3
-    static = profile_shapes(COMPONENTS["unet"], TINY_DIMS, BuildOptions(static={"B": 1, "h": 64, "w": 48}))
-    assert static["sample"] == ((2, 4, 64, 48),) * 3
-    movq = profile_shapes(COMPONENTS["movq"], TINY_DIMS, BuildOptions(static={"B": 1, "h": 64, "w": 48}))
-    assert movq["latents"] == ((1, 4, 64, 48),) * 3
+    static = profile_shapes(COMPONENTS["movq"], TINY_DIMS, BuildOptions(static={"B": 1, "h": 64, "w": 48}))
+    assert static["latents"] == ((1, 4, 64, 48),) * 3
+
+
+class _Recorder:
+    """A backend that runs the ONNX graphs and records every input shape the pipeline sends."""
+
+    def __init__(self):
+        from eclipse_export.runtime.backends import OnnxRuntimeBackend
+
+        self.inner, self.name, self.seen = OnnxRuntimeBackend(), "recorder", []
+
+    def load(self, spec, bundle):
+        session, seen = self.inner.load(spec, bundle), self.seen
+
+        class Recording:
+            def run(self, inputs):
+                seen.append((spec.name, {k: tuple(v.shape) for k, v in inputs.items()}))
+                return session.run(inputs)
+
+        return Recording()
+
+    def describe(self):
+        return {}
+
+
+def _fits(shape, lo, hi) -> bool:
+    return len(shape) == len(lo) and all(a <= d <= b for d, a, b in zip(shape, lo, hi))
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_every_request_within_max_batch_fits_the_profiles(tiny_bundle, static):
+    """Issue 11 #4: what the pipeline really sends (batch 1..max_batch, with and without a negative
+    prompt, guidance on and off) fits each component's profile, for dynamic and static builds."""
+    from eclipse_export.runtime.bundle import open_bundle
+    from eclipse_export.runtime.pipeline import Pipeline
+
+    max_batch, px = 3, 256  # 256 px: the dynamic profiles' smallest latents (32x32)
+    options = BuildOptions(max_batch=max_batch, static={"B": max_batch, "h": px // 8, "w": px // 8} if static else None)
+    dims = open_bundle(tiny_bundle).dims
+    profiles = {name: profile_shapes(spec, dims, options) for name, spec in COMPONENTS.items()}
+    recorder = _Recorder()
+    pipe = Pipeline.from_bundle(tiny_bundle, recorder)
+    for batch in range(1, max_batch + 1):
+        for negative in (None, "blurry"):
+            for guidance in (4.0, 1.0):
+                recorder.seen.clear()
+                pipe.generate(["a cube"] * batch, negative_prompt=negative, height=px, width=px, steps=1,
+                              guidance_scale=guidance)
+                assert {name for name, _ in recorder.seen} == set(COMPONENTS)
+                for name, inputs in recorder.seen:
+                    for input_name, shape in inputs.items():
+                        lo, _, hi = profiles[name][input_name]
+                        assert _fits(shape, lo, hi), (name, input_name, shape, (lo, hi), batch, negative, guidance)
 
 
 def test_engine_key_covers_what_makes_an_engine_valid():
@@ -91,8 +138,11 @@ def test_static_profile_engines(tiny_fp16_bundle, tmp_path):
         entry = build_engine(bundle.graph_path(name), spec, bundle.dims, "fp16", sha,
                              BuildOptions(static={"B": 1, "h": 32, "w": 32}, **OPTIONS), tmp_path, log=lambda m: None)
         assert entry["static"] and (tmp_path / entry["file"]).stat().st_size > 0
-        for lo, opt, hi in entry["profile"].values():
-            assert lo == opt == hi
+        for t in spec.inputs:
+            lo, opt, hi = entry["profile"][t.name]
+            assert lo[1:] == opt[1:] == hi[1:]  # the image size is fixed, the batch covers 1..max_batch
+            if t.shape[0] == "B":
+                assert lo[0] == 1 and hi[0] == OPTIONS["max_batch"] * spec.rows_per_prompt
 
 
 def test_trt_fp16_target_needs_tensorrt(tmp_path):

@@ -64,11 +64,17 @@ class Cuda:
                                "and driver (use --backend onnxruntime on CPU)")
         if not 0 <= device < count:
             raise BackendError(f"CUDA device {device} does not exist (this machine has {count})")
-        _ok(self.rt.cudaSetDevice(device), "cudaSetDevice")
-        self.device = device
-        self.stream = _ok(self.rt.cudaStreamCreateWithFlags(self.rt.cudaStreamNonBlocking), "cudaStreamCreate")
+        self.select_device(device)
+        self.stream = self.create_stream()
         self._kernels: dict[str, object] = {}
         self._modules: list = []
+
+    def create_stream(self):
+        return _ok(self.rt.cudaStreamCreateWithFlags(self.rt.cudaStreamNonBlocking), "cudaStreamCreate")
+
+    def select_device(self, device: int) -> None:
+        _ok(self.rt.cudaSetDevice(device), "cudaSetDevice")
+        self.device = device
 
     def info(self) -> DeviceInfo:
         props = _ok(self.rt.cudaGetDeviceProperties(self.device), "cudaGetDeviceProperties")
@@ -114,7 +120,10 @@ class Cuda:
             "cudaStreamBeginCapture")
 
     def end_capture(self):
-        graph = _ok(self.rt.cudaStreamEndCapture(self.stream), "cudaStreamEndCapture")
+        return self.instantiate(_ok(self.rt.cudaStreamEndCapture(self.stream), "cudaStreamEndCapture"))
+
+    def instantiate(self, graph):
+        """An executable graph from a captured one (which is freed)."""
         try:
             return _ok(self.rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
         finally:
@@ -146,9 +155,11 @@ class Cuda:
         kind, image = compile_kernel(self.nvrtc, kernel_source(name), name, self.info().sm)
         module = _ok(self.driver.cuModuleLoadData(image), f"cuModuleLoadData ({kind} of {name})")
         self._modules.append(module)
-        fn = _ok(self.driver.cuModuleGetFunction(module, name.encode()), "cuModuleGetFunction")
-        self._kernels[name] = fn
-        return fn
+        self._kernels[name] = self._function(module, name)
+        return self._kernels[name]
+
+    def _function(self, module, name: str):
+        return _ok(self.driver.cuModuleGetFunction(module, name.encode()), f"cuModuleGetFunction({name})")
 
     def guided_step(self, pred: int, latents: int, noise: int, sample_out: int, n: int, cfg: bool,
                     scale: float, coefficients: tuple[float, ...], bad_step: int = 0, step: int = 0) -> None:
@@ -215,14 +226,14 @@ def compile_kernel(nvrtc, source: str, name: str, sm: int) -> tuple[str, bytes]:
         err, = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
         if int(err) != 0:
             size = _ok(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
-            log = b" " * size
+            log = bytearray(size)
             nvrtc.nvrtcGetProgramLog(prog, log)
             raise CudaError(f"NVRTC could not compile {name} for {arch}: {log.decode(errors='replace').strip()}")
         get_size, get = ((nvrtc.nvrtcGetCUBINSize, nvrtc.nvrtcGetCUBIN) if kind == "cubin"
                          else (nvrtc.nvrtcGetPTXSize, nvrtc.nvrtcGetPTX))
-        image = b" " * _ok(get_size(prog), get_size.__name__)
+        image = bytearray(_ok(get_size(prog), get_size.__name__))
         _ok(get(prog, image), get.__name__)
-        return kind, image
+        return kind, bytes(image)
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
 

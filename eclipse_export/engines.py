@@ -18,6 +18,7 @@ import hashlib
 import json
 import re
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -149,16 +150,21 @@ class BuildProgress:
     where the flavour has it) and, from a timer thread, a "still building" line whenever nothing
     was printed for `interval` seconds (a build can sit in one phase for minutes).
 
-    A Ctrl-C (or SIGTERM) that lands in a monitor callback cancels the build at TensorRT's next
-    step instead of unwinding through TensorRT; `interrupted` then tells the caller to re-raise."""
+    Ctrl-C / SIGTERM during the build: Python runs its handler inside whichever TensorRT callback
+    comes next, and TensorRT swallows an exception raised there (seen: "Exception caught in
+    log(): KeyboardInterrupt"). So while building, the signals only set a flag; the monitor then
+    cancels the build at its next step, and the caller raises KeyboardInterrupt afterwards."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
 
     def __init__(self, trt, config, name: str, log: Callable[[str], None], interval: float = PROGRESS_INTERVAL_S):
         self.name, self._log, self.interval = name, log, interval
         self.phase = "preparing"
-        self.interrupted: BaseException | None = None
+        self.interrupted = False
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"build-progress-{name}", daemon=True)
+        self._previous: dict = {}
         self.started = self._last = time.monotonic()
         if hasattr(trt, "IProgressMonitor") and hasattr(config, "progress_monitor"):
             config.progress_monitor = self._monitor(trt)
@@ -177,15 +183,12 @@ class BuildProgress:
 
             # TensorRT calls these positionally: (phase_name, parent_phase, num_steps)
             def phase_start(self, phase_name, parent_phase, num_steps):
-                try:
-                    progress.phase = phase_name
-                    if parent_phase is None:
-                        progress.log(f"    {progress.name}: {phase_name}")
-                except BaseException as e:  # noqa: BLE001 - an interrupt must not unwind through TensorRT
-                    progress.interrupted = e
+                progress.phase = phase_name
+                if parent_phase is None:
+                    progress.log(f"    {progress.name}: {phase_name}")
 
             def step_complete(self, phase_name, step):
-                return progress.interrupted is None  # False cancels the build
+                return not progress.interrupted  # False cancels the build
 
             def phase_finish(self, phase_name):
                 pass
@@ -198,13 +201,22 @@ class BuildProgress:
             if now - self._last >= self.interval:
                 self.log(f"    {self.name}: still building ({self.phase}, {now - self.started:.0f} s)")
 
+    def _on_signal(self, signum, frame) -> None:
+        self.interrupted = True
+
     def __enter__(self) -> "BuildProgress":
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                sig = getattr(signal, name)
+                self._previous[sig] = signal.signal(sig, self._on_signal)
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def build_engine(onnx_path: Path, spec: ComponentSpec, dims: Mapping[str, int], precision: str,
@@ -275,8 +287,8 @@ def build_engine(onnx_path: Path, spec: ComponentSpec, dims: Mapping[str, int], 
     t0 = time.perf_counter()
     with BuildProgress(trt, config, spec.name, log, progress_interval) as progress:
         serialized = builder.build_serialized_network(network, config)
-    if progress.interrupted is not None:
-        raise progress.interrupted
+    if progress.interrupted:
+        raise KeyboardInterrupt
     if serialized is None:
         raise EngineBuildError(_build_failure(spec, shapes, options, logger.errors))
     seconds = time.perf_counter() - t0

@@ -189,3 +189,123 @@ def test_weight_stripped_rtx_builds_are_refused_up_front_without_a_gpu(tiny_fp16
     with pytest.raises(ExportError, match="need a GPU at build time"):
         build_engines_for_bundle(tiny_fp16_bundle, tmp_path / "b", "trt-rtx-fp16", one, log=lambda m: None)
     assert list(tmp_path.iterdir()) == []
+
+
+@needs_rtx
+def test_a_build_prints_its_phases_and_a_line_at_least_every_interval(tiny_fp16_bundle, tmp_path):
+    """Issue 11 #3 (TensorRT calls phase_start(phase_name, parent_phase, num_steps): the phases
+    never printed) and issue 12 (a line at least every 10 s; here every 0.25 s, from the timer
+    thread while TensorRT sits in one phase)."""
+    import time
+
+    from eclipse_export.runtime.bundle import open_bundle
+
+    bundle = open_bundle(tiny_fp16_bundle)
+    lines = []
+    t0 = time.monotonic()
+    build_engine(bundle.graph_path("unet"), COMPONENTS["unet"], bundle.dims, "fp16", "sha", BuildOptions(**OPTIONS),
+                 tmp_path, log=lambda m: lines.append((time.monotonic() - t0, m)), progress_interval=0.25)
+    text = [m for _, m in lines]
+    assert "    unet: Building engine" in text  # the top-level phase, from the progress monitor
+    assert any("unet: still building (" in m for m in text)
+    stamps = [t for t, _ in lines]
+    assert max(b - a for a, b in zip(stamps, stamps[1:])) < 0.25 + 0.5  # timer granularity: interval / 4
+
+
+@needs_rtx
+def test_out_of_memory_names_the_options_that_fix_it(tiny_fp16_bundle, tmp_path):
+    """Issue 12 #1: TensorRT-RTX refuses an engine whose largest shape needs more builder scratch
+    than the workspace cap (tiny UNet: ~1 GiB per UNet batch row at 1024 px) and prints the cap as
+    the "requested size"; the error says which options fix it."""
+    from eclipse_export.engines import EngineBuildError
+    from eclipse_export.runtime.bundle import open_bundle
+
+    bundle = open_bundle(tiny_fp16_bundle)
+    with pytest.raises(EngineBuildError, match=r"sample \[4, 4, 128, 128\].*--workspace-mib 1024.*--max-batch \(now 2\)"):
+        build_engine(bundle.graph_path("unet"), COMPONENTS["unet"], bundle.dims, "fp16", "sha",
+                     BuildOptions(max_batch=2, workspace_mib=1024), tmp_path, log=lambda m: None)
+    assert not list((tmp_path / "engines").glob("*"))
+
+
+def _leftovers(parent):
+    """What a failed build may not leave: partial bundles, temporary files."""
+    return sorted(p.name for p in parent.rglob("*") if ".partial-" in p.name or p.name.startswith(".") and ".plan." in p.name)
+
+
+@needs_rtx
+@pytest.mark.parametrize("failure,where", [(RuntimeError("injected"), "export"), (KeyboardInterrupt(), "derive")],
+                         ids=["error-in-export", "interrupt-in-from-bundle"])
+def test_a_failed_engine_build_leaves_nothing(tiny_fp16_bundle, tmp_path, monkeypatch, failure, where):
+    """Issue 12 "Also": an engine build that fails or is interrupted after some engines were
+    written (export, and --from-bundle derivation) leaves no bundle and no partial files; the
+    engine cache keeps only complete plans."""
+    from eclipse_export import engines
+    from eclipse_export.export import ExportOptions, build_engines_for_bundle, export_bundle
+    from eclipse_export.sources import RandomSource
+
+    real = engines.build_engine
+
+    def failing(onnx_path, spec, *args, **kwargs):
+        if spec.name == "unet":
+            raise failure
+        return real(onnx_path, spec, *args, **kwargs)
+
+    monkeypatch.setattr(engines, "build_engine", failing)
+    cache = tmp_path / "cache"
+    build = BuildOptions(**OPTIONS)
+    with pytest.raises(type(failure)):
+        if where == "derive":
+            build_engines_for_bundle(tiny_fp16_bundle, tmp_path / "out", "trt-rtx-fp16", build, cache, log=lambda m: None)
+        else:
+            export_bundle(RandomSource("tiny"), tmp_path / "out",
+                          ExportOptions(target="trt-rtx-fp16", build=build, engine_cache=cache), log=lambda m: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+    assert _leftovers(tmp_path) == []
+    # the engines built before the failure stay in the cache: complete plans, reusable
+    assert {p.suffix for p in cache.iterdir()} == {".plan"}
+
+
+@needs_rtx
+def test_ctrl_c_during_a_tensorrt_build_leaves_nothing(tiny_fp16_bundle, tmp_path):
+    """A real SIGINT while TensorRT builds the UNet: it lands in a progress-monitor callback, which
+    cancels the build instead of unwinding through TensorRT; then the derivation is removed."""
+    import signal
+    import threading
+    import time
+
+    from eclipse_export.export import build_engines_for_bundle
+
+    started = []
+
+    def log(msg):
+        if "unet: building" in msg and not started:
+            started.append(time.monotonic())
+            threading.Timer(0.3, signal.raise_signal, (signal.SIGINT,)).start()
+
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        build_engines_for_bundle(tiny_fp16_bundle, tmp_path / "derived", "trt-rtx-fp16", BuildOptions(**OPTIONS),
+                                 tmp_path / "cache", log=log)
+    assert started and time.monotonic() - t0 < 60
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"] and _leftovers(tmp_path) == []
+
+
+@needs_rtx
+@pytest.mark.slow
+def test_the_readme_default_trt_rtx_command_builds(tmp_path):
+    """Issue 12 #1: exactly the README's `eclipse-export --preset tiny --target trt-rtx-fp16 --out
+    DIR`, every other option at its default (it failed with OutOfMemory at max batch 4)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).with_name("eclipse-export")
+    command = [str(script)] if script.is_file() else [sys.executable, "-c",
+                                                      "from eclipse_export.cli import export_entry; export_entry()"]
+    done = subprocess.run(command + ["--preset", "tiny", "--target", "trt-rtx-fp16", "--out", "DIR"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads((tmp_path / "DIR" / "manifest.json").read_text())
+    assert set(manifest["engines"]) == set(COMPONENTS)
+    assert manifest["engines"]["unet"]["profile"]["sample"][2][0] == 2  # one prompt, CFG
+    assert "unet: Building engine" in done.stderr

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from eclipse_export.runtime.cuda import CudaError, compile_kernel, kernel_source, nvrtc_architecture
+from tests.recording import Recording
 
 ROOT = Path(__file__).resolve().parents[1]
 # Jetson Orin sm_87; RTX sm_75/86/89/120; Hopper sm_90
@@ -113,22 +114,6 @@ def _bindings_nvrtc():
     return nvrtc
 
 
-class Recording:
-    """A module proxy counting calls by name (the real module answers)."""
-
-    def __init__(self, module):
-        self._module, self.calls = module, []
-
-    def __getattr__(self, name):
-        value = getattr(self._module, name)
-        if callable(value) and name[:2] in ("cu", "nv") and not isinstance(value, type):
-            def call(*args, **kwargs):
-                self.calls.append(name)
-                return value(*args, **kwargs)
-            return call
-        return value
-
-
 @pytest.mark.parametrize("sm", ARCHS)
 def test_the_kernel_compiles_to_a_cubin_with_cuda_bindings_nvrtc(sm):
     nvrtc = Recording(_bindings_nvrtc())
@@ -195,23 +180,13 @@ def test_a_compile_error_is_a_cuda_error_and_the_program_is_destroyed():
 # --- cuda.bindings calls against the real module, with a stand-in driver ---------------------------
 
 PROBE_SCRIPT = r"""
-import json, math
+import json, math, sys
 import numpy as np
 from cuda.bindings import driver, nvrtc, runtime
 from eclipse_export.runtime import cuda as cu
 from eclipse_export.runtime.backends import BackendError
-
-class Recording:
-    def __init__(self, module):
-        self._module, self.calls = module, []
-    def __getattr__(self, name):
-        value = getattr(self._module, name)
-        if callable(value) and name[:2] in ("cu", "nv") and not isinstance(value, type):
-            def call(*args, **kwargs):
-                self.calls.append(name)
-                return value(*args, **kwargs)
-            return call
-        return value
+sys.path.insert(0, sys.argv[1])
+from tests.recording import Recording
 
 rt, drv, nv = Recording(runtime), Recording(driver), Recording(nvrtc)
 cu._import = lambda: (rt, drv, nv)
@@ -289,7 +264,7 @@ def stub_driver(tmp_path_factory) -> Path:
 def test_every_cuda_bindings_call_returns_an_error_status_not_a_type_error(stub_driver):
     _bindings_nvrtc()
     env = {**__import__("os").environ, "LD_LIBRARY_PATH": str(stub_driver)}
-    done = subprocess.run([sys.executable, "-c", PROBE_SCRIPT], capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run([sys.executable, "-c", PROBE_SCRIPT, str(ROOT)], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.strip().splitlines()[-1])
     outcomes = report["outcomes"]

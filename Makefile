@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROMPT ?= a red cube on a blue sphere
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean cc-present
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -25,7 +25,13 @@ demo: $(STAMP)
 	$(BIN)/eclipse-export --preset tiny --target onnx --out engines/tiny-onnx --overwrite
 	$(BIN)/eclipse-generate --bundle engines/tiny-onnx --prompt "$(PROMPT)" --seed 0 --out out.png --compare-reference
 
-test: $(STAMP)
+# tests/test_cuda_api.py builds a stand-in NVIDIA driver library with the system C compiler
+cc-present:
+	@command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || { \
+		echo "installing gcc (tests/test_cuda_api.py compiles a stand-in driver library)"; \
+		apt-get update -qq && apt-get install -y -qq gcc; }
+
+test: $(STAMP) cc-present
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -146,6 +147,13 @@ class OnnxRuntimeBackend:
                 f"ONNX Runtime here has no {', '.join(missing)} provider (available: {', '.join(sorted(available))}); "
                 "install onnxruntime-gpu for cuda/tensorrt, onnxruntime-ep-nv-tensorrt-rtx for tensorrt-rtx"
             )
+        if set(providers) & {"cuda", "tensorrt"} and hasattr(ort, "preload_dlls"):
+            # torch-free installs get CUDA/cuDNN from NVIDIA's pip packages (onnxruntime-gpu[cuda,cudnn]),
+            # which are not on the loader's path: ONNX Runtime (>= 1.21) loads them from there
+            try:
+                ort.preload_dlls()
+            except Exception:  # nothing to preload: the provider's own error says what is missing
+                pass
         self.short_providers = providers
         self.providers = [ORT_PROVIDERS[p] for p in providers]
         self.threads = threads
@@ -207,9 +215,8 @@ class OnnxRuntimeBackend:
             # enable_fallback=0: a provider that fails must say so, not silently become the CPU
             session = ort.InferenceSession(str(path), opts, enable_fallback=0, **listed)
         except Exception as e:  # onnxruntime raises its own Fail/RuntimeError types
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BackendError(f"ONNX Runtime could not create a {'+'.join(self.short_providers)} session for "
-                               f"{path.name}: {first}") from None
+                               f"{path.name}: {ort_error_line(e)}") from None
         got = session.get_providers()
         if self.providers[0] not in got:
             raise BackendError(f"ONNX Runtime did not use {self.providers[0]} for {path.name} (it uses {', '.join(got)}); "
@@ -245,6 +252,18 @@ class OnnxRuntimeBackend:
         if self.notes:
             out["notes"] = list(self.notes)
         return out
+
+
+def ort_error_line(e: BaseException) -> str:
+    """ONNX Runtime's message without its source-file prefixes, on one line. E.g. (real, CUDA EP
+    without a GPU): '... cuda_execution_provider_info.cc:63 static ...FromProviderOptions(...)
+    [ONNXRuntimeError] : 1 : FAIL : provider_options_utils.h:187 Parse Failed to parse provider
+    option "device_id": CUDA failure 100: no CUDA-capable device is detected ; GPU=-1 ; ...'."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    text = text.rsplit(" FAIL : ", 1)[-1]
+    text = re.sub(r"^[\w./]+\.(?:h|cc|cpp):\d+ (?:\w+ )?", "", text)
+    text = re.sub(r"^(?:(?:static|void) )*[\w:]+\([^)]*\) ", "", text)  # a C++ signature ahead of the message
+    return text.split(" ; GPU=")[0]
 
 
 def ort_input_shapes(path: Path, ort) -> dict[str, list]:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from eclipse_export.runtime.backends import (BackendError, OnnxRuntimeBackend, free_dimensions, make_backend,
-                                             ort_cache_dir)
+                                             ort_cache_dir, ort_error_line)
 from eclipse_export.runtime.bundle import open_bundle
 from eclipse_export.runtime.pipeline import Pipeline
 from eclipse_export.runtime.schedulers import StepCoefficients, apply_step
@@ -171,3 +171,66 @@ def test_tensorrt_provider_caches_live_beside_the_bundle(tiny_bundle_copy, tmp_p
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     got = ort_cache_dir(open_bundle(other), "tensorrt", "1.0")
     assert got.is_dir() and str(got).startswith(str(tmp_path / "xdg" / "eclipse-export" / "ort-cache"))
+
+
+def _cuda_reason() -> str | None:
+    """None where ONNX Runtime's CUDA provider really runs here (needs onnxruntime-gpu and a GPU)."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "onnxruntime-gpu is not installed"
+    try:
+        OnnxRuntimeBackend(["cuda"])  # preloads NVIDIA's pip CUDA libraries where they are
+        s = ort.InferenceSession(guided_step_model(False), providers=["CUDAExecutionProvider"], enable_fallback=0)
+    except Exception as e:
+        return f"no CUDA session here: {ort_error_line(e)[:160]}"
+    return None if s.get_providers()[0] == "CUDAExecutionProvider" else "ONNX Runtime fell back to the CPU"
+
+
+@pytest.mark.skipif(_cuda_reason() is not None, reason=str(_cuda_reason()))
+@pytest.mark.parametrize("cfg", [True, False])
+def test_step_graph_on_cuda_is_apply_step(cfg):
+    """On the GPU: the step graph through IO binding on CUDA memory gives apply_step's numbers
+    (float32 element-wise kernels; NaN must stay NaN, as np.clip keeps it)."""
+    import onnxruntime as ort
+
+    from eclipse_export.runtime import guidance
+
+    s = ort.InferenceSession(guided_step_model(cfg), providers=["CUDAExecutionProvider"], enable_fallback=0)
+    rng = np.random.default_rng(1)
+    shape = (2, 4, 32, 32)
+    x = (3 * rng.standard_normal(shape)).astype(np.float32)
+    x[0, 0, 0, 0] = np.nan
+    pred = rng.standard_normal(((4 if cfg else 2), *shape[1:])).astype(np.float32)
+    noises = rng.standard_normal((2, *shape)).astype(np.float32)
+    k = StepCoefficients(0.31, 0.95, 1.0, 0.52, 0.47, 0.0, 0.11)
+    io = s.io_binding()
+    for name, value in (("noise_pred", pred), ("latents", x), ("step_noise", noises), ("params", step_params(k, 4.0, 1))):
+        io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
+    for name in ("latents_next", "sample_next"):
+        io.bind_output(name, "cuda")
+    s.run_with_iobinding(io)
+    got = io.copy_outputs_to_cpu()[0]
+    want = apply_step(k, guidance.combine(pred, 4.0) if cfg else pred, x, noises[1])
+    assert np.isnan(got[0, 0, 0, 0])
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(_cuda_reason() is not None, reason=str(_cuda_reason()))
+@pytest.mark.parametrize("graphs", [True, False])
+def test_cuda_device_loop_matches_the_cuda_host_loop(tiny_bundle, graphs):
+    """On the GPU: the device loop (CUDA graphs on or off) against the host loop on the same
+    provider; the graph variant must really use the specialised session (no fallback note)."""
+    host = Pipeline.from_bundle(tiny_bundle, OnnxRuntimeBackend(["cuda"], device_loop=False))
+    backend = OnnxRuntimeBackend(["cuda"], cuda_graphs=graphs)
+    device = Pipeline.from_bundle(tiny_bundle, backend)
+    for guidance in (4.0, 1.0):
+        ref = _generate(host, guidance_scale=guidance)
+        for _ in range(2):  # the second run replays the captured graph
+            got = _generate(device, guidance_scale=guidance)
+            np.testing.assert_allclose(got.intermediates["unet.latents"], ref.intermediates["unet.latents"],
+                                       rtol=1e-4, atol=1e-4)
+            assert np.abs(got.images.astype(int) - ref.images.astype(int)).max() <= 1
+    assert backend.notes == [] and backend.describe()["cuda_graphs"] is graphs
+    if graphs:
+        assert device.sessions["unet"].static_shapes is not None

@@ -83,7 +83,13 @@ class RuntimeRunner:
 
         self.backend = make_backend(backend, providers, threads, **(options or {}))
         self.pipeline = Pipeline.from_bundle(bundle_dir, self.backend)
-        self.load_seconds = sum(self.pipeline.load_seconds.values())
+
+    @property
+    def load_seconds(self) -> float:
+        # sessions made lazily (a UNet specialised to the request's shapes for CUDA graphs, engines
+        # of --low-memory) count when they are made; read after the runs
+        return sum(getattr(s, "load_seconds", 0.0) or self.pipeline.load_seconds[n]
+                   for n, s in self.pipeline.sessions.items())
 
     def run(self, req: Request, noises: Noises):
         gen = self.pipeline.run(req, noises=noises, record=True)

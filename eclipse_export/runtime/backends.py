@@ -225,12 +225,10 @@ class OnnxRuntimeBackend:
 
     def load(self, spec: ComponentSpec, bundle: Bundle) -> OrtSession:
         path = bundle.graph_path(spec.name)
-        t0 = time.perf_counter()
         # the UNet of a CUDA-graph device loop is made for its first request's shapes, not here
+        # (its load time then adds to OrtSession.load_seconds at the first generation)
         lazy = spec.name == "unet" and self.device_loop and self.cuda_graphs
-        out = OrtSession(spec, lambda static: self._make_session(path, bundle, static), eager=not lazy)
-        out.load_seconds = time.perf_counter() - t0
-        return out
+        return OrtSession(spec, lambda static: self._make_session(path, bundle, static), eager=not lazy)
 
     # the device loop ---------------------------------------------------------------------
     def denoise(self, unet: OrtSession, latents: np.ndarray, image_embeds: np.ndarray, scheduler,

@@ -155,3 +155,30 @@ def test_steps_resume_across_calls(tmp_path, monkeypatch, capsys):
     files = sorted(p.name for p in dest.iterdir())
     assert files == ["outputs.tar.gz", "summary.md"] and len(files) <= 8
     assert "## c: failed" in (dest / "summary.md").read_text()
+
+
+def test_tensorrt_rtx_exports_only_where_the_gpu_is_a_target(tmp_path, monkeypatch):
+    """H100/H200 (SM 9.0) are no TensorRT-RTX 1.7 target: the export step records why and builds
+    the ONNX bundles only; an RTX card gets its engines for its own compute capability."""
+    targets = ["NONE", "CURRENT", "SM75", "SM80", "SM86", "SM89", "SM120", "SM121"]
+    rtx = {"version": "1.7.1.116", "targets": targets}
+    name, reason = gpu_verify.rtx_target({"tensorrt_rtx": rtx, "torch": {"capability": [9, 0]}})
+    assert name is None and reason.startswith("skipped: not supported") and "no SM90 target" in reason
+    assert gpu_verify.rtx_target({"tensorrt_rtx": rtx, "torch": {"capability": [8, 9]}}) == ("SM89", "ok")
+
+    monkeypatch.setenv("ECLIPSE_GPU_STAGE", str(tmp_path))
+    exported = []
+    monkeypatch.setattr(gpu_verify, "_export", lambda stage, out, preset, target, timeout, extra=():
+                        exported.append((target, tuple(extra))) or {"status": "done"})
+    for cap, want in (([9, 0], ["onnx", "onnx-fp16"]), ([12, 0], ["onnx", "onnx-fp16", "trt-rtx-fp16"])):
+        state = gpu_verify.State(tmp_path)
+        name, reason = gpu_verify.rtx_target({"tensorrt_rtx": rtx, "torch": {"capability": cap}})
+        state.step("env").update(rtx_target=name, rtx_reason=reason)
+        state.save()
+        exported.clear()
+        result = gpu_verify._exports("tiny")(tmp_path, tmp_path / "out", 600)
+        assert [t for t, _ in exported] == want and result["ok"]
+        if name is None:
+            assert result["bundles"]["trt-rtx-fp16"]["status"].startswith("skipped: not supported")
+        else:
+            assert exported[-1][1][:2] == ("--compute-capability", "SM120")

@@ -34,9 +34,10 @@ import time
 import zipfile
 from pathlib import Path
 
+# the receiving side defines the transfer format (run as a script, this folder is on sys.path)
+from gpu_verify import FORMAT, FORMAT_VERSION, NEVER, sha256_file  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[2]
-FORMAT = "eclipse-gpu-transfer"
-FORMAT_VERSION = 1
 PYTHON = "3.12"  # the GPU machine's
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux_2_34_x86_64", "manylinux_2_35_x86_64")
@@ -59,17 +60,6 @@ PACKAGES = [
     ("nvidia-cuda-nvrtc>=13,<14", "nvidia-cuda-nvrtc"),
 ]
 RTX_EP = [("onnxruntime-ep-nv-tensorrt-rtx-cu13==0.5.0", None)]
-NEVER = ("torch", "torchvision", "torchaudio", "triton")
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -114,7 +104,7 @@ def slim(wheel: Path, payload: Path, min_bytes: int, threads: int = 1) -> dict:
     """Copy a wheel into the payload, its members over min_bytes as separate xz streams."""
     with zipfile.ZipFile(wheel) as z:
         big = [i for i in z.infolist() if i.file_size >= min_bytes]
-        entry = {"wheel": wheel.name, "sha256": sha256(wheel), "bytes": wheel.stat().st_size, "members": []}
+        entry = {"wheel": wheel.name, "sha256": sha256_file(wheel), "bytes": wheel.stat().st_size, "members": []}
         if not big:
             shutil.copy2(wheel, payload / wheel.name)
             entry["file"] = wheel.name
@@ -179,9 +169,9 @@ def write_transfer(out: Path, wheels: list[tuple[Path, str | None]], part_bytes:
         "format": FORMAT, "format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "repo_commit": commit, "repo_dirty": dirty, "python": PYTHON, "platforms": list(PLATFORMS), "cuda_major": 13,
         "extras": ["trt-cu13"], "payload": {"file": "payload.tar", "bytes": tar_path.stat().st_size,
-                                            "sha256": sha256(tar_path)},
+                                            "sha256": sha256_file(tar_path)},
         "parts": parts, "wheels": entries,
-        "files": {f.name: {"bytes": f.stat().st_size, "sha256": sha256(f)} for f in sorted(payload.iterdir())},
+        "files": {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(payload.iterdir())},
     }
     tmp = out / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2))

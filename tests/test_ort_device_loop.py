@@ -234,3 +234,27 @@ def test_cuda_device_loop_matches_the_cuda_host_loop(tiny_bundle, graphs):
     assert backend.notes == [] and backend.describe()["cuda_graphs"] is graphs
     if graphs:
         assert device.sessions["unet"].static_shapes is not None
+
+
+def test_a_failing_graph_session_falls_back_with_a_note(tiny_bundle, tiny_pipeline, monkeypatch):
+    """Graph capture happens inside a Run; where the specialised session fails, the loop runs again
+    on the dynamic session, says so in describe(), and gives the host loop's result."""
+    import onnxruntime as ort
+
+    backend = OnnxRuntimeBackend(["cpu"], device_loop=True, cuda_graphs=True)
+    pipe = Pipeline.from_bundle(tiny_bundle, backend)
+    real = ort.InferenceSession.run_with_iobinding
+    failed = []
+
+    def capture_fails_once(self, *args, **kwargs):
+        if not failed:  # the loop's first Run: the UNet's, on the specialised session
+            failed.append(pipe.sessions["unet"].static_shapes)
+            raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : CUDA graph capture failed (test)")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ort.InferenceSession, "run_with_iobinding", capture_fails_once)
+    got = _generate(pipe)
+    assert failed[0] is not None and pipe.sessions["unet"].static_shapes is None
+    assert backend.describe()["notes"] == ["UNet CUDA graph failed (CUDA graph capture failed (test)); "
+                                           "running the dynamic session"]
+    np.testing.assert_array_equal(got.images, _generate(tiny_pipeline).images)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backends import BackendError, OnnxRuntimeBackend, OrtSession
+from .backends import BackendError, OnnxRuntimeBackend, OrtSession, ort_error_line
 from .step_graph import guided_step_model, step_params
 
 F32 = np.float32
@@ -40,6 +40,7 @@ class _Buffers:
     """Fixed-address device tensors of one request shape (kept across generations)."""
 
     key: tuple
+    session: object  # the UNet session the binding belongs to
     sample: object
     timestep: object
     image_embeds: object
@@ -71,11 +72,12 @@ class OrtDeviceLoop:
             elif "tensorrt-rtx" in b.short_providers:
                 opts.add_provider_for_devices(b._rtx_devices, {})
                 providers = None
+            options = [{"device_id": str(b.device_id)}] if providers == ["CUDAExecutionProvider"] else None
             try:
                 self._step_sessions[cfg] = ort.InferenceSession(guided_step_model(cfg), opts, providers=providers,
-                                                                enable_fallback=0)
+                                                                provider_options=options, enable_fallback=0)
             except Exception as e:
-                raise BackendError(f"ONNX Runtime could not create the guided-step graph: {str(e).strip()[:200]}") from None
+                raise BackendError(f"ONNX Runtime could not create the guided-step graph: {ort_error_line(e)}") from None
         return self._step_sessions[cfg]
 
     def _unet_session(self, unet: OrtSession, shapes: dict):
@@ -107,11 +109,14 @@ class OrtDeviceLoop:
                 pass
         return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, device, b.device_id)
 
-    def _buffers_for(self, session, shapes: dict, latent_shape: tuple, cfg: bool) -> _Buffers:
-        key = (id(session), tuple(sorted(shapes.items())), latent_shape, cfg)
-        if self._buffers is not None and self._buffers.key == key:
+    def _buffers_for(self, session, key: tuple, shapes: dict, latent_shape: tuple) -> _Buffers:
+        if self._buffers is not None and self._buffers.key == key and self._buffers.session is session:
             return self._buffers
         self._buffers = None  # free the old shape's buffers first
+        io_types = {t.name: t.type for t in [*session.get_inputs(), *session.get_outputs()]}
+        wrong = {n: t for n, t in io_types.items() if t != "tensor(float)"}
+        if wrong:
+            raise BackendError(f"the device loop expects float32 UNet I/O (the FP16 graphs keep it), got {wrong}")
         infos = {}
         if hasattr(session, "get_input_memory_infos"):  # onnxruntime >= 1.23
             infos.update(zip([i.name for i in session.get_inputs()], session.get_input_memory_infos()))
@@ -119,6 +124,7 @@ class OrtDeviceLoop:
         pred_shape = (shapes["sample"][0],) + latent_shape[1:]
         buf = _Buffers(
             key=key,
+            session=session,
             sample=self._alloc(infos, "sample", shapes["sample"]),
             timestep=self._alloc(infos, "timestep", shapes["timestep"]),
             image_embeds=self._alloc(infos, "image_embeds", shapes["image_embeds"]),
@@ -138,12 +144,35 @@ class OrtDeviceLoop:
     def denoise(self, unet: OrtSession, latents: np.ndarray, image_embeds: np.ndarray, scheduler,
                 guidance_scale: float | None, step_noise: np.ndarray | None, progress=None,
                 record_step0: dict | None = None) -> np.ndarray:
+        args = (unet, latents, image_embeds, scheduler, guidance_scale, step_noise, progress, record_step0)
+        try:
+            return self._denoise(*args)
+        except BackendError:
+            raise
+        except Exception as e:  # onnxruntime's own error types, raised by a Run
+            if unet.static_shapes is not None and self.backend.cuda_graphs and not self.graph_fallback:
+                # graph capture happens inside a Run: where it fails, the loop starts again on the
+                # dynamic session (every input is still on the host), with a note
+                self.graph_fallback = f"UNet CUDA graph failed ({ort_error_line(e)}); running the dynamic session"
+                self.backend.notes.append(self.graph_fallback)
+                self._buffers = None
+                return self._denoise(*args)
+            raise BackendError(f"ONNX Runtime failed in the UNet loop: {ort_error_line(e)}") from None
+
+    def _denoise(self, unet: OrtSession, latents: np.ndarray, image_embeds: np.ndarray, scheduler,
+                 guidance_scale: float | None, step_noise: np.ndarray | None, progress=None,
+                 record_step0: dict | None = None) -> np.ndarray:
         cfg = guidance_scale is not None
         latents = np.ascontiguousarray(latents, F32)
         sample0 = np.concatenate([latents, latents]) if cfg else latents
         shapes = {"sample": sample0.shape, "timestep": (1,), "image_embeds": tuple(image_embeds.shape)}
+        key = (tuple(sorted(shapes.items())), latents.shape, cfg)
+        if self._buffers is not None and self._buffers.key != key:
+            # another shape: let go of the old binding (it holds the old UNet session) before the
+            # new session is made, so two UNets are never on the device together
+            self._buffers = None
         session = self._unet_session(unet, shapes)
-        buf = self._buffers_for(session, shapes, latents.shape, cfg)
+        buf = self._buffers_for(session, key, shapes, latents.shape)
         step = self._step_session(cfg)
 
         buf.image_embeds.update_inplace(np.ascontiguousarray(image_embeds, F32))

@@ -491,19 +491,20 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def table(results: dict) -> str:
-    head = f"{'target/batch':<28}" + "".join(f"{s + ' p50 ms':>18}" for s in STAGES) + \
+    w = max([28] + [len(k) + 2 for k in results["targets"]])
+    head = f"{'target/batch':<{w}}" + "".join(f"{s + ' p50 ms':>18}" for s in STAGES) + \
         f"{'step p50 ms':>13}{'total p50 s':>13}{'img/s':>8}{'load s':>8}{'peak GiB':>10}{'cos min':>10}{'PSNR dB':>9}"
     rows = [head, "-" * len(head)]
     for key, e in results["targets"].items():
         if "skipped" in e:
-            rows.append(f"{key:<28}skipped: {e['skipped']}")
+            rows.append(f"{key:<{w}}skipped: {e['skipped']}")
             continue
         lat = e["latency"]
         parity = e.get("parity")
         cos = f"{min(s['cosine'] for s in parity['stages']):.6f}" if parity else "ref"
         psnr = parity["image_psnr_db"] if parity else None
         psnr_s = "ref" if parity is None else ("inf" if psnr == "inf" else f"{psnr:.1f}")
-        rows.append(f"{key:<28}" + "".join(f"{lat[s]['p50'] * 1e3:>18.1f}" for s in STAGES) +
+        rows.append(f"{key:<{w}}" + "".join(f"{lat[s]['p50'] * 1e3:>18.1f}" for s in STAGES) +
                     f"{lat['unet_per_step']['p50'] * 1e3:>13.1f}{lat['total']['p50']:>13.3f}"
                     f"{lat['images_per_second']:>8.2f}{e['load_seconds']:>8.2f}"
                     f"{(e['peak_host_bytes'] or 0) / 2**30:>10.2f}{cos:>10}{psnr_s:>9}")

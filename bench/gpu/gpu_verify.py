@@ -244,6 +244,11 @@ def env_for(stage: Path) -> dict:
     if site.is_dir():
         env["PYTHONPATH"] = os.pathsep.join([str(site)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
         env["PATH"] = f"{site / 'bin'}{os.pathsep}{env['PATH']}"
+        # cuda.pathfinder looks for NVIDIA's pip libraries in site-packages, not on PYTHONPATH: a
+        # --target install is found through the loader's path instead
+        libs = [str(d) for d in sorted(site.glob("nvidia/*/lib")) if d.is_dir()]
+        if libs:
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(libs + [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p])
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -298,10 +303,10 @@ def rtx_target(info: dict) -> tuple[str | None, str]:
     """(TensorRT-RTX compute capability name, reason) for this GPU."""
     rtx, torch_info = info.get("tensorrt_rtx"), info.get("torch")
     if not isinstance(rtx, dict):
-        return None, f"tensorrt-rtx does not import: {rtx}"
+        return None, f"skipped: tensorrt-rtx does not import: {rtx}"
     cap = torch_info.get("capability") if isinstance(torch_info, dict) else None
     if not cap:
-        return None, "no GPU compute capability (torch sees no GPU)"
+        return None, "skipped: no GPU compute capability (torch sees no GPU)"
     name = f"SM{cap[0]}{cap[1]}"
     if name not in rtx["targets"]:
         return None, (f"skipped: not supported: TensorRT-RTX {rtx['version']} has no {name} target "

@@ -264,11 +264,15 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt", "tensorrt-rtx"), default="auto",
                    help="auto (default): the bundle's engines if it has any, else ONNX Runtime")
     p.add_argument("--provider", action="append", default=None,
-                   help="ONNX Runtime provider, repeatable, in order of preference: cpu, cuda, tensorrt (default: cpu)")
+                   help="ONNX Runtime provider, repeatable, in order of preference: cpu, cuda, tensorrt, "
+                        "tensorrt-rtx (default: cpu)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--low-memory", action="store_true",
                    help="TensorRT backends: hold one engine at a time (8 GB Jetson boards)")
-    p.add_argument("--no-cuda-graphs", action="store_true", help="TensorRT backends: do not capture the UNet step")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="TensorRT backends and ONNX Runtime GPU providers: do not capture the UNet step")
+    p.add_argument("--host-loop", action="store_true",
+                   help="ONNX Runtime GPU providers: copy the latents to the host every step (the reference loop)")
     p.add_argument("--compare-reference", action="store_true",
                    help="also run the PyTorch reference on the same noises and print per-stage parity")
     p.add_argument("--report", type=Path, default=None, help="write timings (and parity) as JSON here")
@@ -322,7 +326,8 @@ def generate_main(argv=None) -> int:
             backend_name = "onnxruntime"  # Pipeline.from_bundle below reports what is wrong with it
     backend = make_backend(backend_name, providers=args.provider or ["cpu"], threads=args.threads,
                            low_memory=args.low_memory, cuda_graphs=not args.no_cuda_graphs,
-                           runtime_cache_dir=_user_cache() / "rtx-runtime-cache")
+                           runtime_cache_dir=_user_cache() / "rtx-runtime-cache",
+                           device_loop=False if args.host_loop else None)
     t0 = time.perf_counter()
     pipeline = Pipeline.from_bundle(args.bundle, backend, verify_hashes=not args.skip_hash_check)
     _log(f"loaded {args.bundle} ({pipeline.bundle.precision}, {backend.name}) in {time.perf_counter() - t0:.2f} s")

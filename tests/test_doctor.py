@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from eclipse_export.doctor import diagnose, main, render
+from eclipse_export.runtime.bundle import file_entry
 from eclipse_export.runtime.gpu_probe import Check, CudaProbe, Gpu, cuda_probe
 
 
@@ -43,7 +44,12 @@ def _engine_bundle(tiny_bundle_copy, cc="SM89", version="1.7.1.116"):
     manifest = json.loads(manifest_path.read_text())
     manifest["target"] = "trt-rtx-fp16"
     manifest["engines"] = {name: {"flavour": "tensorrt-rtx", "version": version, "compute_capabilities": [cc],
-                                  "file": f"engines/{name}.rtx.plan"} for name in ("unet", "movq")}
+                                  "file": f"engines/{name}.rtx.plan", "key": name} for name in ("unet", "movq")}
+    (tiny_bundle_copy / "engines").mkdir()
+    for name in ("unet", "movq"):  # stand-in plans: the doctor reads the manifest, never the plan
+        rel = f"engines/{name}.rtx.plan"
+        (tiny_bundle_copy / rel).write_bytes(b"plan")
+        manifest["files"][rel] = file_entry(tiny_bundle_copy, rel)
     manifest_path.write_text(json.dumps(manifest))
     return tiny_bundle_copy
 

@@ -175,7 +175,8 @@ class Pipeline:
             hook(self.sessions[name])
 
     def _device_loop(self, sched) -> bool:
-        if not hasattr(self.backend, "denoise"):
+        # backends with a device loop may still leave it off (ONNX Runtime on CPU: device_loop=False)
+        if not hasattr(self.backend, "denoise") or not getattr(self.backend, "device_loop", True):
             return False
         try:
             sched.step_coefficients(int(sched.timesteps[0]))

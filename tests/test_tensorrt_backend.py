@@ -383,7 +383,7 @@ def test_every_engine_is_checked_before_any_is_loaded(bundle_dir):
     engines = {name: {"flavour": "tensorrt-rtx", "version": "1.7.1.116", "compute_capabilities": ["SM89"],
                       "file": "x"} for name in COMPONENTS}
     engines["prior"]["version"] = "1.6.0"
-    bundle = type(bundle)(bundle.root, dict(bundle.manifest, engines=engines))
+    bundle = dataclasses.replace(bundle, manifest=dict(bundle.manifest, engines=engines))
     with pytest.raises(BackendError) as e:
         Pipeline(bundle, backend)
     msg = str(e.value)
@@ -404,7 +404,7 @@ def test_engine_refusal_names_the_rebuild_command(bundle_dir):
         backend.load(COMPONENTS["prior"], bundle)
     manifest = dict(bundle.manifest, engines={"prior": {"flavour": "tensorrt-rtx", "version": "1.7.1.116",
                                                         "compute_capabilities": ["SM89"], "file": "x"}})
-    bundle = type(bundle)(bundle.root, manifest)
+    bundle = dataclasses.replace(bundle, manifest=manifest)
     with pytest.raises(BackendError) as e:
         backend.load(COMPONENTS["prior"], bundle)
     msg = str(e.value)

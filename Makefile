@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROMPT ?= a red cube on a blue sphere
 
-.PHONY: demo test install clean cpp cpp-asan cpp-ort cpp-deps
+.PHONY: demo test install clean cc-present cpp cpp-asan cpp-ort cpp-deps
 
 # C/C++ runtime (cpp/): the Debian/Ubuntu packages it builds with (JetPack ships the same);
 # installed with apt when missing, saying so.
@@ -36,6 +36,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/eclipse-export --preset tiny --target onnx --out engines/tiny-onnx --overwrite
 	$(BIN)/eclipse-generate --bundle engines/tiny-onnx --prompt "$(PROMPT)" --seed 0 --out out.png --compare-reference
+
+# tests/test_cuda_api.py builds a stand-in NVIDIA driver library with the system C compiler
+cc-present:
+	@command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || { \
+		echo "installing gcc (tests/test_cuda_api.py compiles a stand-in driver library)"; \
+		apt-get update -qq && apt-get install -y -qq gcc; }
 
 cpp-deps:
 	@if ! command -v dpkg-query > /dev/null; then \
@@ -67,7 +73,7 @@ cpp-ort: cpp-deps $(STAMP)
 
 # C++ tests (plain and sanitized), then the Python suite (which checks the C++ chain against the
 # Python runtime through build/cpp, and again through build/cpp-asan)
-test: $(STAMP) cpp cpp-asan
+test: $(STAMP) cc-present cpp cpp-asan
 	ctest --test-dir $(CPP_BUILD) --output-on-failure
 	ctest --test-dir $(CPP_ASAN) --output-on-failure
 	$(BIN)/python -m pytest -q

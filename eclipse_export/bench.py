@@ -24,6 +24,7 @@ import numpy as np
 
 from .memory import peak_rss_bytes, reset_peak_rss
 from .parity import ParityReport
+from .runtime.backends import BackendError
 from .runtime.bundle import open_bundle
 from .runtime.images import to_uint8
 from .runtime.noise import Noises
@@ -49,6 +50,11 @@ class BenchConfig:
     batches: tuple[int, ...] = (1, 2)
     threads: int | None = None
     providers: tuple[str, ...] = ("cpu",)
+    # more ONNX Runtime provider lists, one target each (e.g. ("tensorrt", "cuda")); () : providers only
+    provider_sets: tuple[tuple[str, ...], ...] = ()
+    # also time each GPU target's variants: ONNX Runtime GPU providers with the host loop and
+    # without CUDA graphs, TensorRT backends without CUDA graphs and in low-memory mode
+    gpu_variants: bool = False
     torch_device: str = "cpu"
     peak_tflops: float | None = None
     # quality report: parity of every target against torch-fp32 on these prompts (batch 1, the
@@ -71,12 +77,19 @@ class Target:
 
 
 class RuntimeRunner:
-    def __init__(self, bundle_dir: Path, providers, threads, backend: str = "onnxruntime"):
+    def __init__(self, bundle_dir: Path, providers, threads, backend: str = "onnxruntime", options: dict | None = None):
         from .runtime.backends import make_backend
         from .runtime.pipeline import Pipeline
 
-        self.pipeline = Pipeline.from_bundle(bundle_dir, make_backend(backend, providers, threads))
-        self.load_seconds = sum(self.pipeline.load_seconds.values())
+        self.backend = make_backend(backend, providers, threads, **(options or {}))
+        self.pipeline = Pipeline.from_bundle(bundle_dir, self.backend)
+
+    @property
+    def load_seconds(self) -> float:
+        # sessions made lazily (a UNet specialised to the request's shapes for CUDA graphs, engines
+        # of --low-memory) count when they are made; read after the runs
+        return sum(getattr(s, "load_seconds", 0.0) or self.pipeline.load_seconds[n]
+                   for n, s in self.pipeline.sessions.items())
 
     def run(self, req: Request, noises: Noises):
         gen = self.pipeline.run(req, noises=noises, record=True)
@@ -118,25 +131,42 @@ def plan_targets(bundles: list[Path], config: BenchConfig, with_torch: bool) -> 
         if config.torch_device == "cpu":
             fp16.skipped = "needs a CUDA GPU (fp16 on CPU is not a deployment target)"
         targets.append(fp16)
+    provider_sets = config.provider_sets or (tuple(config.providers),)
     for b in bundles:
         manifest = open_bundle(b, verify_hashes=False).manifest
         # every bundle's ONNX graphs run on ONNX Runtime; its engines (if any) on their TensorRT flavour
         graphs = "onnx" if manifest["precision"] == "fp32" else f"onnx-{manifest['precision']}"
-        targets.append(Target(f"{graphs}@{'+'.join(config.providers)}", manifest["precision"], "runtime",
-                              meta={"bundle": str(b), "backend": "onnxruntime"}))
+        for providers in provider_sets:
+            on_gpu = providers[0] != "cpu"
+            variants = [("", {})]
+            if on_gpu and config.gpu_variants:
+                variants += [("[no-graphs]", {"cuda_graphs": False}), ("[host-loop]", {"device_loop": False})]
+            skipped = _backend_unavailable("onnxruntime", providers) if on_gpu else None
+            for suffix, options in variants:
+                t = Target(f"{graphs}@{'+'.join(providers)}{suffix}", manifest["precision"], "runtime",
+                           meta={"bundle": str(b), "backend": "onnxruntime", "providers": list(providers),
+                                 "options": options})
+                t.skipped = skipped
+                targets.append(t)
         flavours = {e["flavour"] for e in (manifest.get("engines") or {}).values()}
         for flavour in sorted(flavours):
-            t = Target(manifest["target"], manifest["precision"], "runtime", meta={"bundle": str(b), "backend": flavour})
-            t.skipped = _backend_unavailable(flavour)
-            targets.append(t)
+            variants = [("", {})]
+            if config.gpu_variants:
+                variants += [("[no-graphs]", {"cuda_graphs": False}), ("[low-memory]", {"low_memory": True})]
+            skipped = _backend_unavailable(flavour)
+            for suffix, options in variants:
+                t = Target(manifest["target"] + suffix, manifest["precision"], "runtime",
+                           meta={"bundle": str(b), "backend": flavour, "options": options})
+                t.skipped = skipped
+                targets.append(t)
     return targets
 
 
-def _backend_unavailable(flavour: str) -> str | None:
+def _backend_unavailable(name: str, providers=("cpu",)) -> str | None:
     from .runtime.backends import BackendError, make_backend
 
     try:
-        make_backend(flavour)
+        make_backend(name, providers)
     except BackendError as e:
         return str(e)
     return None
@@ -167,7 +197,8 @@ def environment() -> dict:
     cpuinfo = _read("/proc/cpuinfo") or ""
     env["cpu"] = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), None)
     versions = {}
-    for dist in ("onnxruntime", "onnxruntime-gpu", "torch", "numpy", "tensorrt", "tensorrt_rtx", "eclipse-export"):
+    for dist in ("onnxruntime", "onnxruntime-gpu", "onnxruntime-ep-nv-tensorrt-rtx-cu13", "torch", "numpy", "tensorrt",
+                 "tensorrt_rtx", "cuda-bindings", "diffusers", "eclipse-export"):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -339,13 +370,28 @@ def _run_targets(bundles, out_dir: Path, config: BenchConfig, targets, results: 
             log(f"[{key}] loading")
             reset_peak_rss()
             t0 = time.perf_counter()
-            if target.runner is None:
-                if target.name.startswith("torch-"):
-                    target.runner = TorchRunner(first_bundle, target.precision, config.torch_device)
-                else:
-                    target.runner = RuntimeRunner(Path(target.meta["bundle"]), config.providers, config.threads,
-                                                  target.meta.get("backend", "onnxruntime"))
-            measured = measure(target, req, noises, config, log)
+            try:
+                if target.runner is None:
+                    if target.name.startswith("torch-"):
+                        target.runner = TorchRunner(first_bundle, target.precision, config.torch_device)
+                    else:
+                        target.runner = RuntimeRunner(Path(target.meta["bundle"]),
+                                                      target.meta.get("providers", config.providers), config.threads,
+                                                      target.meta.get("backend", "onnxruntime"),
+                                                      target.meta.get("options"))
+                measured = measure(target, req, noises, config, log)
+            except BackendError as e:
+                # a provider or engine this machine cannot run (found only when loading, e.g. ONNX
+                # Runtime's TensorRT provider without TensorRT's libraries): recorded, not fatal
+                log(f"[{key}] skipped: {e}")
+                entry["skipped"] = str(e)
+                results["targets"][key] = entry
+                write_json(out_dir / "results.json", results)
+                target.runner = None
+                gc.collect()
+                continue
+            if hasattr(target.runner, "backend"):
+                entry["backend"] = target.runner.backend.describe()
             entry["load_seconds"] = target.runner.load_seconds
             entry["wall_seconds"] = time.perf_counter() - t0
             entry["latency"] = measured["latency"]
@@ -445,19 +491,20 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def table(results: dict) -> str:
-    head = f"{'target/batch':<28}" + "".join(f"{s + ' p50 ms':>18}" for s in STAGES) + \
+    w = max([28] + [len(k) + 2 for k in results["targets"]])
+    head = f"{'target/batch':<{w}}" + "".join(f"{s + ' p50 ms':>18}" for s in STAGES) + \
         f"{'step p50 ms':>13}{'total p50 s':>13}{'img/s':>8}{'load s':>8}{'peak GiB':>10}{'cos min':>10}{'PSNR dB':>9}"
     rows = [head, "-" * len(head)]
     for key, e in results["targets"].items():
         if "skipped" in e:
-            rows.append(f"{key:<28}skipped: {e['skipped']}")
+            rows.append(f"{key:<{w}}skipped: {e['skipped']}")
             continue
         lat = e["latency"]
         parity = e.get("parity")
         cos = f"{min(s['cosine'] for s in parity['stages']):.6f}" if parity else "ref"
         psnr = parity["image_psnr_db"] if parity else None
         psnr_s = "ref" if parity is None else ("inf" if psnr == "inf" else f"{psnr:.1f}")
-        rows.append(f"{key:<28}" + "".join(f"{lat[s]['p50'] * 1e3:>18.1f}" for s in STAGES) +
+        rows.append(f"{key:<{w}}" + "".join(f"{lat[s]['p50'] * 1e3:>18.1f}" for s in STAGES) +
                     f"{lat['unet_per_step']['p50'] * 1e3:>13.1f}{lat['total']['p50']:>13.3f}"
                     f"{lat['images_per_second']:>8.2f}{e['load_seconds']:>8.2f}"
                     f"{(e['peak_host_bytes'] or 0) / 2**30:>10.2f}{cos:>10}{psnr_s:>9}")
@@ -562,6 +609,12 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--batch", type=int, action="append", help="batch sizes (default: 1 and 2)")
     p.add_argument("--provider", action="append", help="ONNX Runtime providers (default: cpu)")
+    p.add_argument("--provider-set", action="append", metavar="P1,P2",
+                   help="one ONNX Runtime target per set, repeatable (e.g. --provider-set cuda "
+                        "--provider-set tensorrt,cuda); replaces --provider")
+    p.add_argument("--gpu-variants", action="store_true",
+                   help="also time GPU targets without CUDA graphs, ONNX Runtime GPU targets with the host loop, "
+                        "and TensorRT targets in --low-memory mode")
     p.add_argument("--threads", type=int)
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch targets (no parity then)")
     p.add_argument("--peak-tflops", type=float, help="the device's peak, to report the distance to it")
@@ -593,6 +646,8 @@ def main(argv=None) -> int:
     config = BenchConfig(height=args.height, width=args.width, steps=args.steps, guidance=args.guidance,
                          warmup=args.warmup, runs=args.runs, batches=tuple(args.batch or (1, 2)),
                          threads=args.threads, providers=tuple(args.provider or ("cpu",)),
+                         provider_sets=tuple(tuple(x for x in s.split(",") if x) for s in args.provider_set or ()),
+                         gpu_variants=args.gpu_variants,
                          torch_device="cuda" if _cuda_available() else "cpu", peak_tflops=args.peak_tflops,
                          quality_prompts=quality)
     Request.make(config.prompt, None, config.height, config.width, config.steps, config.guidance, 0)

@@ -103,8 +103,10 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
     p.add_argument("--no-parity-check", action="store_true", help="skip the per-component ORT-vs-PyTorch check")
     e = p.add_argument_group("engines (trt-* targets)")
-    e.add_argument("--static", metavar="HxW", help="one fixed image size (batch --max-batch or 1) instead of 256..1024 px")
-    e.add_argument("--max-batch", type=int, help="largest prompt batch (the UNet profile doubles it for CFG; default 4)")
+    e.add_argument("--static", metavar="HxW", help="one fixed image size instead of 256..1024 px (batch still 1..--max-batch)")
+    e.add_argument("--max-batch", type=int, default=1,
+                   help="most prompts per generation (default 1, what eclipse-generate sends); engines take "
+                        "twice as many rows where a negative prompt or CFG doubles the batch")
     e.add_argument("--workspace-mib", type=int, default=4096, help="builder workspace cap (default 4096)")
     e.add_argument("--opt-level", type=int, default=3, help="builder optimisation level 0..5 (default 3)")
     e.add_argument("--compute-capability", action="append",
@@ -228,7 +230,7 @@ def _build_options(args):
     static = None
     if args.static:
         h, w = _image_size("--static", args.static)
-        static = {"B": args.max_batch or 1, "h": h // 8, "w": w // 8}
+        static = {"B": args.max_batch, "h": h // 8, "w": w // 8}
     if args.max_batch is not None and args.max_batch < 1:
         raise UserError("--max-batch must be >= 1")
     if not 0 <= args.opt_level <= 5:
@@ -239,7 +241,7 @@ def _build_options(args):
     unknown = [c for c in ccs if c not in RTX_COMPUTE_CAPABILITIES]
     if unknown:
         raise UserError(f"unknown compute capability {', '.join(unknown)} (choose from {', '.join(RTX_COMPUTE_CAPABILITIES)})")
-    return BuildOptions(static=static, max_batch=args.max_batch or 4, workspace_mib=args.workspace_mib,
+    return BuildOptions(static=static, max_batch=args.max_batch, workspace_mib=args.workspace_mib,
                         opt_level=args.opt_level, strip_weights=args.strip_weights, compute_capabilities=ccs,
                         timing_cache=args.engine_cache / "timing.cache" if args.engine_cache else None)
 
@@ -262,11 +264,15 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt", "tensorrt-rtx"), default="auto",
                    help="auto (default): the bundle's engines if it has any, else ONNX Runtime")
     p.add_argument("--provider", action="append", default=None,
-                   help="ONNX Runtime provider, repeatable, in order of preference: cpu, cuda, tensorrt (default: cpu)")
+                   help="ONNX Runtime provider, repeatable, in order of preference: cpu, cuda, tensorrt, "
+                        "tensorrt-rtx (default: cpu)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--low-memory", action="store_true",
                    help="TensorRT backends: hold one engine at a time (8 GB Jetson boards)")
-    p.add_argument("--no-cuda-graphs", action="store_true", help="TensorRT backends: do not capture the UNet step")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="TensorRT backends and ONNX Runtime GPU providers: do not capture the UNet step")
+    p.add_argument("--host-loop", action="store_true",
+                   help="ONNX Runtime GPU providers: copy the latents to the host every step (the reference loop)")
     p.add_argument("--compare-reference", action="store_true",
                    help="also run the PyTorch reference on the same noises and print per-stage parity")
     p.add_argument("--report", type=Path, default=None, help="write timings (and parity) as JSON here")
@@ -320,7 +326,8 @@ def generate_main(argv=None) -> int:
             backend_name = "onnxruntime"  # Pipeline.from_bundle below reports what is wrong with it
     backend = make_backend(backend_name, providers=args.provider or ["cpu"], threads=args.threads,
                            low_memory=args.low_memory, cuda_graphs=not args.no_cuda_graphs,
-                           runtime_cache_dir=_user_cache() / "rtx-runtime-cache")
+                           runtime_cache_dir=_user_cache() / "rtx-runtime-cache",
+                           device_loop=False if args.host_loop else None)
     t0 = time.perf_counter()
     pipeline = Pipeline.from_bundle(args.bundle, backend, verify_hashes=not args.skip_hash_check)
     _log(f"loaded {args.bundle} ({pipeline.bundle.precision}, {backend.name}) in {time.perf_counter() - t0:.2f} s")
@@ -329,7 +336,10 @@ def generate_main(argv=None) -> int:
         if i == n or i % max(1, n // 10) == 0:
             _log(f"  step {i}/{n}")
 
-    gen = pipeline.run(req, record=args.compare_reference, progress=progress, warnings=warnings)
+    try:
+        gen = pipeline.run(req, record=args.compare_reference, progress=progress, warnings=warnings)
+    finally:
+        pipeline.close()  # TensorRT-RTX keeps the kernels it compiled (runtime cache)
     for w in gen.warnings:
         _log(f"warning: {w}")
     save_png(gen.images[0], args.out)

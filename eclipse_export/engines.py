@@ -15,23 +15,26 @@ Nothing here imports torch.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
-import os
 import re
 import shutil
+import signal
 import sys
-import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .progress import heartbeat
+from .runtime.backends import BackendError
+from .runtime.files import write_bytes_atomic
+from .runtime.trt_flavours import RTX_COMPUTE_CAPABILITIES
+from .runtime.trt_flavours import import_flavour as _import_flavour
 from .specs import ComponentSpec
 
-FLAVOURS = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
-# Compute capabilities TensorRT-RTX 1.7 can target ahead of time.
-RTX_COMPUTE_CAPABILITIES = ("SM75", "SM80", "SM86", "SM89", "SM120", "SM121")
+# a build prints a line at least this often (seconds), also while TensorRT sits in one phase
+PROGRESS_INTERVAL_S = 10.0
 
 
 class EngineBuildError(RuntimeError):
@@ -43,8 +46,12 @@ class BuildOptions:
     flavour: str = "tensorrt-rtx"
     # None: dynamic profile from the spec; else {"B": b, "h": h, "w": w} latent-space fixed shape
     static: Mapping[str, int] | None = None
-    max_batch: int | None = None  # caps the spec's batch range (prompts; the UNet gets 2x for CFG)
-    workspace_mib: int = 2048
+    # most prompts per generation (None: the spec's full range). Each component's batch range is
+    # 1..max_batch * spec.rows_per_prompt: a negative prompt doubles the text encoder's and prior's
+    # rows, CFG the UNet's. 1 by default, what eclipse-generate sends: the UNet's scratch memory grows
+    # with its largest batch (see docs/decisions.md: the default 4 needed ~8 GiB for the tiny UNet).
+    max_batch: int | None = 1
+    workspace_mib: int = 4096  # the CLI default
     opt_level: int = 3
     strip_weights: bool = False
     compute_capabilities: tuple[str, ...] = ("SM89",)
@@ -58,14 +65,10 @@ class BuildOptions:
 
 
 def import_flavour(flavour: str):
-    if flavour not in FLAVOURS:
-        raise EngineBuildError(f"unknown TensorRT flavour {flavour!r} (choose from {', '.join(FLAVOURS)})")
     try:
-        return importlib.import_module(FLAVOURS[flavour])
-    except ImportError:
-        hint = ("pip install tensorrt-rtx" if flavour == "tensorrt-rtx"
-                else "install TensorRT 10.3+ (JetPack 6 ships it; x86-64: pip install tensorrt from NVIDIA's index)")
-        raise EngineBuildError(f"{FLAVOURS[flavour]} is not installed: {hint}") from None
+        return _import_flavour(flavour)
+    except BackendError as e:
+        raise EngineBuildError(str(e)) from None
 
 
 # NVIDIA, "CPU-Only AOT and TensorRT-RTX Engines": a weight-stripped (kSTRIP_PLAN + kREFIT) build
@@ -90,21 +93,19 @@ def preflight(options: BuildOptions) -> None:
 
 
 def profile_shapes(spec: ComponentSpec, dims: Mapping[str, int], options: BuildOptions) -> dict[str, tuple]:
-    """input name -> (min, opt, max) shapes."""
+    """input name -> (min, opt, max) shapes. The batch always spans every request of 1..max_batch
+    prompts (with or without a negative prompt, guidance on or off: spec.rows_per_prompt), also
+    for --static, which fixes the image size only."""
     ranges = dict(spec.shape_ranges)
-    if options.max_batch:
-        lo, opt, hi = ranges["B"]
-        # CFG doubles the UNet batch; a negative prompt shares the text encoder's and prior's batch
-        factor = 2 if spec.name in ("unet", "text_encoder", "prior") else 1
-        hi = max(lo, options.max_batch * factor)
-        ranges["B"] = (lo, min(opt, hi), hi)
+    prompts = options.max_batch or (options.static or {}).get("B")
+    if prompts:
+        lo, opt, _ = ranges["B"]
+        hi = prompts * spec.rows_per_prompt
+        ranges["B"] = (min(lo, hi), min(opt, hi), hi)
+    if options.static:
+        ranges.update({k: (v, v, v) for k, v in options.static.items() if k != "B"})
     out = {}
     for t in spec.inputs:
-        if options.static:
-            d = dict(dims, **{k: v * (2 if (k == "B" and spec.name == "unet") else 1) for k, v in options.static.items()})
-            shape = t.resolve(d)
-            out[t.name] = (shape, shape, shape)
-            continue
         mins, opts, maxs = (dict(dims), dict(dims), dict(dims))
         for symbol in ("B", "h", "w"):
             lo, opt, hi = ranges.get(symbol, (1, 1, 1))
@@ -125,52 +126,92 @@ _WEIGHTS_LINE = re.compile(r"Total Weights Memory: (\d+) bytes")
 def _recording_logger(trt):
     """TensorRT's messages at WARNING and above to stderr (as trt.Logger(WARNING) prints them);
     also keeps the builder's weights total, logged at INFO: it tells how much of a plan is
-    weights, which is what weight stripping would save."""
+    weights, which is what weight stripping would save; and its errors, to explain a failure."""
 
     class Logger(trt.ILogger):
         def __init__(self):
             trt.ILogger.__init__(self)
             self.weights_bytes = None
+            self.errors: list[str] = []
 
         def log(self, severity, msg):
             found = _WEIGHTS_LINE.search(msg)
             if found:
                 self.weights_bytes = int(found.group(1))
+            if int(severity) <= int(trt.ILogger.Severity.ERROR):
+                self.errors.append(msg)
             if int(severity) <= int(trt.ILogger.Severity.WARNING):
                 print(f"[{trt.__name__}] {severity.name}: {msg}", file=sys.stderr)
 
     return Logger()
 
 
-class _Progress:
-    """Wraps TensorRT's IProgressMonitor where the flavour has it: long builds print phases."""
+class BuildProgress:
+    """Progress of one engine build: TensorRT's top-level phases as they start (IProgressMonitor,
+    where the flavour has it), and through progress.heartbeat a line whenever nothing was printed
+    for `interval` seconds (a build can sit in one phase for minutes), naming the current phase.
 
-    @staticmethod
-    def attach(trt, config, log: Callable[[str], None]) -> None:
-        if not hasattr(trt, "IProgressMonitor") or not hasattr(config, "progress_monitor"):
-            return
+    Ctrl-C / SIGTERM during the build: Python runs its handler inside whichever TensorRT callback
+    comes next, and TensorRT swallows an exception raised there (seen: "Exception caught in
+    log(): KeyboardInterrupt"). So while building, the signals only set a flag; the monitor then
+    cancels the build at its next step, and the caller raises KeyboardInterrupt afterwards."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self, trt, config, name: str, log: Callable[[str], None], interval: float = PROGRESS_INTERVAL_S,
+                 start: str = ""):
+        self.name, self._log, self.interval, self.start = name, log, interval, start or f"  {name}: building"
+        self.phase = "preparing"
+        self.interrupted = False
+        self._previous: dict = {}
+        self._beat = None
+        self.log = log  # until the build starts: then the heartbeat's tracked log
+        if hasattr(trt, "IProgressMonitor") and hasattr(config, "progress_monitor"):
+            config.progress_monitor = self._monitor(trt)
+
+    def _monitor(self, trt):
+        progress = self
 
         class Monitor(trt.IProgressMonitor):
             def __init__(self):
                 trt.IProgressMonitor.__init__(self)
-                self.last = 0.0
 
-            def phase_start(self, parent_phase, phase_name, num_steps):
+            # TensorRT calls these positionally: (phase_name, parent_phase, num_steps)
+            def phase_start(self, phase_name, parent_phase, num_steps):
+                progress.phase = phase_name
                 if parent_phase is None:
-                    log(f"    {phase_name}")
+                    progress.log(f"    {progress.name}: {phase_name}")
 
             def step_complete(self, phase_name, step):
-                return True  # never cancel
+                return not progress.interrupted  # False cancels the build
 
             def phase_finish(self, phase_name):
                 pass
 
-        config.progress_monitor = Monitor()
+        return Monitor()
+
+    def _on_signal(self, signum, frame) -> None:
+        self.interrupted = True
+
+    def __enter__(self) -> "BuildProgress":
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                sig = getattr(signal, name)
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+        self._beat = heartbeat(self._log, self.interval, detail=lambda: f"{self.name}: {self.phase}")
+        self.log = self._beat.__enter__()
+        self.log(self.start)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._beat.__exit__(*exc)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def build_engine(onnx_path: Path, spec: ComponentSpec, dims: Mapping[str, int], precision: str,
                  onnx_sha256: str, options: BuildOptions, out_dir: Path, cache_dir: Path | None = None,
-                 log: Callable[[str], None] = print) -> dict:
+                 log: Callable[[str], None] = print, progress_interval: float = PROGRESS_INTERVAL_S) -> dict:
     """Build (or take from the cache) one engine into out_dir; returns its manifest entry."""
     trt = import_flavour(options.flavour)
     version = trt.__version__
@@ -231,21 +272,21 @@ def build_engine(onnx_path: Path, spec: ComponentSpec, dims: Mapping[str, int], 
         blob = options.timing_cache.read_bytes() if options.timing_cache.is_file() else b""
         timing_cache = config.create_timing_cache(blob)
         config.set_timing_cache(timing_cache, ignore_mismatch=False)
-    _Progress.attach(trt, config, log)
-
-    log(f"  {spec.name}: building {options.flavour} {version} engine "
-        f"({'static' if options.static else 'dynamic'} profile{', weights stripped' if options.strip_weights else ''})")
+    start = (f"  {spec.name}: building {options.flavour} {version} engine "
+             f"({'static' if options.static else 'dynamic'} profile{', weights stripped' if options.strip_weights else ''})")
     t0 = time.perf_counter()
-    serialized = builder.build_serialized_network(network, config)
+    with BuildProgress(trt, config, spec.name, log, progress_interval, start) as progress:
+        serialized = builder.build_serialized_network(network, config)
+    if progress.interrupted:
+        raise KeyboardInterrupt
     if serialized is None:
-        raise EngineBuildError(f"{spec.name}: TensorRT could not build an engine (see the messages above)")
+        raise EngineBuildError(_build_failure(spec, shapes, options, logger.errors))
     seconds = time.perf_counter() - t0
-    _atomic_write(target, memoryview(serialized))
+    write_bytes_atomic(target, memoryview(serialized))
     if cached is not None:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(cached, memoryview(serialized))
+        write_bytes_atomic(cached, memoryview(serialized))
     if timing_cache is not None:
-        _atomic_write(options.timing_cache, memoryview(timing_cache.serialize()))
+        write_bytes_atomic(options.timing_cache, memoryview(timing_cache.serialize()))
     entry.update(cached=False, build_seconds=round(seconds, 2), bytes=target.stat().st_size,
                  weights_bytes=logger.weights_bytes)
     weights = f" (weights {logger.weights_bytes / 2**20:.1f} MiB)" if logger.weights_bytes is not None else ""
@@ -253,38 +294,22 @@ def build_engine(onnx_path: Path, spec: ComponentSpec, dims: Mapping[str, int], 
     return entry
 
 
+def _build_failure(spec: ComponentSpec, shapes: Mapping, options: BuildOptions, errors: list[str]) -> str:
+    if any("OutOfMemory" in e for e in errors):
+        # Seen with TensorRT-RTX on a CPU-only machine: the largest profile shape needs more builder
+        # scratch than the workspace cap (the tiny UNet: ~1 GiB per UNet batch row at 1024 px), and the
+        # "requested size" it prints is the cap itself, not the need. Nothing is allocated on the host.
+        largest = ", ".join(f"{k} {list(v[2])}" for k, v in shapes.items())
+        return (f"{spec.name}: the engine's largest shape ({largest}) needs more builder memory than "
+                f"--workspace-mib {options.workspace_mib} allows; lower --max-batch (now {options.max_batch}), "
+                "use --static HxW, or raise --workspace-mib")
+    return f"{spec.name}: TensorRT could not build an engine (see the messages above)"
+
+
 def build_gpu_compute_capability() -> str:
     """TensorRT (not RTX) builds for the GPU it runs on: record which, so the runtime can refuse
     the engine elsewhere. "unknown" when cuda-python cannot tell."""
-    try:
-        from .runtime.cuda import Cuda
+    from .runtime.gpu_probe import cuda_probe
 
-        return Cuda().info().compute_capability
-    except Exception:  # no cuda-python or no GPU: the build itself will say what is wrong
-        return "unknown"
-
-
-def _atomic_write(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def check_engine_compatible(entry: dict, installed_version: str | None, gpu_cc: str | None) -> list[str]:
-    """Refusal reasons for running `entry` with the installed TensorRT on this GPU."""
-    problems = []
-    flavour = entry["flavour"]
-    if installed_version is None:
-        problems.append(f"{FLAVOURS[flavour]} is not installed")
-    elif installed_version != entry["version"]:
-        problems.append(f"built with {flavour} {entry['version']}, this machine has {installed_version}")
-    built_for = [c for c in entry["compute_capabilities"] if c != "unknown"]
-    if gpu_cc and built_for and gpu_cc not in built_for:
-        problems.append(f"built for {', '.join(built_for)}, this GPU is {gpu_cc}")
-    return problems
+    gpus = cuda_probe().gpus
+    return gpus[0].compute_capability if gpus else "unknown"

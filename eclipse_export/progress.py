@@ -20,9 +20,10 @@ Log = Callable[[str], None]
 
 
 @contextmanager
-def heartbeat(log: Log, every: float | None = None) -> Iterator[Log]:
+def heartbeat(log: Log, every: float | None = None, detail: Callable[[], str] | None = None) -> Iterator[Log]:
     """Yields a log function to use instead of `log` inside the block; no two lines written
-    through either are more than `every` seconds apart while the block runs."""
+    through it are more than `every` seconds apart while the block runs. `detail` adds what is
+    known of the silent work (e.g. a TensorRT build's current sub-phase) to the repeated line."""
     every = HEARTBEAT_SECONDS if every is None else every
     lock = threading.Lock()
     state = {"message": "", "since": time.monotonic(), "last": time.monotonic()}
@@ -43,7 +44,10 @@ def heartbeat(log: Log, every: float | None = None) -> Iterator[Log]:
                 now = time.monotonic()
                 if now - state["last"] >= every - poll:
                     state["last"] = now
-                    log(f"  ... still at: {state['message'] or 'starting'} ({now - state['since']:.0f} s)")
+                    where = state["message"] or "starting"
+                    if detail is not None:
+                        where += f" [{detail()}]"
+                    log(f"  ... still at: {where} ({now - state['since']:.0f} s)")
 
     thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
     thread.start()

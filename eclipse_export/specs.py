@@ -76,6 +76,8 @@ class ComponentSpec:
     sample_inputs: Callable[[Mapping[str, int], np.random.Generator], dict[str, np.ndarray]]
     # ONNX op types kept in FP32 in the FP16 graph (the reasons are in `notes`)
     fp16_keep_fp32: tuple[str, ...] = ()
+    # most batch rows the pipeline sends per prompt (engine profiles: 1..max prompts x this)
+    rows_per_prompt: int = 1
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -199,6 +201,7 @@ TEXT_ENCODER = ComponentSpec(
     shape_ranges={"B": (1, 2, 8)},
     sample_inputs=_text_encoder_inputs,
     fp16_keep_fp32=_NORMS,
+    rows_per_prompt=2,  # prompts and their negative prompts in one batch
 )
 
 PRIOR = ComponentSpec(
@@ -215,6 +218,7 @@ PRIOR = ComponentSpec(
     shape_ranges={"B": (1, 2, 8)},
     sample_inputs=_prior_inputs,
     fp16_keep_fp32=_NORMS,
+    rows_per_prompt=2,  # prompts and their negative prompts in one batch
 )
 
 UNET = ComponentSpec(
@@ -233,6 +237,7 @@ UNET = ComponentSpec(
     # FP16 the argument is off by up to 0.25 rad, which made Sin/Cos 1-5 % wrong and was most of
     # the UNet's FP16 error (tiny preset: step-0 cosine 0.99997 -> 0.9999993, see decisions.md).
     fp16_keep_fp32=_NORMS + ("Sin", "Cos"),
+    rows_per_prompt=2,  # classifier-free guidance: [negative, positive]
     notes=("~5 GB of fp32 weights at full size: exported with ONNX external data",
            "FP16: the timestep embedding's Sin/Cos and their argument are computed in FP32"),
 )

@@ -160,3 +160,38 @@ def test_jetson_sampling_and_clock_warning(tmp_path, monkeypatch):
     with bench.TegraStats(tmp_path) as t:
         pass
     assert t.summary() is None
+
+
+def test_gpu_targets_and_variants_are_planned(tiny_bundle, monkeypatch):
+    """--provider-set gives one ONNX Runtime target per provider list, --gpu-variants adds the
+    host-loop and no-graph variants of GPU targets (not of CPU ones); a provider this machine
+    lacks is skipped with the backend's reason."""
+    from eclipse_export import bench
+
+    config = bench.BenchConfig(provider_sets=(("cpu",), ("cuda",), ("tensorrt", "cuda")), gpu_variants=True)
+    targets = {t.name: t for t in bench.plan_targets([tiny_bundle], config, with_torch=False)}
+    assert list(targets) == ["onnx@cpu", "onnx@cuda", "onnx@cuda[no-graphs]", "onnx@cuda[host-loop]",
+                             "onnx@tensorrt+cuda", "onnx@tensorrt+cuda[no-graphs]", "onnx@tensorrt+cuda[host-loop]"]
+    assert targets["onnx@cuda[host-loop]"].meta["options"] == {"device_loop": False}
+    assert targets["onnx@tensorrt+cuda"].meta["providers"] == ["tensorrt", "cuda"]
+    assert targets["onnx@cpu"].skipped is None
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert "no cuda provider" in targets["onnx@cuda[no-graphs]"].skipped
+
+
+def test_a_target_failing_at_load_is_skipped_not_fatal(tiny_bundle, tmp_path, monkeypatch, capsys):
+    from eclipse_export import bench
+    from eclipse_export.runtime.backends import BackendError
+
+    def broken(*a, **k):
+        raise BackendError("TensorRT provider: libnvinfer.so.10 not found (test)")
+
+    monkeypatch.setattr(bench, "RuntimeRunner", broken)
+    rc = main(["--bundle", str(tiny_bundle), "--out", str(tmp_path / "r"), "--height", "64", "--width", "64",
+               "--steps", "1", "--runs", "1", "--warmup", "0", "--batch", "1", "--no-torch"])
+    assert rc == 0, capsys.readouterr().err
+    results = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert results["targets"]["onnx@cpu/b1"]["skipped"].startswith("TensorRT provider: libnvinfer")
+    assert results["complete"] is True

@@ -170,7 +170,7 @@ def test_external_data_escaping_the_bundle_is_refused_by_onnx_runtime(tmp_path):
         onnx.save_model(model, str(tmp_path / "b" / "g.onnx"))
         bundle = Bundle(tmp_path / "b", {"components": {"prior": {"graph": "g.onnx"}}, "dims": {}},
                         frozenset({"g.onnx"}))
-        with pytest.raises(BundleError, match="cannot load"):
+        with pytest.raises(BundleError, match="escapes model directory|Absolute path not allowed"):
             OnnxRuntimeBackend().load(COMPONENTS["prior"], bundle)
 
 

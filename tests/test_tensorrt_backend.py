@@ -9,6 +9,7 @@ test_schedulers). The real GPU path is tested at the end and skips without a GPU
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import types
 
@@ -33,6 +34,11 @@ class FakeCuda:
         self.live = 0
         self.graph_launches = 0
         self.kernel_launches = 0
+        self.synchronizations = 0
+        self.events: dict[int, int] = {}  # event -> kernel launches done when it was recorded
+        self.waited: list[int] = []  # kernel launches done at each event wait
+        self.poison_step: int | None = None  # the fused step yields NaN from this step on
+        self.capture_error: str | None = None  # "begin" or "execute": capture fails there
 
     def malloc(self, n):
         ptr, self.next = self.next, self.next + ((n + 255) // 256 + 1) * 256
@@ -70,9 +76,25 @@ class FakeCuda:
         self._do(lambda: self.view(dst, n).__setitem__(slice(None), self.view(src, n)))
 
     def synchronize(self):
-        pass
+        self.synchronizations += 1
+
+    def event(self):
+        ev = len(self.events) + 100
+        self.events[ev] = 0
+        return ev
+
+    def record(self, ev):
+        self._do(lambda: self.events.__setitem__(ev, self.kernel_launches))
+
+    def wait_event(self, ev):
+        self.waited.append(self.events[ev])
+
+    def destroy_event(self, ev):
+        del self.events[ev]
 
     def begin_capture(self):
+        if self.capture_error == "begin":
+            raise tb.CudaError("CUDA cudaStreamBeginCapture failed: cudaErrorStreamCaptureUnsupported")
         self.capturing = []
 
     def end_capture(self):
@@ -90,14 +112,22 @@ class FakeCuda:
     def mem_info(self):
         return (0, 0)
 
-    def guided_step(self, pred, latents, noise, sample_out, n, cfg, scale, coefficients):
+    def close(self):
+        pass
+
+    def guided_step(self, pred, latents, noise, sample_out, n, cfg, scale, coefficients, bad_step=0, step=0):
         def run():
             self.kernel_launches += 1
             p = self.view(pred, (2 if cfg else 1) * n * 4).view(np.float32)
             eps = p[:n] + np.float32(scale) * (p[n:] - p[:n]) if cfg else p[:n].copy()
+            if self.poison_step is not None and step >= self.poison_step:
+                eps[0] = np.nan
             x = self.view(latents, n * 4).view(np.float32)
             nz = self.view(noise, n * 4).view(np.float32) if noise else None
             prev = apply_step(StepCoefficients(*coefficients), eps, x, nz)
+            flag = self.view(bad_step, 4).view(np.uint32)
+            if bad_step and not np.isfinite(prev).all() and flag[0] == 0:  # the kernel's atomicCAS
+                flag[0] = step + 1
             x[:] = prev
             if sample_out:
                 out = self.view(sample_out, (2 if cfg else 1) * n * 4).view(np.float32)
@@ -130,6 +160,9 @@ class FakeContext:
         self.addresses[name] = ptr
 
     def execute_async_v3(self, stream):
+        if self.cuda.capturing is not None and self.cuda.capture_error == "execute":
+            return False
+
         def run():
             self.executions += 1
             feed = {}
@@ -187,13 +220,17 @@ def fake_backend(bundle, low_memory=False, cuda_graphs=True) -> tb.TensorRTBacke
     backend.runtime = types.SimpleNamespace(deserialize_cuda_engine=deserialize)
     backend.name = "tensorrt"
     backend._loop_buffers = {}
+    backend.sessions, backend.warnings = [], []
 
     def load(spec, b):
         # the "engine file" names the ONNX graph the fake engine runs
         engine_file = b.root / f"{spec.name}.fake-engine"
         engine_file.write_bytes(b.component(spec.name)["graph"].encode())
         entry = {"file": engine_file.name, "key": spec.name, "profile": {}, "strip_weights": False}
-        return tb.TrtSession(backend, spec, b, entry)
+        b = dataclasses.replace(b, files=b.files | {engine_file.name})  # as a real bundle lists its engines
+        session = tb.TrtSession(backend, spec, b, entry)
+        backend.sessions.append(session)
+        return session
 
     backend.load = load
     return backend
@@ -254,6 +291,72 @@ def test_buffers_are_reused_until_a_shape_grows(bundle_dir):
     assert unet.buffers["sample"].ptr != before["sample"]
 
 
+def _generate(bundle_dir, backend=None, **kw):
+    args = dict(prompt="a red cube", height=64, width=64, steps=4, seed=2, guidance_scale=4.0)
+    args.update(kw)
+    return Pipeline.from_bundle(bundle_dir, backend).generate(**args)
+
+
+@pytest.mark.parametrize("where", ["begin", "execute"])
+def test_a_failed_cuda_graph_capture_falls_back_to_plain_enqueues(bundle_dir, where):
+    """Issue 11 #8: the generation goes on without CUDA graphs, with a warning, same image."""
+    backend = fake_backend(bundle_dir)
+    backend.cuda.capture_error = where
+    got = _generate(bundle_dir, backend)
+    ref = _generate(bundle_dir)
+    assert np.abs(got.images.astype(int) - ref.images.astype(int)).max() <= 1
+    assert backend.cuda.graph_launches == 0 and backend.cuda.capturing is None
+    assert [w for w in got.warnings if "CUDA-graph capture failed" in w and "without CUDA graphs" in w]
+    assert backend.engines[2].contexts[0].executions == 4  # every step ran as a plain enqueue
+
+
+def test_nan_latents_are_an_error_naming_the_first_bad_step(bundle_dir):
+    """Issue 11 #9: the kernel's flag (emulated here; the kernel itself is compiled in
+    test_cuda_api) is read once after the loop and names the step where NaN appeared."""
+    backend = fake_backend(bundle_dir)
+    backend.cuda.poison_step = 2  # 0-based: the third step
+    with pytest.raises(BackendError, match="NaN/Inf latents at step 3 of 4"):
+        _generate(bundle_dir, backend)
+
+
+def test_progress_reports_work_done_without_draining_the_stream_each_step(bundle_dir):
+    """Issue 11 #9: no stream synchronisation per step; progress(i) comes once step i's kernel
+    has run (an event), with one step always queued ahead."""
+    steps = 6
+    plain = fake_backend(bundle_dir)
+    _generate(bundle_dir, plain, steps=steps)
+    backend = fake_backend(bundle_dir)
+    seen = []
+    Pipeline.from_bundle(bundle_dir, backend).generate("a red cube", height=64, width=64, steps=steps, seed=2,
+                                                       progress=lambda i, n: seen.append((i, n)))
+    assert seen == [(i, steps) for i in range(1, steps + 1)]
+    assert backend.cuda.synchronizations == plain.cuda.synchronizations  # progress adds no synchronisation
+    assert backend.cuda.waited == list(range(1, steps))  # progress(i) after waiting for kernel i
+    assert backend.cuda.events == {}  # destroyed
+
+
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_the_runtime_cache_is_saved_on_close_in_every_mode(bundle_dir, tmp_path, low_memory):
+    """Issue 11 #5: TensorRT-RTX's runtime cache (the kernels it compiled for this GPU) was
+    written only by low-memory mode's per-stage release."""
+    class Cache:
+        def serialize(self):
+            return b"jit kernels"
+
+    backend = fake_backend(bundle_dir, low_memory=low_memory)
+    backend.runtime_cache_dir = tmp_path / "rtcache"
+    pipe = Pipeline.from_bundle(bundle_dir, backend)
+    for session in pipe.sessions.values():
+        session.runtime_cache = Cache()
+    if not low_memory:
+        pipe.generate("a cat", height=64, width=64, steps=2)
+    pipe.close()
+    saved = sorted(p.name for p in (tmp_path / "rtcache").iterdir())
+    assert saved == sorted(f"{name}.rtcache" for name in COMPONENTS)
+    assert (tmp_path / "rtcache" / "unet.rtcache").read_bytes() == b"jit kernels"
+    assert all(s.engine is None and not s.buffers for s in pipe.sessions.values())
+
+
 def test_no_gpu_gives_a_clear_error():
     if importlib.util.find_spec("tensorrt_rtx") is None:
         pytest.skip("tensorrt-rtx is not installed")
@@ -268,6 +371,27 @@ def test_no_gpu_gives_a_clear_error():
         make_backend("tensorrt-rtx")
 
 
+def test_every_engine_is_checked_before_any_is_loaded(bundle_dir):
+    """One error naming every engine that cannot run here, raised before deserializing any."""
+    from eclipse_export.runtime.bundle import open_bundle
+
+    backend = fake_backend(bundle_dir)
+    backend.flavour = "tensorrt-rtx"
+    backend.trt = types.SimpleNamespace(__version__="1.7.1.116")
+    backend.device = types.SimpleNamespace(compute_capability="SM86")
+    bundle = open_bundle(bundle_dir)
+    engines = {name: {"flavour": "tensorrt-rtx", "version": "1.7.1.116", "compute_capabilities": ["SM89"],
+                      "file": "x"} for name in COMPONENTS}
+    engines["prior"]["version"] = "1.6.0"
+    bundle = dataclasses.replace(bundle, manifest=dict(bundle.manifest, engines=engines))
+    with pytest.raises(BackendError) as e:
+        Pipeline(bundle, backend)
+    msg = str(e.value)
+    assert all(f"{name}: built for SM89, this GPU is SM86" in msg for name in COMPONENTS)
+    assert "prior: built with tensorrt-rtx 1.6.0" in msg and "--target trt-rtx-fp16" in msg
+    assert backend.engines == []
+
+
 def test_engine_refusal_names_the_rebuild_command(bundle_dir):
     from eclipse_export.runtime.bundle import open_bundle
 
@@ -280,7 +404,7 @@ def test_engine_refusal_names_the_rebuild_command(bundle_dir):
         backend.load(COMPONENTS["prior"], bundle)
     manifest = dict(bundle.manifest, engines={"prior": {"flavour": "tensorrt-rtx", "version": "1.7.1.116",
                                                         "compute_capabilities": ["SM89"], "file": "x"}})
-    bundle = type(bundle)(bundle.root, manifest)
+    bundle = dataclasses.replace(bundle, manifest=manifest)
     with pytest.raises(BackendError) as e:
         backend.load(COMPONENTS["prior"], bundle)
     msg = str(e.value)
@@ -288,15 +412,37 @@ def test_engine_refusal_names_the_rebuild_command(bundle_dir):
     assert "built for SM89, this GPU is SM86" in msg and "--target trt-rtx-fp16" in msg
 
 
-def _gpu_reason() -> str | None:
-    if importlib.util.find_spec("tensorrt_rtx") is None and importlib.util.find_spec("tensorrt") is None:
+def _gpu_reason(probe=None) -> str | None:
+    """Why the real-GPU test cannot run here (None: it can): the backend's own start-up checks,
+    so a GPU the installed flavour cannot target (TensorRT-RTX 1.7 on an H100: no SM90) skips."""
+    from eclipse_export.runtime.gpu_probe import cuda_probe, readiness
+
+    flavour = _gpu_flavour()
+    if flavour is None:
         return "neither tensorrt nor tensorrt-rtx is installed"
-    try:
-        from cuda.bindings import runtime
-    except ImportError:
-        return "cuda-python is not installed"
-    err, count = runtime.cudaGetDeviceCount()
-    return None if int(err) == 0 and count > 0 else "no CUDA GPU on this machine"
+    failed = [c.line() for c in readiness(flavour, probe=probe or cuda_probe()) if not c.ok]
+    return "; ".join(failed) or None
+
+
+def _gpu_flavour() -> str | None:
+    if importlib.util.find_spec("tensorrt_rtx"):
+        return "tensorrt-rtx"
+    return "tensorrt" if importlib.util.find_spec("tensorrt") else None
+
+
+def test_the_gpu_test_skips_where_the_flavour_cannot_target_the_gpu():
+    """Issue 11 #7: an H100 (SM90) with TensorRT-RTX 1.7 installed is a skip with the reason."""
+    from eclipse_export.runtime.gpu_probe import Check, CudaProbe, Gpu
+
+    if _gpu_flavour() != "tensorrt-rtx":
+        pytest.skip("tensorrt-rtx is not installed")
+    ready = (Check("cuda-bindings", True, "cuda-bindings 13.5.0"), Check("nvrtc", True, "NVRTC 13.5"),
+             Check("gpu", True, "NVIDIA H100 80GB HBM3 (SM90)"))
+    h100 = CudaProbe((13, 0), "13.5.0", (13, 5), (75, 90), (Gpu(0, "NVIDIA H100 80GB HBM3", "SM90", 80 << 30),), ready)
+    reason = _gpu_reason(h100)
+    assert reason and "cannot target NVIDIA H100 80GB HBM3 (SM90" in reason
+    rtx4090 = CudaProbe((13, 0), "13.5.0", (13, 5), (75, 89), (Gpu(0, "RTX 4090", "SM89", 24 << 30),), ready)
+    assert _gpu_reason(rtx4090) is None
 
 
 @pytest.mark.skipif(_gpu_reason() is not None, reason=str(_gpu_reason()))
@@ -309,7 +455,7 @@ def test_real_engines_on_the_gpu_match_onnx_runtime(tmp_path):
     from eclipse_export.runtime.tensorrt_backend import TensorRTBackend
     from eclipse_export.sources import RandomSource
 
-    flavour = "tensorrt-rtx" if importlib.util.find_spec("tensorrt_rtx") else "tensorrt"
+    flavour = _gpu_flavour()
     backend = TensorRTBackend(flavour)
     target = "trt-rtx-fp16" if flavour == "tensorrt-rtx" else "trt-fp16"
     build = BuildOptions(workspace_mib=8192, max_batch=1,

@@ -2,13 +2,18 @@
 
 A backend turns (component spec, bundle) into a `Session` whose `run` maps numpy inputs by
 name to numpy outputs by name. ONNX Runtime is the first backend (CPU here; the CUDA and
-TensorRT execution providers are selectable where onnxruntime-gpu is installed).
+TensorRT execution providers are selectable where onnxruntime-gpu is installed, TensorRT-RTX's
+where its plugin package is).
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -35,12 +40,16 @@ class Backend(Protocol):
     def describe(self) -> dict: ...
 
 
-# Short names users type -> ONNX Runtime execution providers.
+# Short names users type -> ONNX Runtime execution providers. tensorrt-rtx is a plugin EP
+# (pip package onnxruntime-ep-nv-tensorrt-rtx), registered with ONNX Runtime when first asked for.
 ORT_PROVIDERS = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
+    "tensorrt-rtx": "NvTensorRTRTXExecutionProvider",
 }
+GPU_PROVIDERS = ("cuda", "tensorrt", "tensorrt-rtx")
+ORT_CACHE_DIR = ".ort-cache"  # inside the bundle: engine/runtime caches of the TensorRT providers
 
 
 # ONNX Runtime's type strings for the dtypes the specs use
@@ -91,15 +100,38 @@ _ORT_GRAPH_ERRORS = ("InvalidProtobuf", "InvalidGraph", "NoSuchFile", "Fail", "I
 
 
 class OrtSession:
-    def __init__(self, spec: ComponentSpec, session):
+    """One graph on ONNX Runtime. The ORT session is made by `factory(static)` on first use:
+    `static` None gives the graph as exported (dynamic shapes); a dict of concrete shapes gives a
+    session specialised to them (free dimensions fixed, CUDA graphs on where asked), which the
+    device loop uses. One of the two is held at a time, so the weights are on the device once."""
+
+    def __init__(self, spec: ComponentSpec, factory, eager: bool = True):
         self.spec = spec
-        self._session = session
+        self._factory = factory
         self._outputs = spec.output_names
+        self._session = None
+        self._key = None  # None: the dynamic session; else the static shapes it was made for
         self.load_seconds = 0.0
+        if eager:
+            self.session()
+
+    def session(self, static: Mapping[str, tuple[int, ...]] | None = None):
+        key = None if static is None else tuple(sorted((k, tuple(v)) for k, v in static.items()))
+        if self._session is None or self._key != key:
+            self._session = None  # drop the other one first: one copy of the weights
+            t0 = time.perf_counter()
+            self._session = self._factory(static)
+            self._key = key
+            self.load_seconds += time.perf_counter() - t0
+        return self._session
+
+    @property
+    def static_shapes(self) -> dict | None:
+        return None if self._key is None else dict(self._key)
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         feed = checked_inputs(self.spec, inputs)
-        return dict(zip(self._outputs, self._session.run(self._outputs, feed)))
+        return dict(zip(self._outputs, self.session().run(self._outputs, feed)))
 
 
 def checked_inputs(spec: ComponentSpec, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -113,62 +145,236 @@ def checked_inputs(spec: ComponentSpec, inputs: Mapping[str, np.ndarray]) -> dic
     return feed
 
 
-class OnnxRuntimeBackend:
-    """ONNX Runtime with an ordered provider list (falls back along the list, like ORT does)."""
+def ort_cache_dir(bundle: Bundle, provider: str, ort_version: str) -> Path:
+    """Where a TensorRT provider keeps its engines / runtime cache for this bundle: inside the
+    bundle (so they follow it and go with it, never into the working directory), or, where the
+    bundle is read-only, under the user's cache keyed by the bundle's manifest hash."""
+    sub = f"{provider}-ort{ort_version}"
+    inside = bundle.root / ORT_CACHE_DIR / sub
+    try:
+        inside.mkdir(parents=True, exist_ok=True)
+        if os.access(inside, os.W_OK):
+            return inside
+    except OSError:
+        pass
+    key = hashlib.sha256((bundle.root / "manifest.json").read_bytes()).hexdigest()[:16]
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "eclipse-export" / "ort-cache"
+    out = base / key / sub
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
-    def __init__(self, providers: Sequence[str] = ("cpu",), threads: int | None = None):
+
+class OnnxRuntimeBackend:
+    """ONNX Runtime with an ordered provider list (nodes a provider cannot run go to the next).
+
+    GPU providers: the UNet loop runs on the device (runtime/ort_device_loop.py: IO binding, the
+    guidance + scheduler step as a small ONNX graph on the same device) and, with cuda_graphs,
+    the UNet session is specialised to the request's shapes and replayed as a CUDA graph.
+    device_loop None: on for GPU providers, off on CPU (where it changes nothing but is tested)."""
+
+    def __init__(self, providers: Sequence[str] = ("cpu",), threads: int | None = None, cuda_graphs: bool = True,
+                 device_loop: bool | None = None, device_id: int = 0):
         try:
             import onnxruntime as ort
         except ImportError as e:
             raise BackendError("onnxruntime is not installed: pip install onnxruntime (or onnxruntime-gpu)") from e
         self._ort = ort
+        providers = list(providers)
         unknown = [p for p in providers if p not in ORT_PROVIDERS]
         if unknown:
             raise BackendError(f"unknown provider(s) {', '.join(unknown)} (choose from {', '.join(ORT_PROVIDERS)})")
-        available = set(ort.get_available_providers())
+        if "tensorrt-rtx" in providers:
+            if set(providers) - {"tensorrt-rtx", "cpu"}:
+                raise BackendError("the tensorrt-rtx provider combines only with cpu (ONNX Runtime allows no other mix)")
+            self._rtx_devices = _register_tensorrt_rtx(ort, device_id)
+        available = set(ort.get_available_providers()) | ({ORT_PROVIDERS["tensorrt-rtx"]} if "tensorrt-rtx" in providers else set())
         missing = [p for p in providers if ORT_PROVIDERS[p] not in available]
         if missing:
             raise BackendError(
                 f"ONNX Runtime here has no {', '.join(missing)} provider (available: {', '.join(sorted(available))}); "
-                "install onnxruntime-gpu for CUDA/TensorRT"
+                "install onnxruntime-gpu for cuda/tensorrt, onnxruntime-ep-nv-tensorrt-rtx for tensorrt-rtx"
             )
+        if set(providers) & {"cuda", "tensorrt"} and hasattr(ort, "preload_dlls"):
+            # torch-free installs get CUDA/cuDNN from NVIDIA's pip packages (onnxruntime-gpu[cuda,cudnn]),
+            # which are not on the loader's path: ONNX Runtime (>= 1.21) loads them from there
+            try:
+                ort.preload_dlls()
+            except Exception:  # nothing to preload: the provider's own error says what is missing
+                pass
+        self.short_providers = providers
         self.providers = [ORT_PROVIDERS[p] for p in providers]
         self.threads = threads
+        self.device_id = device_id
+        self.on_gpu = providers[0] in GPU_PROVIDERS
+        self.device_loop = self.on_gpu if device_loop is None else device_loop
+        self.cuda_graphs = cuda_graphs
+        self.cache_dirs: dict[str, str] = {}
+        self.notes: list[str] = []
+        self._loop = None
         self.name = "onnxruntime-" + "+".join(providers)
 
-    def load(self, spec: ComponentSpec, bundle: Bundle) -> OrtSession:
-        opts = self._ort.SessionOptions()
+    # sessions ----------------------------------------------------------------------------
+    def _provider_options(self, bundle: Bundle, graph_capture: bool) -> list[tuple[str, dict]]:
+        out = []
+        for short, name in zip(self.short_providers, self.providers):
+            if short == "tensorrt-rtx":
+                continue  # added per device below (plugin EP)
+            opts: dict[str, str] = {}
+            if short == "cuda":
+                opts = {"device_id": str(self.device_id)}
+                if graph_capture:
+                    opts["enable_cuda_graph"] = "1"
+            elif short == "tensorrt":
+                cache = str(ort_cache_dir(bundle, short, self._ort.__version__))
+                self.cache_dirs[short] = cache
+                # engines and timing cache beside the bundle; precision comes from the graph itself
+                # (FP16 bundles carry FP16 weights), as for the project's own TensorRT engines
+                opts = {"device_id": str(self.device_id), "trt_engine_cache_enable": "True",
+                        "trt_engine_cache_path": cache, "trt_timing_cache_enable": "True",
+                        "trt_timing_cache_path": cache}
+                if graph_capture:
+                    opts["trt_cuda_graph_enable"] = "True"
+            out.append((name, opts))
+        return out
+
+    def _make_session(self, spec: ComponentSpec, path: Path, bundle: Bundle,
+                      static: Mapping[str, tuple[int, ...]] | None):
+        ort = self._ort
+        opts = ort.SessionOptions()
         opts.log_severity_level = 3
         if self.threads:
             opts.intra_op_num_threads = self.threads
-        t0 = time.perf_counter()
-        path = bundle.graph_path(spec.name)
+        graph_capture = static is not None and self.cuda_graphs and self.on_gpu
+        if static is not None:
+            for name, value in free_dimensions(ort_input_shapes(path, ort), static).items():
+                opts.add_free_dimension_override_by_name(name, value)
+        providers = self._provider_options(bundle, graph_capture)
+        if "tensorrt-rtx" in self.short_providers:
+            cache = str(ort_cache_dir(bundle, "tensorrt-rtx", ort.__version__))
+            self.cache_dirs["tensorrt-rtx"] = cache
+            rtx = {"nv_runtime_cache_path": cache}
+            if graph_capture:
+                rtx["enable_cuda_graph"] = "1"
+            opts.add_provider_for_devices(self._rtx_devices, rtx)
+        # the plugin EP comes with the session options; ORT then wants no provider list
+        listed = {} if "tensorrt-rtx" in self.short_providers else {
+            "providers": [n for n, _ in providers], "provider_options": [o for _, o in providers]}
         try:
-            session = self._ort.InferenceSession(str(path), opts, providers=self.providers)
-        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types, one per status code
-            # a graph ORT cannot parse (or whose external data points outside the bundle, which ORT
-            # refuses: "External data path escapes model directory") is the bundle's fault; anything
-            # else (a provider that fails to start) is this machine's
-            error = BundleError if type(e).__name__ in _ORT_GRAPH_ERRORS else BackendError
-            raise error(f"ONNX Runtime cannot load {path} ({str(e).strip()[:300]})") from None
+            # enable_fallback=0: a provider that fails must say so, not silently become the CPU
+            session = ort.InferenceSession(str(path), opts, enable_fallback=0, **listed)
+        except Exception as e:  # onnxruntime raises its own Fail/RuntimeError types
+            # On the CPU provider a failure can only be the graph's (unparsable, or external data
+            # outside the bundle, which ORT refuses: "External data path escapes model
+            # directory"): a bundle error. With a GPU provider it may be this machine's.
+            cpu_only = self.short_providers == ["cpu"]
+            error = BundleError if cpu_only and type(e).__name__ in _ORT_GRAPH_ERRORS else BackendError
+            raise error(f"ONNX Runtime could not create a {'+'.join(self.short_providers)} session for "
+                        f"{path}: {ort_error_line(e)}") from None
+        got = session.get_providers()
+        if self.providers[0] not in got:
+            raise BackendError(f"ONNX Runtime did not use {self.providers[0]} for {path.name} (it uses {', '.join(got)}); "
+                               "check the CUDA / TensorRT installation (onnxruntime logs why at log level 0-2)")
         found = {a.name: (_ORT_TYPES.get(a.type, a.type), a.shape) for a in session.get_inputs() + session.get_outputs()}
         check_io(spec, bundle, found)
-        out = OrtSession(spec, session)
-        out.load_seconds = time.perf_counter() - t0
-        return out
+        return session
+
+    def load(self, spec: ComponentSpec, bundle: Bundle) -> OrtSession:
+        path = bundle.graph_path(spec.name)
+        # the UNet of a CUDA-graph device loop is made for its first request's shapes, not here
+        # (its load time then adds to OrtSession.load_seconds at the first generation)
+        lazy = spec.name == "unet" and self.device_loop and self.cuda_graphs
+        return OrtSession(spec, lambda static: self._make_session(spec, path, bundle, static), eager=not lazy)
+
+    # the device loop ---------------------------------------------------------------------
+    def denoise(self, unet: OrtSession, latents: np.ndarray, image_embeds: np.ndarray, scheduler,
+                guidance_scale: float | None, step_noise: np.ndarray | None, progress=None,
+                record_step0: dict | None = None) -> np.ndarray:
+        from .ort_device_loop import OrtDeviceLoop  # only backends that loop on the device need it
+
+        if self._loop is None:
+            self._loop = OrtDeviceLoop(self)
+        return self._loop.denoise(unet, latents, image_embeds, scheduler, guidance_scale, step_noise, progress,
+                                  record_step0)
 
     def describe(self) -> dict:
-        return {"backend": "onnxruntime", "version": self._ort.__version__, "providers": self.providers,
-                "threads": self.threads}
+        out = {"backend": "onnxruntime", "version": self._ort.__version__, "providers": self.providers,
+               "threads": self.threads, "device_loop": self.device_loop,
+               "cuda_graphs": self.cuda_graphs and self.on_gpu and self.device_loop}
+        if self.cache_dirs:
+            out["cache_dirs"] = dict(self.cache_dirs)
+        if self.notes:
+            out["notes"] = list(self.notes)
+        return out
+
+
+def ort_error_line(e: BaseException) -> str:
+    """ONNX Runtime's message without its source-file prefixes, on one line. E.g. (real, CUDA EP
+    without a GPU): '... cuda_execution_provider_info.cc:63 static ...FromProviderOptions(...)
+    [ONNXRuntimeError] : 1 : FAIL : provider_options_utils.h:187 Parse Failed to parse provider
+    option "device_id": CUDA failure 100: no CUDA-capable device is detected ; GPU=-1 ; ...'."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    text = text.rsplit(" FAIL : ", 1)[-1]
+    text = re.sub(r"^[\w./]+\.(?:h|cc|cpp):\d+ (?:\w+ )?", "", text)
+    text = re.sub(r"^(?:(?:static|void) )*[\w:]+\([^)]*\) ", "", text)  # a C++ signature ahead of the message
+    return text.split(" ; GPU=")[0]
+
+
+def ort_input_shapes(path: Path, ort) -> dict[str, list]:
+    """Input name -> shape as the graph declares it (ints and symbolic names), read by a CPU
+    session (metadata only: cheap next to loading on a device)."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    s = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return {i.name: list(i.shape) for i in s.get_inputs()}
+
+
+def free_dimensions(declared: Mapping[str, list], static: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+    """Symbolic dimension name -> value, from the concrete shapes of a request."""
+    out: dict[str, int] = {}
+    for name, dims in declared.items():
+        shape = static.get(name)
+        if shape is None:
+            continue
+        if len(shape) != len(dims):
+            raise BackendError(f"input {name}: shape {tuple(shape)} does not match the graph's {dims}")
+        for d, v in zip(dims, shape):
+            if isinstance(d, str):
+                if out.setdefault(d, int(v)) != int(v):
+                    raise BackendError(f"dimension {d} would be both {out[d]} and {v}: cannot fix the shapes")
+    return out
+
+
+def _register_tensorrt_rtx(ort, device_id: int):
+    """Register the TensorRT-RTX plugin EP with ONNX Runtime; return its device(s) to use."""
+    try:
+        import onnxruntime_ep_nv_tensorrt_rtx as rtx
+    except ImportError:
+        raise BackendError("the tensorrt-rtx provider needs pip install onnxruntime-ep-nv-tensorrt-rtx "
+                           "(next to onnxruntime >= 1.24)") from None
+    if not hasattr(ort, "register_execution_provider_library"):
+        raise BackendError(f"onnxruntime {ort.__version__} cannot load plugin providers; the tensorrt-rtx provider "
+                           "needs onnxruntime >= 1.24")
+    try:
+        ort.register_execution_provider_library(rtx.get_ep_name(), rtx.get_library_path())
+    except Exception as e:
+        if "already registered" not in str(e).lower():
+            raise BackendError(f"could not load the TensorRT-RTX provider library: {str(e).strip().splitlines()[0]}") from None
+    devices = [d for d in ort.get_ep_devices() if d.ep_name == rtx.get_ep_name()]
+    if not devices:
+        raise BackendError("the TensorRT-RTX provider found no GPU it supports here (it runs on RTX GPUs: compute "
+                           "capability 8.6, 8.9, 12.x; not on SM 9.0 data-centre cards)")
+    return devices[min(device_id, len(devices) - 1):][:1]
 
 
 BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
 
 
 def make_backend(name: str = "onnxruntime", providers: Sequence[str] = ("cpu",), threads: int | None = None,
-                 low_memory: bool = False, cuda_graphs: bool = True, runtime_cache_dir=None) -> Backend:
+                 low_memory: bool = False, cuda_graphs: bool = True, runtime_cache_dir=None,
+                 device_loop: bool | None = None) -> Backend:
     if name == "onnxruntime":
-        return OnnxRuntimeBackend(providers, threads)
+        return OnnxRuntimeBackend(providers, threads, cuda_graphs=cuda_graphs, device_loop=device_loop)
     if name in ("tensorrt", "tensorrt-rtx"):
         from .tensorrt_backend import TensorRTBackend  # imports cuda-python only when asked for
 

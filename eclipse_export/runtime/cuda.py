@@ -9,8 +9,8 @@ latents stay on the device between UNet steps. cuda-bindings 12.x serves JetPack
 from __future__ import annotations
 
 import ctypes
-import math
 from dataclasses import dataclass
+from importlib.resources import files
 
 import numpy as np
 
@@ -46,6 +46,11 @@ class DeviceInfo:
     compute_capability: str  # "SM89", TensorRT-RTX's spelling
     total_bytes: int
 
+    @property
+    def sm(self) -> int:
+        """89 for SM89: NVRTC's spelling."""
+        return int(self.compute_capability[2:])
+
 
 class Cuda:
     """One device, one non-default stream (TensorRT's enqueue must not use the legacy stream)."""
@@ -59,10 +64,17 @@ class Cuda:
                                "and driver (use --backend onnxruntime on CPU)")
         if not 0 <= device < count:
             raise BackendError(f"CUDA device {device} does not exist (this machine has {count})")
+        self.select_device(device)
+        self.stream = self.create_stream()
+        self._kernels: dict[str, object] = {}
+        self._modules: list = []
+
+    def create_stream(self):
+        return _ok(self.rt.cudaStreamCreateWithFlags(self.rt.cudaStreamNonBlocking), "cudaStreamCreate")
+
+    def select_device(self, device: int) -> None:
         _ok(self.rt.cudaSetDevice(device), "cudaSetDevice")
         self.device = device
-        self.stream = _ok(self.rt.cudaStreamCreateWithFlags(self.rt.cudaStreamNonBlocking), "cudaStreamCreate")
-        self._kernels: dict[str, object] = {}
 
     def info(self) -> DeviceInfo:
         props = _ok(self.rt.cudaGetDeviceProperties(self.device), "cudaGetDeviceProperties")
@@ -108,7 +120,10 @@ class Cuda:
             "cudaStreamBeginCapture")
 
     def end_capture(self):
-        graph = _ok(self.rt.cudaStreamEndCapture(self.stream), "cudaStreamEndCapture")
+        return self.instantiate(_ok(self.rt.cudaStreamEndCapture(self.stream), "cudaStreamEndCapture"))
+
+    def instantiate(self, graph):
+        """An executable graph from a captured one (which is freed)."""
         try:
             return _ok(self.rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
         finally:
@@ -120,72 +135,107 @@ class Cuda:
     def destroy_graph(self, graph_exec) -> None:
         self.rt.cudaGraphExecDestroy(graph_exec)
 
+    # events: how far the device has got, without draining the stream -----------------------
+    def event(self):
+        return _ok(self.rt.cudaEventCreateWithFlags(self.rt.cudaEventDisableTiming), "cudaEventCreate")
+
+    def record(self, event) -> None:
+        _ok(self.rt.cudaEventRecord(event, self.stream), "cudaEventRecord")
+
+    def wait_event(self, event) -> None:
+        _ok(self.rt.cudaEventSynchronize(event), "cudaEventSynchronize")
+
+    def destroy_event(self, event) -> None:
+        self.rt.cudaEventDestroy(event)
+
     # the fused guidance + scheduler step -------------------------------------------------
-    def _kernel(self, name: str, source: str):
+    def _kernel(self, name: str):
         if name in self._kernels:
             return self._kernels[name]
-        cc = self.info().compute_capability[2:]
-        prog = _ok(self.nvrtc.nvrtcCreateProgram(source.encode(), f"{name}.cu".encode(), 0, [], []), "nvrtcCreateProgram")
-        opts = [f"--gpu-architecture=compute_{cc}".encode(), b"--fmad=false"]
-        err, = self.nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-        if int(err) != 0:
-            size = _ok(self.nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
-            log = b" " * size
-            self.nvrtc.nvrtcGetProgramLog(prog, log)
-            raise CudaError(f"NVRTC could not compile {name}: {log.decode(errors='replace')}")
-        size = _ok(self.nvrtc.nvrtcGetPTXSize(prog), "nvrtcGetPTXSize")
-        ptx = b" " * size
-        _ok(self.nvrtc.nvrtcGetPTX(prog, ptx), "nvrtcGetPTX")
-        module = _ok(self.driver.cuModuleLoadData(ptx), "cuModuleLoadData")
-        fn = _ok(self.driver.cuModuleGetFunction(module, name.encode()), "cuModuleGetFunction")
-        self._kernels[name] = fn
-        return fn
+        kind, image = compile_kernel(self.nvrtc, kernel_source(name), name, self.info().sm)
+        module = _ok(self.driver.cuModuleLoadData(image), f"cuModuleLoadData ({kind} of {name})")
+        self._modules.append(module)
+        self._kernels[name] = self._function(module, name)
+        return self._kernels[name]
+
+    def _function(self, module, name: str):
+        return _ok(self.driver.cuModuleGetFunction(module, name.encode()), f"cuModuleGetFunction({name})")
 
     def guided_step(self, pred: int, latents: int, noise: int, sample_out: int, n: int, cfg: bool,
-                    scale: float, coefficients: tuple[float, ...]) -> None:
+                    scale: float, coefficients: tuple[float, ...], bad_step: int = 0, step: int = 0) -> None:
         """latents <- scheduler step of (CFG-combined pred, latents, noise), and the next UNet input
-        (latents, twice under CFG) written to sample_out; all on the stream, nothing on the host."""
-        fn = self._kernel("guided_step", GUIDED_STEP_SOURCE)
+        (latents, twice under CFG) written to sample_out; all on the stream, nothing on the host.
+        bad_step: device address of a uint32 that the kernel sets to step + 1 on a NaN/Inf (0: none)."""
+        self.launch_guided_step(self._kernel("guided_step"), pred, latents, noise, sample_out, n, cfg, scale,
+                                coefficients, bad_step, step)
+
+    def launch_guided_step(self, fn, pred: int, latents: int, noise: int, sample_out: int, n: int, cfg: bool,
+                           scale: float, coefficients: tuple[float, ...], bad_step: int, step: int) -> None:
         a, b, clip, c_x0, c_x, c_eps, std = coefficients
-        clip = 3.0e38 if math.isinf(clip) else clip
-        c_float = ctypes.c_float
-        args = ((pred, latents, noise, sample_out, n, int(cfg), scale, a, b, clip, c_x0, c_x, c_eps, std),
-                (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int,
-                 c_float, c_float, c_float, c_float, c_float, c_float, c_float, c_float))
+        f, p = ctypes.c_float, ctypes.c_void_p
+        # the order and types of kernels/guided_step.cu's parameters
+        args = ((pred, latents, noise, sample_out, n, int(cfg), scale, a, b, clip, c_x0, c_x, c_eps, std, bad_step, step),
+                (p, p, p, p, ctypes.c_longlong, ctypes.c_int, f, f, f, f, f, f, f, f, p, ctypes.c_uint))
         threads = 256
         blocks = (n + threads - 1) // threads
         _ok(self.driver.cuLaunchKernel(fn, blocks, 1, 1, threads, 1, 1, 0, self.stream, args, 0), "cuLaunchKernel")
 
     def close(self) -> None:
+        for module in self._modules:
+            self.driver.cuModuleUnload(module)
+        self._modules, self._kernels = [], {}
         if self.stream is not None:
             self.rt.cudaStreamDestroy(self.stream)
             self.stream = None
 
 
-# float32 throughout and --fmad=false: the same arithmetic as runtime.schedulers.apply_step and
-# guidance.combine, which CI checks against diffusers; no fused multiply-adds to diverge from it.
-GUIDED_STEP_SOURCE = r"""
-extern "C" __global__ void guided_step(const float* pred, float* latents, const float* noise, float* sample_out,
-                                       long long n, int cfg, float scale, float a, float b, float clip,
-                                       float c_x0, float c_x, float c_eps, float stdv) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float eps = pred[i];
-    if (cfg) {  // pred holds [uncond; cond]: eps = u + s * (c - u)
-        float c = pred[i + n];
-        eps = eps + scale * (c - eps);
-    }
-    float x = latents[i];
-    float x0 = fminf(fmaxf((x - b * eps) / a, -clip), clip);
-    float prev = c_x0 * x0 + c_x * x + c_eps * eps;
-    if (noise != 0 && stdv != 0.0f) prev = prev + stdv * noise[i];
-    latents[i] = prev;
-    if (sample_out != 0) {
-        sample_out[i] = prev;
-        if (cfg) sample_out[i + n] = prev;
-    }
-}
-"""
+def kernel_source(name: str) -> str:
+    """CUDA source of one of the package's kernels (runtime/kernels/<name>.cu, package data)."""
+    return files(__package__).joinpath("kernels", f"{name}.cu").read_text()
+
+
+# float32 throughout and no fused multiply-adds: the same arithmetic as schedulers.apply_step
+# and guidance.combine, which CI checks against diffusers.
+NVRTC_OPTIONS = (b"--fmad=false",)
+
+
+def nvrtc_architecture(supported: list[int], sm: int) -> tuple[str, str]:
+    """(kind, --gpu-architecture value) for a GPU of compute capability `sm` (e.g. 87).
+
+    A cubin for the GPU's own sm_XX whenever this NVRTC knows it: PTX carries the NVRTC's PTX
+    version and a driver older than the NVRTC refuses it (pip's NVRTC 13.5 writes PTX 9.5; the
+    CUDA 12.6 driver of JetPack 6 reads up to 8.5), while a cubin only needs the same CUDA major.
+    A GPU newer than this NVRTC gets PTX for the newest architecture it knows below the GPU: the
+    driver, which then is the newer of the two, JIT-compiles it."""
+    if sm in supported:
+        return "cubin", f"sm_{sm}"
+    lower = [a for a in supported if a <= sm]
+    if not lower:
+        raise CudaError(f"this NVRTC cannot compile for SM{sm} (it knows {', '.join(map(str, supported))}); "
+                        "install the NVRTC of your CUDA major (pip install 'eclipse-export[trt-cu12]' or [trt-cu13])")
+    return "ptx", f"compute_{max(lower)}"
+
+
+def compile_kernel(nvrtc, source: str, name: str, sm: int) -> tuple[str, bytes]:
+    """Compile `source` with cuda.bindings' NVRTC for compute capability `sm`; returns (kind, image)
+    with kind "cubin" or "ptx" (see nvrtc_architecture). The program is always destroyed."""
+    kind, arch = nvrtc_architecture(list(_ok(nvrtc.nvrtcGetSupportedArchs(), "nvrtcGetSupportedArchs")), sm)
+    prog = _ok(nvrtc.nvrtcCreateProgram(source.encode(), f"{name}.cu".encode(), 0, [], []), "nvrtcCreateProgram")
+    try:
+        opts = [f"--gpu-architecture={arch}".encode(), *NVRTC_OPTIONS]
+        err, = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+        if int(err) != 0:
+            size = _ok(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
+            log = bytearray(size)
+            nvrtc.nvrtcGetProgramLog(prog, log)
+            raise CudaError(f"NVRTC could not compile {name} for {arch}: {log.decode(errors='replace').strip()}")
+        get_size, get = ((nvrtc.nvrtcGetCUBINSize, nvrtc.nvrtcGetCUBIN) if kind == "cubin"
+                         else (nvrtc.nvrtcGetPTXSize, nvrtc.nvrtcGetPTX))
+        image = bytearray(_ok(get_size(prog), get_size.__name__))
+        _ok(get(prog, image), get.__name__)
+        return kind, bytes(image)
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
 
 
 class DeviceBuffer:

@@ -136,6 +136,9 @@ class Pipeline:
         self.negative_image_embeds = _load_negative(bundle)
         self.load_seconds = {}
         self.sessions = {}
+        preflight = getattr(backend, "preflight", None)  # e.g. engines vs this GPU, before loading any
+        if preflight:
+            preflight(bundle)
         for name, spec in COMPONENTS.items():
             t0 = time.perf_counter()
             self.sessions[name] = backend.load(spec, bundle)
@@ -144,6 +147,12 @@ class Pipeline:
     @classmethod
     def from_bundle(cls, path: str | Path, backend: Backend | None = None, verify_hashes: bool = True) -> "Pipeline":
         return cls(open_bundle(path, verify_hashes=verify_hashes), backend or OnnxRuntimeBackend())
+
+    def close(self) -> None:
+        """Free the backend's graphs and device memory (TensorRT-RTX saves its runtime cache)."""
+        close = getattr(self.backend, "close", None)
+        if close:
+            close()
 
     def make_scheduler(self, kind: str | None):
         return scheduler_from_config(self.scheduler_config, kind)
@@ -166,7 +175,8 @@ class Pipeline:
             hook(self.sessions[name])
 
     def _device_loop(self, sched) -> bool:
-        if not hasattr(self.backend, "denoise"):
+        # backends with a device loop may still leave it off (ONNX Runtime on CPU: device_loop=False)
+        if not hasattr(self.backend, "denoise") or not getattr(self.backend, "device_loop", True):
             return False
         try:
             sched.step_coefficients(int(sched.timesteps[0]))
@@ -252,6 +262,9 @@ class Pipeline:
                 if progress:
                     progress(i + 1, len(sched.timesteps))
         self._stage_done("unet")
+        drain = getattr(self.backend, "drain_warnings", None)  # e.g. a CUDA graph that could not be captured
+        if drain:
+            warnings += drain()
         timings["unet"] = time.perf_counter() - t0
         timings["unet_per_step"] = timings["unet"] / len(sched.timesteps)
 

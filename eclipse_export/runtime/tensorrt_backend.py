@@ -21,18 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engines import FLAVOURS, EngineBuildError, check_engine_compatible, import_flavour
 from ..specs import ComponentSpec
 from .backends import BackendError, checked_inputs
 from .bundle import Bundle
-from .cuda import Cuda, DeviceBuffer
-
-
-def _import_trt(flavour: str):
-    try:
-        return import_flavour(flavour)  # the builder's import: same module names and install hints
-    except EngineBuildError as e:
-        raise BackendError(str(e)) from None
+from .cuda import Cuda, CudaError, DeviceBuffer
+from .files import write_bytes_atomic
+from .gpu_probe import require
+from .trt_flavours import FLAVOURS, check_engine_compatible, import_flavour
 
 
 def rebuild_hint(bundle: Bundle, flavour: str) -> str:
@@ -50,6 +45,7 @@ class TrtSession:
         self.buffers: dict[str, DeviceBuffer] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.graph = None  # captured enqueue (TensorRT flavour), valid for the current binding
+        self.capture_failed = False
         self.load_seconds = 0.0
         if not backend.low_memory:
             self.load()
@@ -108,15 +104,19 @@ class TrtSession:
         d = self.backend.runtime_cache_dir
         return d / f"{self.entry['key']}.rtcache" if d else None
 
+    def save_runtime_cache(self) -> None:
+        """TensorRT-RTX: keep the kernels it compiled for this GPU for the next process."""
+        path = self._runtime_cache_file()
+        if self.runtime_cache is not None and path is not None:
+            write_bytes_atomic(path, bytes(self.runtime_cache.serialize()))
+
     def release(self) -> None:
-        """Free the engine, its context and buffers (low-memory mode calls this after each stage)."""
+        """Free the engine, its context and buffers (low-memory mode calls this after each stage,
+        the backend's close() at the end); the runtime cache is saved first."""
         if self.graph is not None:
             self.cuda.destroy_graph(self.graph)
             self.graph = None
-        if self.runtime_cache is not None and self._runtime_cache_file():
-            path = self._runtime_cache_file()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(bytes(self.runtime_cache.serialize()))
+        self.save_runtime_cache()
         for b in self.buffers.values():
             b.free()
         self.buffers, self.shapes = {}, {}
@@ -154,24 +154,51 @@ class TrtSession:
 
     def enqueue(self, use_graph: bool = False) -> None:
         stream = int(self.cuda.stream)
-        if not use_graph or self.backend.flavour == "tensorrt-rtx" or not self.backend.cuda_graphs:
-            if not self.context.execute_async_v3(stream):
-                raise BackendError(f"{self.spec.name}: TensorRT enqueue failed")
+        if (not use_graph or self.backend.flavour == "tensorrt-rtx" or not self.backend.cuda_graphs
+                or self.capture_failed):
+            self._execute(stream)
             return
         if self.graph is None:
-            # TensorRT: one plain enqueue first (it may allocate or re-plan), then capture
-            if not self.context.execute_async_v3(stream):
-                raise BackendError(f"{self.spec.name}: TensorRT enqueue failed")
+            # TensorRT: one plain enqueue first (it may allocate or re-plan), then capture. The
+            # captured run is not executed by the capture: the plain enqueue did this step's work.
+            self._execute(stream)
             self.cuda.synchronize()
-            self.cuda.begin_capture()
-            ok = self.context.execute_async_v3(stream)
-            graph = self.cuda.end_capture()
-            if not ok:
-                self.cuda.destroy_graph(graph)
-                raise BackendError(f"{self.spec.name}: TensorRT enqueue failed during CUDA-graph capture")
-            self.graph = graph
-            return  # the captured run is not executed by capture; the plain enqueue above did the work
+            self.graph = self._capture(stream)
+            return
         self.cuda.launch_graph(self.graph)
+
+    def _execute(self, stream: int) -> None:
+        if not self.context.execute_async_v3(stream):
+            raise BackendError(f"{self.spec.name}: TensorRT enqueue failed")
+
+    def _capture(self, stream: int):
+        """The enqueue as a CUDA graph, or None (plain enqueues from then on, with a warning) when
+        capture fails: some TensorRT tactics and plugins cannot be captured."""
+        try:
+            self.cuda.begin_capture()
+        except CudaError as e:
+            return self._capture_failed(str(e))
+        try:
+            ok = self.context.execute_async_v3(stream)
+        except BaseException:
+            try:  # leave capture mode, or the stream stays unusable
+                self.cuda.destroy_graph(self.cuda.end_capture())
+            except CudaError:
+                pass
+            raise
+        try:
+            graph = self.cuda.end_capture()
+        except CudaError as e:
+            return self._capture_failed(str(e))
+        if not ok:
+            self.cuda.destroy_graph(graph)
+            return self._capture_failed("the enqueue failed while capturing")
+        return graph
+
+    def _capture_failed(self, why: str) -> None:
+        self.capture_failed = True
+        self.backend.warn(f"{self.spec.name}: CUDA-graph capture failed ({why}); running without CUDA graphs")
+        return None
 
     # the generic Session API -------------------------------------------------------------
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -198,13 +225,52 @@ class TensorRTBackend:
             raise BackendError(f"unknown TensorRT flavour {flavour!r} (choose from {', '.join(FLAVOURS)})")
         self.flavour, self.low_memory, self.cuda_graphs = flavour, low_memory, cuda_graphs
         self.runtime_cache_dir = runtime_cache_dir
-        self.trt = _import_trt(flavour)
-        self.cuda = Cuda(device)  # raises BackendError without a GPU
+        # everything the GPU loop needs (cuda-bindings of the driver's CUDA major, NVRTC, a GPU the
+        # flavour can target, the flavour itself), checked before any engine: one error listing all
+        require(flavour, device)
+        self.trt = import_flavour(flavour)
+        self.cuda = Cuda(device)
         self.device = self.cuda.info()
         self.logger = self.trt.Logger(self.trt.Logger.WARNING)
         self.runtime = self.trt.Runtime(self.logger)
         self.name = flavour
         self._loop_buffers: dict[str, DeviceBuffer] = {}
+        self.sessions: list[TrtSession] = []
+        self.warnings: list[str] = []
+
+    def warn(self, message: str) -> None:
+        """Collected for the pipeline, which passes them on to the user with the generation."""
+        if message not in self.warnings:
+            self.warnings.append(message)
+
+    def drain_warnings(self) -> list[str]:
+        out, self.warnings = self.warnings, []
+        return out
+
+    def preflight(self, bundle: Bundle) -> None:
+        """Before any engine is deserialized: every engine of the bundle fits this machine, or one
+        error naming all that do not and the command that rebuilds them."""
+        engines = bundle.manifest.get("engines") or {}
+        problems = []
+        for name in sorted(engines):
+            entry = engines[name]
+            if entry.get("flavour") != self.flavour:
+                problems.append(f"{name}: the engine is {entry.get('flavour')}, this backend runs {self.flavour}")
+                continue
+            problems += [f"{name}: {p}" for p in
+                         check_engine_compatible(entry, self.trt.__version__, self.device.compute_capability)]
+        if problems:
+            raise BackendError(f"the bundle's engines cannot run here: {'; '.join(problems)}; "
+                               + rebuild_hint(bundle, self.flavour))
+
+    def close(self) -> None:
+        """Free every engine and buffer; the TensorRT-RTX runtime caches are saved (every mode)."""
+        for session in self.sessions:
+            session.release()
+        for buf in self._loop_buffers.values():
+            buf.free()
+        self._loop_buffers = {}
+        self.cuda.close()
 
     def load(self, spec: ComponentSpec, bundle: Bundle) -> TrtSession:
         entry = bundle.manifest.get("engines", {}).get(spec.name)
@@ -217,7 +283,9 @@ class TensorRTBackend:
         if problems:
             raise BackendError(f"{spec.name} engine cannot run here: {'; '.join(problems)}; "
                                + rebuild_hint(bundle, self.flavour))
-        return TrtSession(self, spec, bundle, entry)
+        session = TrtSession(self, spec, bundle, entry)
+        self.sessions.append(session)
+        return session
 
     def stage_done(self, session: TrtSession) -> None:
         if self.low_memory:
@@ -236,12 +304,13 @@ class TensorRTBackend:
         steps = len(scheduler.timesteps)
         bufs = self._loop_buffers  # grow-only, so repeated generations reuse them
         for key, nbytes in (("latents", n * 4), ("timesteps", steps * 4),
-                            ("noise", (step_noise.nbytes if step_noise is not None else 4))):
+                            ("noise", (step_noise.nbytes if step_noise is not None else 4)), ("bad_step", 4)):
             bufs.setdefault(key, DeviceBuffer(cuda)).ensure(nbytes)
         if unet.dtypes["sample"] != np.float32 or unet.dtypes["noise_pred"] != np.float32:
             raise BackendError("the device loop expects float32 UNet I/O (the FP16 graphs keep float32 I/O)")
         cuda.h2d(bufs["latents"].ptr, latents.astype(np.float32))
         cuda.h2d(bufs["timesteps"].ptr, scheduler.timesteps.astype(np.float32))
+        cuda.h2d(bufs["bad_step"].ptr, np.zeros(1, np.uint32))
         if step_noise is not None:
             cuda.h2d(bufs["noise"].ptr, step_noise.astype(np.float32))
         cuda.h2d(unet.ptr("image_embeds"), image_embeds.astype(unet.dtypes["image_embeds"]))
@@ -249,25 +318,42 @@ class TensorRTBackend:
         cuda.d2d(sample, bufs["latents"].ptr, n * 4)
         if cfg:
             cuda.d2d(sample + n * 4, bufs["latents"].ptr, n * 4)
-        for i, t in enumerate(scheduler.timesteps):
-            cuda.d2d(unet.ptr("timestep"), bufs["timesteps"].ptr + 4 * i, 4)
-            unet.enqueue(use_graph=True)
-            if record_step0 is not None and i == 0:
-                host = np.empty(unet.shapes["noise_pred"], np.float32)
-                cuda.d2h(host, unet.ptr("noise_pred"))
-                cuda.synchronize()
-                record_step0["unet.noise_pred_step0"] = host
-            k = scheduler.step_coefficients(int(t))
-            noise = bufs["noise"].ptr + i * n * 4 if (step_noise is not None and k.std != 0.0) else 0
-            last = i == steps - 1
-            cuda.guided_step(unet.ptr("noise_pred"), bufs["latents"].ptr, noise, 0 if last else sample, n, cfg,
-                             float(guidance_scale or 1.0), k.astuple())
-            if progress:
-                cuda.synchronize()  # so the progress shown is work done, not work queued
-                progress(i + 1, steps)
-        out = np.empty(latents.shape, np.float32)
-        cuda.d2h(out, bufs["latents"].ptr)
-        cuda.synchronize()
+        # progress reports work done, not work queued, without draining the stream each step: an
+        # event after each step, and the host waits for the previous step's event only, so one
+        # step is always queued ahead and the GPU never idles on the host
+        events = [cuda.event(), cuda.event()] if progress else []
+        try:
+            for i, t in enumerate(scheduler.timesteps):
+                cuda.d2d(unet.ptr("timestep"), bufs["timesteps"].ptr + 4 * i, 4)
+                unet.enqueue(use_graph=True)
+                if record_step0 is not None and i == 0:
+                    host = np.empty(unet.shapes["noise_pred"], np.float32)
+                    cuda.d2h(host, unet.ptr("noise_pred"))
+                    cuda.synchronize()
+                    record_step0["unet.noise_pred_step0"] = host
+                k = scheduler.step_coefficients(int(t))
+                noise = bufs["noise"].ptr + i * n * 4 if (step_noise is not None and k.std != 0.0) else 0
+                last = i == steps - 1
+                cuda.guided_step(unet.ptr("noise_pred"), bufs["latents"].ptr, noise, 0 if last else sample, n, cfg,
+                                 float(guidance_scale or 1.0), k.astuple(), bufs["bad_step"].ptr, i)
+                if events:
+                    cuda.record(events[i % 2])
+                    if i > 0:
+                        cuda.wait_event(events[(i - 1) % 2])
+                        progress(i, steps)
+            out = np.empty(latents.shape, np.float32)
+            bad = np.zeros(1, np.uint32)
+            cuda.d2h(out, bufs["latents"].ptr)
+            cuda.d2h(bad, bufs["bad_step"].ptr)
+            cuda.synchronize()
+        finally:
+            for event in events:
+                cuda.destroy_event(event)
+        if bad[0]:
+            raise BackendError(f"the UNet loop produced NaN/Inf latents at step {int(bad[0])} of {steps} "
+                               "(FP16 overflow? compare with the FP32 bundle or eclipse-generate --compare-reference)")
+        if progress:
+            progress(steps, steps)
         return out
 
     def describe(self) -> dict:

@@ -1,0 +1,219 @@
+"""Gather what a bare GPU machine lacks, compressed and split for the transfer (run HERE).
+
+The GPU machine (see README.md) has Python 3.12, PyTorch with CUDA 13, transformers, onnx, CPU
+onnxruntime, cuda-bindings and NVRTC, and reaches no package index. This writes, into an ignored
+folder (default bench/gpu/.transfer/):
+
+    parts/part-NNN      the payload, split so each part is <= --part-mib (default 60 MiB)
+    manifest.json       every part (file, size, sha256, order) and every payload file, with
+                        what to install and what to skip where the machine already has it
+
+Payload: this repository as a wheel, diffusers (+ importlib_metadata), onnxconverter-common,
+open_clip_torch (only its BPE merges file is used; installed --no-deps), tensorrt-rtx (+ its
+CUDA 13 libs/bindings), onnxruntime-gpu, and the `trt-cu13` extra's cuda-bindings + NVRTC.
+Never torch. Wheels whose big shared libraries dominate are slimmed: each member over
+--xz-min-mib is stored as its own `xz -9e` stream (TensorRT-RTX's 234 MB library -> ~66 MB) and
+put back into the wheel on the GPU machine, where every restored member is checked against the
+wheel's own RECORD hashes (gpu_verify.py).
+
+usage: python bench/gpu/prepare.py [--out DIR] [--part-mib 60] [--rtx-ep] [--keep-downloads]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import lzma
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+import zipfile
+from pathlib import Path
+
+# the receiving side defines the transfer format (run as a script, this folder is on sys.path)
+from gpu_verify import FORMAT, FORMAT_VERSION, NEVER, sha256_file  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHON = "3.12"  # the GPU machine's
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
+             "manylinux_2_34_x86_64", "manylinux_2_35_x86_64")
+
+# (requirement, pip-install flags, skip on the GPU machine when this distribution is already
+# installed with the same major version). Pins: the versions this project was tested with.
+PACKAGES = [
+    ("diffusers==0.42.1", None),
+    ("importlib_metadata>=8", None),         # diffusers needs it; the GPU image lacks it
+    ("onnxconverter-common==1.16.0", None),  # --target onnx-fp16
+    ("open_clip_torch==3.3.0", None),        # the CLIP BPE merges file of the random presets
+    ("tensorrt-rtx==1.7.1.116", None),
+    ("tensorrt_rtx_cu13==1.7.1.116", None),
+    ("tensorrt_rtx_cu13_libs==1.7.1.116", None),
+    ("tensorrt_rtx_cu13_bindings==1.7.1.116", None),
+    ("onnxruntime-gpu==1.31.1", None),
+    # the trt-cu13 extra (CUDA 13 driver): skipped where the machine has the same major
+    ("cuda-bindings>=13,<14", "cuda-bindings"),
+    ("cuda-pathfinder>=1.1", "cuda-pathfinder"),
+    ("nvidia-cuda-nvrtc>=13,<14", "nvidia-cuda-nvrtc"),
+]
+RTX_EP = [("onnxruntime-ep-nv-tensorrt-rtx-cu13==0.5.0", None)]
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def download(req: str, dest: Path) -> Path:
+    before = set(dest.iterdir())
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", PYTHON,
+           "--implementation", "cp", "-d", str(dest), "-q", req]
+    for p in PLATFORMS:
+        cmd += ["--platform", p]
+    if subprocess.run(cmd).returncode != 0:
+        # tensorrt-rtx and tensorrt_rtx_cu13 are sdists only (meta-packages): build their wheel
+        # here, which must come out pure Python to be any use on the GPU machine
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dest), req], check=True)
+        built = set(dest.iterdir()) - before
+        if any(not p.name.endswith("-none-any.whl") for p in built):
+            raise SystemExit(f"error: {req} has no wheel for the GPU machine and builds to {[p.name for p in built]}")
+    new = set(dest.iterdir()) - before
+    if not new:  # already there from an earlier run
+        name = req.split("=")[0].split(">")[0].split("<")[0].replace("-", "_").lower()
+        new = {p for p in dest.iterdir() if p.suffix == ".whl" and p.name.split("-")[0].lower() == name}
+    if len(new) != 1:
+        raise SystemExit(f"error: pip download {req} gave {sorted(p.name for p in new)}")
+    return new.pop()
+
+
+def project_wheel(dest: Path) -> Path:
+    before = set(dest.iterdir())
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dest),
+                    str(REPO)], check=True)
+    new = [p for p in set(dest.iterdir()) - before if p.name.startswith("eclipse_export-")]
+    if not new:
+        new = [p for p in dest.iterdir() if p.name.startswith("eclipse_export-")]
+    return new[0]
+
+
+def dist_name(wheel: Path) -> str:
+    return wheel.name.split("-")[0].lower().replace("_", "-")
+
+
+def slim(wheel: Path, payload: Path, min_bytes: int, threads: int = 1) -> dict:
+    """Copy a wheel into the payload, its members over min_bytes as separate xz streams."""
+    with zipfile.ZipFile(wheel) as z:
+        big = [i for i in z.infolist() if i.file_size >= min_bytes]
+        entry = {"wheel": wheel.name, "sha256": sha256_file(wheel), "bytes": wheel.stat().st_size, "members": []}
+        if not big:
+            shutil.copy2(wheel, payload / wheel.name)
+            entry["file"] = wheel.name
+            return entry
+        slim_name = wheel.name + ".slim"
+        with zipfile.ZipFile(payload / slim_name, "w", zipfile.ZIP_DEFLATED) as out:
+            for info in z.infolist():
+                if info not in big:
+                    out.writestr(info, z.read(info))
+        entry["file"] = slim_name
+        for info in big:
+            raw = payload / (Path(info.filename).name + ".raw")
+            with z.open(info) as src, open(raw, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 22)
+            t0 = time.perf_counter()
+            xz = raw.with_name(raw.name + ".xz")
+            if shutil.which("xz"):
+                # -9e: these libraries are the transfer's bulk. Threads > 1 split the stream into
+                # blocks: a little larger, much faster
+                subprocess.run(["xz", "-9e", f"-T{threads}", "-f", str(raw)], check=True)
+            else:  # the same format from the standard library, one thread
+                with open(raw, "rb") as src, lzma.open(xz, "wb", preset=9 | lzma.PRESET_EXTREME) as dst:
+                    shutil.copyfileobj(src, dst, 1 << 22)
+                raw.unlink()
+            log(f"  {info.filename}: {info.file_size / 2**20:.1f} MiB -> {xz.stat().st_size / 2**20:.1f} MiB "
+                f"(xz -9e, {time.perf_counter() - t0:.0f} s)")
+            entry["members"].append({"member": info.filename, "file": xz.name, "bytes": info.file_size,
+                                     "mode": info.external_attr >> 16})
+    return entry
+
+
+def write_transfer(out: Path, wheels: list[tuple[Path, str | None]], part_bytes: int, xz_min_bytes: int,
+                   xz_threads: int = 1) -> dict:
+    """Slim the wheels into out/payload, tar them, cut the tar into out/parts, write the manifest."""
+    payload, parts_dir = out / "payload", out / "parts"
+    for d in (payload, parts_dir):
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+    entries = []
+    for w, skip in wheels:
+        log(f"payload: {w.name} ({w.stat().st_size / 2**20:.1f} MiB)")
+        e = slim(w, payload, xz_min_bytes, xz_threads)
+        e.update({"dist": dist_name(w), "skip_if_installed_major": skip})
+        entries.append(e)
+    # one uncompressed tar (the contents are compressed already), cut into parts
+    tar_path = out / "payload.tar"
+    with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for f in sorted(payload.iterdir()):
+            tar.add(f, arcname=f.name)
+    parts = []
+    with open(tar_path, "rb") as src:
+        i = 0
+        while block := src.read(part_bytes):
+            name = f"part-{i:03d}"
+            (parts_dir / name).write_bytes(block)
+            parts.append({"file": name, "order": i, "bytes": len(block), "sha256": hashlib.sha256(block).hexdigest()})
+            i += 1
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True).stdout.strip())
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "repo_commit": commit, "repo_dirty": dirty, "python": PYTHON, "platforms": list(PLATFORMS), "cuda_major": 13,
+        "extras": ["trt-cu13"], "payload": {"file": "payload.tar", "bytes": tar_path.stat().st_size,
+                                            "sha256": sha256_file(tar_path)},
+        "parts": parts, "wheels": entries,
+        "files": {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(payload.iterdir())},
+    }
+    tmp = out / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, out / "manifest.json")
+    tar_path.unlink()
+    shutil.rmtree(payload)
+    return manifest
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "gpu" / ".transfer")
+    p.add_argument("--part-mib", type=float, default=60.0)
+    p.add_argument("--xz-min-mib", type=float, default=16.0, help="members at least this big are xz-compressed")
+    p.add_argument("--xz-threads", type=int, default=1)
+    p.add_argument("--rtx-ep", action="store_true", help="also ONNX Runtime's TensorRT-RTX EP (RTX GPUs only)")
+    p.add_argument("--keep-downloads", action="store_true")
+    args = p.parse_args(argv)
+    out = args.out
+    downloads = out / "downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+
+    log("building this repository's wheel")
+    wheels = [(project_wheel(downloads), None)]
+    for req, skip in PACKAGES + (RTX_EP if args.rtx_ep else []):
+        log(f"downloading {req}")
+        wheels.append((download(req, downloads), skip))
+    for w, _ in wheels:
+        if dist_name(w) in NEVER:
+            raise SystemExit(f"error: {w.name} must never be installed on the GPU machine")
+
+    manifest = write_transfer(out, wheels, int(args.part_mib * 2**20), int(args.xz_min_mib * 2**20), args.xz_threads)
+    if not args.keep_downloads:
+        shutil.rmtree(downloads)
+    parts = manifest["parts"]
+    total = sum(p["bytes"] for p in parts)
+    print(f"{len(parts)} parts, {total / 2**20:.1f} MiB in all, largest {max(p['bytes'] for p in parts) / 2**20:.1f} MiB:")
+    for p_ in parts:
+        print(f"  {p_['file']}  {p_['bytes'] / 2**20:6.1f} MiB  {p_['sha256'][:16]}")
+    print(f"manifest: {out / 'manifest.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

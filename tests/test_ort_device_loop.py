@@ -1,0 +1,260 @@
+"""ONNX Runtime's device loop: IO binding, the guided step as an ONNX graph, static-shape sessions.
+
+No GPU here: the same loop code runs on ONNX Runtime's CPU provider with IO binding (what
+differs on a GPU is where ONNX Runtime allocates the OrtValues and the providers' graph option).
+The step graph is written without the `onnx` package; `onnx` (export extra) checks its bytes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from eclipse_export.runtime.backends import (BackendError, OnnxRuntimeBackend, free_dimensions, make_backend,
+                                             ort_cache_dir, ort_error_line)
+from eclipse_export.runtime.bundle import open_bundle
+from eclipse_export.runtime.pipeline import Pipeline
+from eclipse_export.runtime.schedulers import StepCoefficients, apply_step
+from eclipse_export.runtime.step_graph import PARAMS, guided_step_model, step_params
+
+
+def _helper_model(cfg: bool):
+    """The same graph written with onnx.helper: the reference for the hand-written bytes."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    m = onnx.load_from_string(guided_step_model(cfg))  # node list to rebuild, field by field
+    nodes = [helper.make_node(n.op_type, list(n.input), list(n.output), name=n.name or None,
+                              **{a.name: helper.get_attribute_value(a) for a in n.attribute}) for n in m.graph.node]
+    lat = ["B", "C", "H", "W"]
+    pb = "2*B" if cfg else "B"
+    f = TensorProto.FLOAT
+    graph = helper.make_graph(
+        nodes, "guided_step_cfg" if cfg else "guided_step",
+        [helper.make_tensor_value_info("noise_pred", f, [pb, *lat[1:]]), helper.make_tensor_value_info("latents", f, lat),
+         helper.make_tensor_value_info("step_noise", f, ["N", *lat]),
+         helper.make_tensor_value_info("params", f, [len(PARAMS)])],
+        [helper.make_tensor_value_info("latents_next", f, lat),
+         helper.make_tensor_value_info("sample_next", f, [pb, *lat[1:]])],
+        [numpy_helper.from_array(np.array(i, np.int64), f"i_{i}") for i in range(len(PARAMS))])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8,
+                             producer_name="eclipse-export")
+
+
+@pytest.mark.parametrize("cfg", [True, False])
+def test_step_graph_bytes_are_valid_onnx(cfg):
+    onnx = pytest.importorskip("onnx")
+    data = guided_step_model(cfg)
+    model = onnx.load_from_string(data)
+    onnx.checker.check_model(model, full_check=True)  # incl. shape inference of every node
+    assert model == _helper_model(cfg)
+    assert data == _helper_model(cfg).SerializeToString()
+    ops = [n.op_type for n in model.graph.node]
+    assert ("Split" in ops) == cfg and ops.count("Clip") == 1
+
+
+@pytest.mark.parametrize("cfg", [True, False])
+def test_step_graph_is_apply_step_bit_for_bit(cfg):
+    """On ONNX Runtime's CPU provider the graph computes exactly schedulers.apply_step (after
+    guidance.combine), NaN propagation and no-clipping (clip = inf) included."""
+    import onnxruntime as ort
+
+    from eclipse_export.runtime import guidance
+
+    session = ort.InferenceSession(guided_step_model(cfg), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    b, shape = 2, (2, 4, 6, 10)
+    for k in (StepCoefficients(0.31, 0.95, 1.0, 0.52, 0.47, 0.0, 0.11),   # DDPM-like, clipped
+              StepCoefficients(0.72, 0.69, float("inf"), 0.8, 0.0, 0.6, 0.0)):  # DDIM-like, no clip
+        x = (3 * rng.standard_normal(shape)).astype(np.float32)
+        pred = rng.standard_normal(((2 * b if cfg else b), *shape[1:])).astype(np.float32)
+        noises = rng.standard_normal((3, *shape)).astype(np.float32)
+        x[0, 0, 0, 0] = np.nan
+        pred[-1, 1, 2, 3] = np.inf
+        latents_next, sample_next = session.run(None, {"noise_pred": pred, "latents": x, "step_noise": noises,
+                                                       "params": step_params(k, 5.5 if cfg else None, 2)})
+        eps = guidance.combine(pred, 5.5) if cfg else pred
+        with np.errstate(invalid="ignore"):
+            want = apply_step(k, eps, x, noises[2] if k.std else None)
+        np.testing.assert_array_equal(latents_next, want)
+        np.testing.assert_array_equal(sample_next, np.concatenate([want, want]) if cfg else want)
+        assert np.isnan(latents_next).sum() >= 1  # NaN is carried, not clipped into range
+
+
+def _generate(pipe, **kw):
+    args = dict(prompt=["a red cube", "two blue spheres"], height=128, width=192, steps=5, seed=3, record=True)
+    return pipe.generate(**{**args, **kw})
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+@pytest.mark.parametrize("guidance", [4.0, 1.0])
+def test_device_loop_equals_the_host_loop(tiny_bundle, tiny_pipeline, kind, guidance):
+    """Same graphs, same noises: the loop with IO binding and the step graph gives the host loop's
+    latents exactly (same kernels on the same inputs), twice in a row (buffers reused)."""
+    backend = OnnxRuntimeBackend(["cpu"], device_loop=True, cuda_graphs=False)
+    device = Pipeline.from_bundle(tiny_bundle, backend)
+    ref = _generate(tiny_pipeline, scheduler=kind, guidance_scale=guidance)
+    for _ in range(2):
+        got = _generate(device, scheduler=kind, guidance_scale=guidance)
+        for key in ("unet.noise_pred_step0", "unet.latents"):
+            np.testing.assert_array_equal(got.intermediates[key], ref.intermediates[key])
+        np.testing.assert_array_equal(got.images, ref.images)
+
+
+def test_static_shape_sessions_follow_the_request(tiny_bundle, tiny_pipeline):
+    """cuda_graphs: the UNet session is specialised to the request's shapes (what graph capture
+    needs), re-made when they change, one at a time; results within the FP32 bounds."""
+    backend = OnnxRuntimeBackend(["cpu"], device_loop=True, cuda_graphs=True)
+    pipe = Pipeline.from_bundle(tiny_bundle, backend)
+    unet = pipe.sessions["unet"]
+    assert unet._session is None  # made for the first request's shapes, not at load
+    for height, guidance in ((128, 4.0), (64, 4.0), (64, 1.0)):
+        ref = _generate(tiny_pipeline, height=height, guidance_scale=guidance)
+        got = _generate(pipe, height=height, guidance_scale=guidance)
+        batch = 4 if guidance > 1 else 2
+        assert unet.static_shapes == {"sample": (batch, 4, height // 8, 24), "timestep": (1,), "image_embeds": (batch, 32)}
+        np.testing.assert_allclose(got.intermediates["unet.latents"], ref.intermediates["unet.latents"],
+                                   rtol=1e-4, atol=1e-4)
+        assert np.abs(got.images.astype(int) - ref.images.astype(int)).max() <= 1
+    assert not backend.notes
+
+
+def test_free_dimensions():
+    declared = {"sample": ["B", 4, "h", "w"], "timestep": [1], "image_embeds": ["B", 32]}
+    assert free_dimensions(declared, {"sample": (2, 4, 8, 16), "timestep": (1,), "image_embeds": (2, 32)}) == \
+        {"B": 2, "h": 8, "w": 16}
+    with pytest.raises(BackendError, match="both 2 and 3"):
+        free_dimensions(declared, {"sample": (2, 4, 8, 16), "image_embeds": (3, 32)})
+
+
+def test_provider_errors_are_one_line_backend_errors():
+    import onnxruntime as ort
+
+    with pytest.raises(BackendError, match="unknown provider"):
+        make_backend("onnxruntime", providers=["gpu"])
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(BackendError, match="no cuda provider.*onnxruntime-gpu"):
+            make_backend("onnxruntime", providers=["cuda"])
+    with pytest.raises(BackendError, match="combines only with cpu"):
+        make_backend("onnxruntime", providers=["tensorrt-rtx", "cuda"])
+    try:
+        import onnxruntime_ep_nv_tensorrt_rtx  # noqa: F401
+    except ImportError:
+        with pytest.raises(BackendError, match="pip install onnxruntime-ep-nv-tensorrt-rtx"):
+            make_backend("onnxruntime", providers=["tensorrt-rtx"])
+
+
+def test_tensorrt_provider_caches_live_beside_the_bundle(tiny_bundle_copy, tmp_path, monkeypatch):
+    """Engine and timing caches go into the bundle (never the working directory); a bundle that
+    cannot hold them sends them to the user cache, keyed by the bundle's manifest."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    bundle = open_bundle(tiny_bundle_copy)
+    backend = OnnxRuntimeBackend(["cpu"])
+    backend.short_providers, backend.providers = ["tensorrt", "cuda"], ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
+    (trt, trt_opts), (cuda, cuda_opts) = backend._provider_options(bundle, graph_capture=True)
+    cache = tiny_bundle_copy / ".ort-cache" / f"tensorrt-ort{backend._ort.__version__}"
+    assert trt == "TensorrtExecutionProvider" and cache.is_dir()
+    assert trt_opts["trt_engine_cache_path"] == trt_opts["trt_timing_cache_path"] == str(cache)
+    assert trt_opts["trt_engine_cache_enable"] == "True" and trt_opts["trt_cuda_graph_enable"] == "True"
+    assert cuda_opts == {"device_id": "0", "enable_cuda_graph": "1"}
+    assert list(cwd.iterdir()) == []
+    open_bundle(tiny_bundle_copy)  # the cache folder does not make the bundle "damaged"
+
+    other = tmp_path / "b2"
+    import shutil
+
+    shutil.copytree(tiny_bundle_copy, other)
+    shutil.rmtree(other / ".ort-cache")
+    (other / ".ort-cache").write_text("not a folder")  # e.g. a read-only bundle
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    got = ort_cache_dir(open_bundle(other), "tensorrt", "1.0")
+    assert got.is_dir() and str(got).startswith(str(tmp_path / "xdg" / "eclipse-export" / "ort-cache"))
+
+
+def _cuda_reason() -> str | None:
+    """None where ONNX Runtime's CUDA provider really runs here (needs onnxruntime-gpu and a GPU)."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "onnxruntime-gpu is not installed"
+    try:
+        OnnxRuntimeBackend(["cuda"])  # preloads NVIDIA's pip CUDA libraries where they are
+        s = ort.InferenceSession(guided_step_model(False), providers=["CUDAExecutionProvider"], enable_fallback=0)
+    except Exception as e:
+        return f"no CUDA session here: {ort_error_line(e)[:160]}"
+    return None if s.get_providers()[0] == "CUDAExecutionProvider" else "ONNX Runtime fell back to the CPU"
+
+
+@pytest.mark.skipif(_cuda_reason() is not None, reason=str(_cuda_reason()))
+@pytest.mark.parametrize("cfg", [True, False])
+def test_step_graph_on_cuda_is_apply_step(cfg):
+    """On the GPU: the step graph through IO binding on CUDA memory gives apply_step's numbers
+    (float32 element-wise kernels; NaN must stay NaN, as np.clip keeps it)."""
+    import onnxruntime as ort
+
+    from eclipse_export.runtime import guidance
+
+    s = ort.InferenceSession(guided_step_model(cfg), providers=["CUDAExecutionProvider"], enable_fallback=0)
+    rng = np.random.default_rng(1)
+    shape = (2, 4, 32, 32)
+    x = (3 * rng.standard_normal(shape)).astype(np.float32)
+    x[0, 0, 0, 0] = np.nan
+    pred = rng.standard_normal(((4 if cfg else 2), *shape[1:])).astype(np.float32)
+    noises = rng.standard_normal((2, *shape)).astype(np.float32)
+    k = StepCoefficients(0.31, 0.95, 1.0, 0.52, 0.47, 0.0, 0.11)
+    io = s.io_binding()
+    for name, value in (("noise_pred", pred), ("latents", x), ("step_noise", noises), ("params", step_params(k, 4.0, 1))):
+        io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
+    for name in ("latents_next", "sample_next"):
+        io.bind_output(name, "cuda")
+    s.run_with_iobinding(io)
+    got = io.copy_outputs_to_cpu()[0]
+    want = apply_step(k, guidance.combine(pred, 4.0) if cfg else pred, x, noises[1])
+    assert np.isnan(got[0, 0, 0, 0])
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(_cuda_reason() is not None, reason=str(_cuda_reason()))
+@pytest.mark.parametrize("graphs", [True, False])
+def test_cuda_device_loop_matches_the_cuda_host_loop(tiny_bundle, graphs):
+    """On the GPU: the device loop (CUDA graphs on or off) against the host loop on the same
+    provider; the graph variant must really use the specialised session (no fallback note)."""
+    host = Pipeline.from_bundle(tiny_bundle, OnnxRuntimeBackend(["cuda"], device_loop=False))
+    backend = OnnxRuntimeBackend(["cuda"], cuda_graphs=graphs)
+    device = Pipeline.from_bundle(tiny_bundle, backend)
+    for guidance in (4.0, 1.0):
+        ref = _generate(host, guidance_scale=guidance)
+        for _ in range(2):  # the second run replays the captured graph
+            got = _generate(device, guidance_scale=guidance)
+            np.testing.assert_allclose(got.intermediates["unet.latents"], ref.intermediates["unet.latents"],
+                                       rtol=1e-4, atol=1e-4)
+            assert np.abs(got.images.astype(int) - ref.images.astype(int)).max() <= 1
+    assert backend.notes == [] and backend.describe()["cuda_graphs"] is graphs
+    if graphs:
+        assert device.sessions["unet"].static_shapes is not None
+
+
+def test_a_failing_graph_session_falls_back_with_a_note(tiny_bundle, tiny_pipeline, monkeypatch):
+    """Graph capture happens inside a Run; where the specialised session fails, the loop runs again
+    on the dynamic session, says so in describe(), and gives the host loop's result."""
+    import onnxruntime as ort
+
+    backend = OnnxRuntimeBackend(["cpu"], device_loop=True, cuda_graphs=True)
+    pipe = Pipeline.from_bundle(tiny_bundle, backend)
+    real = ort.InferenceSession.run_with_iobinding
+    failed = []
+
+    def capture_fails_once(self, *args, **kwargs):
+        if not failed:  # the loop's first Run: the UNet's, on the specialised session
+            failed.append(pipe.sessions["unet"].static_shapes)
+            raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : CUDA graph capture failed (test)")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ort.InferenceSession, "run_with_iobinding", capture_fails_once)
+    got = _generate(pipe)
+    assert failed[0] is not None and pipe.sessions["unet"].static_shapes is None
+    assert backend.describe()["notes"] == ["UNet CUDA graph failed (CUDA graph capture failed (test)); "
+                                           "running the dynamic session"]
+    np.testing.assert_array_equal(got.images, _generate(tiny_pipeline).images)

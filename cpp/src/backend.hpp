@@ -1,5 +1,8 @@
 // One generic backend interface: the pipeline never knows which backend runs a graph.
 //
+//   Backend::preflight(bundle)                         before any component loads (a device
+//                                                      backend checks every engine against
+//                                                      this GPU first: engine_problems)
 //   Backend::load(bundle, component)  -> Session      immutable once loaded, shared by every
 //                                                      eclipse_state of a context
 //   Session::new_state()              -> SessionState per-request resources (execution
@@ -50,6 +53,7 @@ class Backend {
 public:
     virtual ~Backend() = default;
     virtual std::string name() const = 0;
+    virtual void preflight(const Bundle &bundle) const { (void)bundle; }
     virtual std::unique_ptr<Session> load(const Bundle &bundle, const ComponentFiles &component) const = 0;
 
     virtual void stage_done(const Session &session, SessionState *state) const { (void)session, (void)state; }

@@ -23,6 +23,8 @@
 namespace eclipse::core {
 namespace {
 
+const OrtApi *g_api = nullptr;  // the one ONNX Runtime of this process, set by load_api
+
 // The OrtApi of the library at `path`, opened once per process and never closed (ONNX Runtime
 // does not support being unloaded).
 const OrtApi *load_api(const std::string &path) {
@@ -41,10 +43,11 @@ const OrtApi *load_api(const std::string &path) {
                                              " is older than the headers this library was built with (API " +
                                              std::to_string(ORT_API_VERSION) + ")");
     }
+    if (g_api && g_api != api) throw Error(ECLIPSE_ERR_BACKEND, "another ONNX Runtime library is already in use in this process");
+    g_api = api;  // under the mutex: backends created on several threads agree on one library
     return apis[path] = api;
 }
 
-const OrtApi *g_api = nullptr;  // set by every backend before use; all backends share one process
 const OrtApi &ort() { return *g_api; }
 
 void check(OrtStatus *status, const std::string &what) {
@@ -110,10 +113,7 @@ private:
 class OnnxRuntimeBackend final : public Backend {
 public:
     explicit OnnxRuntimeBackend(const eclipse_onnxruntime_options &o) : threads_(o.intra_op_threads), device_(o.device_id) {
-        const OrtApi *api = load_api(o.library_path ? o.library_path : ECLIPSE_ORT_DEFAULT_LIBRARY);
-        if (g_api && g_api != api)
-            throw Error(ECLIPSE_ERR_BACKEND, "another ONNX Runtime library is already in use in this process");
-        g_api = api;
+        load_api(o.library_path ? o.library_path : ECLIPSE_ORT_DEFAULT_LIBRARY);
         OrtEnv *env = nullptr;
         check(ort().CreateEnv(ORT_LOGGING_LEVEL_ERROR, "eclipse", &env), "creating the environment");
         env_ = Released::hold(env, ort().ReleaseEnv);

@@ -192,6 +192,7 @@ std::shared_ptr<const Context> Context::create(std::shared_ptr<const BundleData>
     ctx->backend = std::move(backend);
     const Bundle &b = *ctx->data->bundle;
     const json engines = b.manifest().value("engines", json::object());
+    ctx->backend->preflight(b);
     for (const char *name : kComponents) {
         const json &c = b.component(name);
         ComponentFiles files{name, b.path(c.at("graph").get<std::string>()), nullptr};

@@ -58,6 +58,7 @@ def test_guidance_changes_the_image_and_one_means_off(tiny_pipeline):
     (dict(steps=2000), "steps|num_inference_steps|timesteps"),
     (dict(guidance_scale=float("nan")), "finite"),
     (dict(seed=-1), "seed"),
+    (dict(seed=2**64), "seed"),
 ])
 def test_bad_requests(tiny_pipeline, kwargs, message):
     args = dict(prompt=PROMPT, height=64, width=64, steps=2)

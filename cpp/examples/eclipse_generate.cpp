@@ -1,0 +1,116 @@
+// eclipse-generate-cpp: the Python CLI's main flags over the C++ wrapper.
+//   eclipse-generate-cpp --bundle engines/tiny-onnx --prompt "a red cube" --seed 0 --out out.png
+// User mistakes: one "error:" line and exit status 2; other failures exit 1.
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <string>
+
+#include "eclipse/eclipse.hpp"
+
+namespace {
+
+struct UsageError : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+const char *kUsage =
+    "usage: eclipse-generate-cpp --bundle DIR --prompt TEXT [--negative-prompt TEXT] [--height N] [--width N]\n"
+    "                            [--steps N] [--guidance S] [--seed N] [--scheduler ddpm|ddim] [--out FILE.png]\n"
+    "                            [--backend auto|onnxruntime] [--provider cpu|cuda]... [--threads N] [--skip-hash-check]\n";
+
+long long to_int(const std::string &flag, const std::string &v) {
+    char *end = nullptr;
+    errno = 0;
+    const long long x = std::strtoll(v.c_str(), &end, 10);
+    if (errno || end == v.c_str() || *end) throw UsageError(flag + " wants an integer, got '" + v + "'");
+    return x;
+}
+
+}  // namespace
+
+int main(int argc, char **argv) {
+    try {
+        std::map<std::string, std::string> opt{{"--height", "512"}, {"--width", "512"}, {"--steps", "50"},
+                                               {"--guidance", "4.0"}, {"--seed", "0"}, {"--out", "out.png"},
+                                               {"--backend", "auto"}, {"--threads", "0"}};
+        std::string providers;
+        bool verify = true, has_negative = false;
+        for (int i = 1; i < argc; ++i) {
+            const std::string a = argv[i];
+            if (a == "-h" || a == "--help") {
+                std::fputs(kUsage, stdout);
+                return 0;
+            }
+            if (a == "--skip-hash-check") {
+                verify = false;
+                continue;
+            }
+            static const char *kFlags[] = {"--bundle", "--prompt", "--negative-prompt", "--height", "--width", "--steps",
+                                           "--guidance", "--seed", "--scheduler", "--out", "--backend", "--provider", "--threads"};
+            bool known = false;
+            for (const char *f : kFlags) known = known || a == f;
+            if (!known) throw UsageError("unknown argument " + a);
+            if (i + 1 >= argc) throw UsageError(a + " needs a value");
+            const std::string v = argv[++i];
+            if (a == "--provider") providers += (providers.empty() ? "" : ",") + v;
+            else opt[a] = v;
+            has_negative = has_negative || a == "--negative-prompt";
+        }
+        for (const char *required : {"--bundle", "--prompt"}) {
+            if (!opt.count(required)) throw UsageError(std::string(required) + " is required");
+        }
+        const std::string out = opt["--out"];
+        if (out.size() < 4 || out.compare(out.size() - 4, 4, ".png") != 0) throw UsageError("--out must be a .png file, got " + out);
+        eclipse::Params p;
+        if (has_negative) p.negative_prompt = opt["--negative-prompt"];
+        p.height = static_cast<int32_t>(to_int("--height", opt["--height"]));
+        p.width = static_cast<int32_t>(to_int("--width", opt["--width"]));
+        p.steps = static_cast<int32_t>(to_int("--steps", opt["--steps"]));
+        char *end = nullptr;
+        p.guidance_scale = std::strtod(opt["--guidance"].c_str(), &end);
+        if (*end || end == opt["--guidance"].c_str()) throw UsageError("--guidance wants a number, got '" + opt["--guidance"] + "'");
+        const std::string seed = opt["--seed"];
+        errno = 0;
+        p.seed = std::strtoull(seed.c_str(), &end, 10);
+        if (errno || *end || seed.empty() || seed[0] == '-') throw UsageError("--seed must be an integer between 0 and 2**64 - 1");
+        if (opt.count("--scheduler")) {
+            const std::string s = opt["--scheduler"];
+            if (s != "ddpm" && s != "ddim") throw UsageError("--scheduler must be ddpm or ddim");
+            p.scheduler = s == "ddpm" ? ECLIPSE_SCHEDULER_DDPM : ECLIPSE_SCHEDULER_DDIM;
+        }
+        const std::string backend_name = opt["--backend"];
+        if (backend_name != "auto" && backend_name != "onnxruntime")
+            throw UsageError("--backend " + backend_name + " is not in this program (auto, onnxruntime)");
+        p.progress = [](int i, int n) {
+            if (i == n || i % std::max(1, n / 10) == 0) std::fprintf(stderr, "  step %d/%d\n", i, n);
+            return true;
+        };
+
+        const eclipse::Bundle bundle(opt["--bundle"], verify);
+        const eclipse::Backend backend = eclipse::Backend::onnxruntime(providers.empty() ? "cpu" : providers,
+                                                                       static_cast<int>(to_int("--threads", opt["--threads"])));
+        const eclipse::Context context(bundle, backend);
+        eclipse::State state(context);
+        const eclipse::Result result = state.generate(opt["--prompt"], p);
+        result.save_png(out);
+        std::fprintf(stderr, "wrote %s\nlatency:", out.c_str());
+        for (const char *stage : {"text_encoder", "prior", "unet", "unet_per_step", "movq", "total"})
+            std::fprintf(stderr, " %s %.1f ms ", stage, result.timing(stage) * 1000);
+        std::fprintf(stderr, "\n");
+        return 0;
+    } catch (const UsageError &e) {
+        std::fprintf(stderr, "%serror: %s\n", kUsage, e.what());
+        return 2;
+    } catch (const eclipse::Error &e) {
+        std::fprintf(stderr, "error: %s\n", e.what());
+        const auto s = e.status();
+        return s == ECLIPSE_ERR_INVALID_ARGUMENT || s == ECLIPSE_ERR_BUNDLE || s == ECLIPSE_ERR_UNSUPPORTED ||
+                       s == ECLIPSE_ERR_IO
+                   ? 2
+                   : 1;
+    }
+}

@@ -1,0 +1,287 @@
+// The C API: handles over the C++ core, exceptions turned into status codes + a per-thread
+// message, buffers owned by the library.
+#include <atomic>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <mutex>
+#include <new>
+
+#include "backend.hpp"
+#include "noise.hpp"
+#include "pipeline.hpp"
+#include "scheduler.hpp"
+
+struct eclipse_backend {
+    std::shared_ptr<eclipse::core::Backend> impl;
+};
+struct eclipse_bundle {
+    std::shared_ptr<const eclipse::core::BundleData> impl;
+};
+struct eclipse_context {
+    std::shared_ptr<const eclipse::core::Context> impl;
+};
+struct eclipse_state {
+    eclipse::core::State impl;
+};
+struct eclipse_result {
+    eclipse::core::Result impl;
+};
+
+namespace eclipse::core {
+namespace {
+
+thread_local std::string g_last_error;
+
+void default_log(eclipse_log_level level, const char *message, void *) {
+    if (level >= ECLIPSE_LOG_WARN) std::fprintf(stderr, "eclipse: %s: %s\n", level == ECLIPSE_LOG_WARN ? "warning" : "error", message);
+}
+
+std::mutex g_log_mutex;
+eclipse_log_fn g_log_fn = default_log;
+void *g_log_data = nullptr;
+
+template <class F>
+eclipse_status guarded(F &&body) {
+    try {
+        body();
+        g_last_error.clear();
+        return ECLIPSE_OK;
+    } catch (const Error &e) {
+        g_last_error = e.what();
+        return e.status;
+    } catch (const std::bad_alloc &) {
+        g_last_error = "out of memory";
+        return ECLIPSE_ERR_OUT_OF_MEMORY;
+    } catch (const std::exception &e) {
+        g_last_error = std::string("internal error: ") + e.what();
+        return ECLIPSE_ERR_INTERNAL;
+    }
+}
+
+template <class T>
+void require(const T *p, const char *what) {
+    if (p == nullptr) throw Error(ECLIPSE_ERR_INVALID_ARGUMENT, std::string(what) + " is NULL");
+}
+
+}  // namespace
+
+void log(eclipse_log_level level, const std::string &message) {
+    eclipse_log_fn fn;
+    void *data;
+    {
+        std::lock_guard<std::mutex> lock(g_log_mutex);
+        fn = g_log_fn;
+        data = g_log_data;
+    }
+    if (fn) fn(level, message.c_str(), data);
+}
+
+}  // namespace eclipse::core
+
+using namespace eclipse::core;
+
+extern "C" {
+
+const char *eclipse_version(void) { return ECLIPSE_VERSION_STRING; }
+
+const char *eclipse_status_string(eclipse_status s) {
+    switch (s) {
+        case ECLIPSE_OK: return "ok";
+        case ECLIPSE_ERR_INVALID_ARGUMENT: return "invalid argument";
+        case ECLIPSE_ERR_BUNDLE: return "bundle error";
+        case ECLIPSE_ERR_BACKEND: return "backend error";
+        case ECLIPSE_ERR_UNSUPPORTED: return "unsupported";
+        case ECLIPSE_ERR_CANCELLED: return "cancelled";
+        case ECLIPSE_ERR_IO: return "i/o error";
+        case ECLIPSE_ERR_OUT_OF_MEMORY: return "out of memory";
+        case ECLIPSE_ERR_INTERNAL: return "internal error";
+    }
+    return "unknown status";
+}
+
+const char *eclipse_last_error(void) { return g_last_error.c_str(); }
+
+void eclipse_set_log_callback(eclipse_log_fn fn, void *user_data) {
+    std::lock_guard<std::mutex> lock(g_log_mutex);
+    g_log_fn = fn;
+    g_log_data = user_data;
+}
+
+int eclipse_backend_available(const char *name) {
+    if (name == nullptr) return 0;
+    const std::string n(name);
+    return n == "custom" || (n == "onnxruntime" && onnxruntime_built_in());
+}
+
+eclipse_onnxruntime_options eclipse_onnxruntime_default_options(void) {
+    eclipse_onnxruntime_options o{};
+    o.struct_size = sizeof(o);
+    o.providers = "cpu";
+    return o;
+}
+
+eclipse_status eclipse_backend_onnxruntime_create(const eclipse_onnxruntime_options *options, eclipse_backend **out) {
+    return guarded([&] {
+        require(out, "out");
+        *out = nullptr;
+        eclipse_onnxruntime_options o = eclipse_onnxruntime_default_options();
+        if (options) {
+            if (options->struct_size < sizeof(uint32_t) || options->struct_size > sizeof(o))
+                throw Error(ECLIPSE_ERR_INVALID_ARGUMENT, "eclipse_onnxruntime_options.struct_size is not sizeof(eclipse_onnxruntime_options)");
+            std::memcpy(&o, options, options->struct_size);
+        }
+        auto impl = make_onnxruntime_backend(o);
+        *out = new eclipse_backend{std::move(impl)};
+    });
+}
+
+eclipse_status eclipse_backend_custom_create(const eclipse_custom_backend *table, eclipse_backend **out) {
+    return guarded([&] {
+        require(out, "out");
+        *out = nullptr;
+        require(table, "table");
+        *out = new eclipse_backend{make_custom_backend(*table)};
+    });
+}
+
+void eclipse_backend_free(eclipse_backend *backend) { delete backend; }
+
+eclipse_status eclipse_bundle_open(const char *path, int verify_hashes, eclipse_bundle **out) {
+    return guarded([&] {
+        require(out, "out");
+        *out = nullptr;
+        require(path, "path");
+        *out = new eclipse_bundle{BundleData::open(path, verify_hashes != 0)};
+    });
+}
+
+void eclipse_bundle_free(eclipse_bundle *bundle) { delete bundle; }
+
+int64_t eclipse_bundle_dim(const eclipse_bundle *bundle, const char *name) {
+    if (!bundle || !name) return -1;
+    if (std::strcmp(name, "T") == 0) return bundle->impl->tokenizer->max_length();
+    return bundle->impl->bundle->dim(name);
+}
+
+eclipse_status eclipse_tokenize(const eclipse_bundle *bundle, const char *text, int32_t *ids, int32_t *mask,
+                                int32_t max_length, int32_t *truncated) {
+    return guarded([&] {
+        require(bundle, "bundle");
+        require(text, "text");
+        require(ids, "ids");
+        const auto &tok = *bundle->impl->tokenizer;
+        if (max_length != tok.max_length())
+            throw Error(ECLIPSE_ERR_INVALID_ARGUMENT, "max_length must be the tokenizer's " + std::to_string(tok.max_length()));
+        const Tokens t = tok.encode(text);
+        std::copy(t.ids.begin(), t.ids.end(), ids);
+        if (mask) std::copy(t.mask.begin(), t.mask.end(), mask);
+        if (truncated) *truncated = t.truncated ? 1 : 0;
+    });
+}
+
+eclipse_status eclipse_schedule(const eclipse_bundle *bundle, eclipse_scheduler scheduler, int32_t steps,
+                                int64_t *timesteps, eclipse_step_coefficients *coefficients) {
+    return guarded([&] {
+        require(bundle, "bundle");
+        Scheduler s(bundle->impl->scheduler_config, scheduler_kind_name(scheduler));
+        s.set_timesteps(steps);
+        for (size_t i = 0; i < s.timesteps().size(); ++i) {
+            if (timesteps) timesteps[i] = s.timesteps()[i];
+            if (coefficients) coefficients[i] = s.coefficients(s.timesteps()[i]);
+        }
+    });
+}
+
+void eclipse_normals(uint64_t seed, uint32_t stream, float *out, size_t count) {
+    if (out) standard_normal(seed, stream, out, count);
+}
+
+eclipse_status eclipse_context_create(const eclipse_bundle *bundle, eclipse_backend *backend, eclipse_context **out) {
+    return guarded([&] {
+        require(out, "out");
+        *out = nullptr;
+        require(bundle, "bundle");
+        require(backend, "backend");
+        *out = new eclipse_context{Context::create(bundle->impl, backend->impl)};
+    });
+}
+
+void eclipse_context_free(eclipse_context *context) { delete context; }
+
+eclipse_status eclipse_state_create(eclipse_context *context, eclipse_state **out) {
+    return guarded([&] {
+        require(out, "out");
+        *out = nullptr;
+        require(context, "context");
+        auto state = std::make_unique<eclipse_state>();
+        state->impl.context = context->impl;
+        for (const auto &[name, session] : context->impl->sessions) state->impl.session_states[name] = session->new_state();
+        *out = state.release();
+    });
+}
+
+void eclipse_state_free(eclipse_state *state) { delete state; }
+
+eclipse_params eclipse_default_params(void) {
+    eclipse_params p{};
+    p.struct_size = sizeof(p);
+    p.api_version = ECLIPSE_API_VERSION;
+    p.width = p.height = 512;
+    p.steps = 50;
+    p.guidance_scale = 4.0;
+    p.scheduler = ECLIPSE_SCHEDULER_BUNDLE;
+    return p;
+}
+
+eclipse_status eclipse_generate(eclipse_state *state, const char *prompt, const eclipse_params *params,
+                                eclipse_result **out) {
+    return guarded([&] {
+        require(out, "out");
+        *out = nullptr;
+        require(state, "state");
+        eclipse_params p = eclipse_default_params();
+        if (params) {
+            // a caller built against an older header passes a smaller struct: the rest keeps defaults
+            if (params->struct_size < offsetof(eclipse_params, negative_prompt) || params->struct_size > sizeof(p))
+                throw Error(ECLIPSE_ERR_INVALID_ARGUMENT, "eclipse_params.struct_size is not sizeof(eclipse_params) "
+                                                          "(use eclipse_default_params())");
+            if (params->api_version > ECLIPSE_API_VERSION)
+                throw Error(ECLIPSE_ERR_INVALID_ARGUMENT, "eclipse_params come from a newer eclipse.h (API " +
+                                                              std::to_string(params->api_version) + ") than this library (" +
+                                                              std::to_string(ECLIPSE_API_VERSION) + ")");
+            std::memcpy(&p, params, params->struct_size);
+        }
+        auto result = std::make_unique<eclipse_result>();
+        result->impl = generate(state->impl, prompt, p);
+        *out = result.release();
+    });
+}
+
+int32_t eclipse_result_width(const eclipse_result *r) { return r ? r->impl.width : 0; }
+int32_t eclipse_result_height(const eclipse_result *r) { return r ? r->impl.height : 0; }
+const uint8_t *eclipse_result_pixels(const eclipse_result *r) { return r ? r->impl.pixels.data() : nullptr; }
+
+double eclipse_result_timing(const eclipse_result *r, const char *stage) {
+    if (!r || !stage) return -1;
+    auto it = r->impl.timings.find(stage);
+    return it == r->impl.timings.end() ? -1 : it->second;
+}
+
+size_t eclipse_result_warning_count(const eclipse_result *r) { return r ? r->impl.warnings.size() : 0; }
+
+const char *eclipse_result_warning(const eclipse_result *r, size_t index) {
+    return r && index < r->impl.warnings.size() ? r->impl.warnings[index].c_str() : nullptr;
+}
+
+eclipse_status eclipse_result_save_png(const eclipse_result *r, const char *path) {
+    return guarded([&] {
+        require(r, "result");
+        require(path, "path");
+        save_png(path, r->impl.pixels.data(), r->impl.width, r->impl.height);
+    });
+}
+
+void eclipse_result_free(eclipse_result *r) { delete r; }
+
+}  // extern "C"

@@ -1,0 +1,54 @@
+// A bundle directory, read and verified as the Python runtime does (runtime/bundle.py): the
+// manifest's format and version, every listed file's size and sha256; and, for every path the
+// runtime opens, that it is listed in the manifest and resolves inside the bundle (no absolute
+// paths, no "..", no symlink leading out).
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace eclipse::core {
+
+constexpr const char *kBundleFormat = "eclipse-export-bundle";
+constexpr int kBundleFormatVersion = 1;
+
+class Bundle {
+public:
+    // Throws Error(ECLIPSE_ERR_BUNDLE) listing every problem found.
+    static std::shared_ptr<const Bundle> open(const std::filesystem::path &root, bool verify_hashes);
+
+    const std::filesystem::path &root() const { return root_; }
+    const nlohmann::json &manifest() const { return manifest_; }
+    int64_t dim(const std::string &name) const;  // -1 when the manifest has no such dim
+    const nlohmann::json &component(const std::string &name) const;
+
+    bool listed(const std::string &rel) const { return files_.count(rel) != 0; }
+    // The absolute path of a listed file (checked inside the bundle at open); throws otherwise.
+    std::filesystem::path path(const std::string &rel) const;
+    std::string read(const std::string &rel) const;
+    nlohmann::json read_json(const std::string &rel) const;
+
+private:
+    std::filesystem::path root_;  // canonical
+    nlohmann::json manifest_;
+    std::map<std::string, std::filesystem::path> files_;  // manifest path -> resolved path
+};
+
+// Why an engine entry of the manifest cannot run with the installed TensorRT flavour on this
+// GPU (empty: it can), as eclipse_export/engines.py's check_engine_compatible says it: the
+// version must be the one that built it, the GPU one of the compute capabilities it was built
+// for ("unknown" entries ignored). installed_version "" means the flavour is not installed;
+// gpu_cc like "SM89", "" when unknown. For device backends (TensorRT), before deserializing.
+std::vector<std::string> engine_problems(const nlohmann::json &entry, const std::string &installed_version,
+                                         const std::string &gpu_cc);
+
+// Lower-case hex sha256 of a file (OpenSSL), read in 4 MiB blocks.
+std::string sha256_file(const std::filesystem::path &path);
+
+}  // namespace eclipse::core

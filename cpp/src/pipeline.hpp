@@ -1,0 +1,58 @@
+// The chain, as runtime/pipeline.py runs it:
+//   tokens -> text encoder -> prior (one pass; the negative prompt shares its batch) ->
+//   UNet loop with classifier-free guidance (host loop, or the backend's device loop) -> MoVQ.
+// BundleData and Context are immutable after creation; everything a generation writes lives
+// in the State (or on its stack), so states on one context generate concurrently.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "backend.hpp"
+#include "bundle.hpp"
+#include "npy.hpp"
+#include "tokenizer.hpp"
+
+namespace eclipse::core {
+
+struct BundleData {
+    std::shared_ptr<const Bundle> bundle;
+    std::unique_ptr<ClipTokenizer> tokenizer;
+    nlohmann::json scheduler_config;
+    std::vector<float> negative_image_embeds;  // (D): CLIP image embedding of a zeros image
+    int64_t C, D, S;
+
+    static std::shared_ptr<const BundleData> open(const std::string &path, bool verify_hashes);
+};
+
+struct Context {
+    std::shared_ptr<const BundleData> data;
+    std::shared_ptr<Backend> backend;
+    std::map<std::string, std::unique_ptr<Session>> sessions;  // by component name
+    std::map<std::string, double> load_seconds;
+
+    static std::shared_ptr<const Context> create(std::shared_ptr<const BundleData> data, std::shared_ptr<Backend> backend);
+};
+
+struct State {
+    std::shared_ptr<const Context> context;
+    std::map<std::string, std::unique_ptr<SessionState>> session_states;
+};
+
+struct Result {
+    int32_t width = 0, height = 0;
+    std::vector<uint8_t> pixels;  // height * width * 3
+    std::map<std::string, double> timings;
+    std::vector<std::string> warnings;
+};
+
+std::string scheduler_kind_name(eclipse_scheduler s);  // "" for the bundle's own
+
+Result generate(State &state, const char *prompt, const eclipse_params &params);
+
+// Writes an RGB8 image as PNG (libpng) atomically: a temporary file renamed into place.
+void save_png(const std::string &path, const uint8_t *pixels, int32_t width, int32_t height);
+
+}  // namespace eclipse::core

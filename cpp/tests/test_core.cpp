@@ -1,0 +1,210 @@
+// C++ tests of the core's self-contained parts (CTest; also run under ASan + UBSan). The
+// comparisons with the Python runtime (tokenizer, scheduler, noises, whole chain, bundle
+// refusals) are in tests/test_cpp_runtime.py, through the C API.
+#include <png.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "bundle.hpp"
+#include "eclipse/eclipse.h"
+#include "noise.hpp"
+#include "npy.hpp"
+#include "pipeline.hpp"
+#include "scheduler.hpp"
+
+namespace fs = std::filesystem;
+using namespace eclipse::core;
+
+namespace {
+
+int g_failed = 0, g_passed = 0;
+
+#define EXPECT(cond)                                                                   \
+    do {                                                                               \
+        if (!(cond)) {                                                                 \
+            std::fprintf(stderr, "  %s:%d: expected %s\n", __FILE__, __LINE__, #cond); \
+            throw std::runtime_error("expectation failed");                            \
+        }                                                                              \
+    } while (0)
+
+void run(const char *name, const std::function<void()> &test) {
+    try {
+        test();
+        ++g_passed;
+        std::printf("ok   %s\n", name);
+    } catch (const std::exception &e) {
+        ++g_failed;
+        std::printf("FAIL %s: %s\n", name, e.what());
+    }
+}
+
+template <class F>
+eclipse_status status_of(F &&f) {
+    try {
+        f();
+    } catch (const Error &e) {
+        return e.status;
+    }
+    return ECLIPSE_OK;
+}
+
+fs::path temp_dir(const std::string &name) {
+    fs::path d = fs::temp_directory_path() / ("eclipse-test-" + name + "-" + std::to_string(::getpid()));
+    fs::remove_all(d);
+    fs::create_directories(d);
+    return d;
+}
+
+void write(const fs::path &p, const std::string &bytes) {
+    std::ofstream(p, std::ios::binary) << bytes;
+}
+
+std::string npy_bytes(const std::string &descr, const std::string &shape, const std::string &data, bool fortran = false) {
+    std::string header = "{'descr': '" + descr + "', 'fortran_order': " + (fortran ? "True" : "False") + ", 'shape': (" + shape + "), }";
+    while ((10 + header.size() + 1) % 64) header += ' ';
+    header += '\n';
+    std::string out("\x93NUMPY\x01\x00", 8);
+    out += static_cast<char>(header.size() & 0xFF);
+    out += static_cast<char>(header.size() >> 8);
+    return out + header + data;
+}
+
+}  // namespace
+
+int main() {
+    run("philox4x64-10 gives Random123's known-answer vectors", [] {
+        const uint64_t M = ~0ULL;
+        EXPECT((philox4x64_10({0, 0, 0, 0}, {0, 0}) ==
+                PhiloxBlock{0x16554D9ECA36314CULL, 0xDB20FE9D672D0FDCULL, 0xD7E772CEE186176BULL, 0x7E68B68AEC7BA23BULL}));
+        EXPECT((philox4x64_10({M, M, M, M}, {M, M}) ==
+                PhiloxBlock{0x87B092C3013FE90BULL, 0x438C3C67BE8D0224ULL, 0x9CC7D7C69CD777B6ULL, 0xA09CAEBF594F0BA0ULL}));
+        EXPECT((philox4x64_10({0x243F6A8885A308D3ULL, 0x13198A2E03707344ULL, 0xA4093822299F31D0ULL, 0x082EFA98EC4E6C89ULL},
+                              {0x452821E638D01377ULL, 0xBE5466CF34E90C6CULL}) ==
+                PhiloxBlock{0xA528F45403E61D95ULL, 0x38C72DBD566E9788ULL, 0xA5A1610E72FD18B5ULL, 0x57BD43B5E52B7FE6ULL}));
+    });
+
+    run("normals: standard, prefix-stable, streams differ", [] {
+        std::vector<float> a(200001), b(7), c(7);
+        standard_normal(5, 2, a.data(), a.size());
+        double sum = 0, sq = 0;
+        for (float x : a) sum += x, sq += double(x) * x;
+        const double mean = sum / a.size(), var = sq / a.size() - mean * mean;
+        EXPECT(std::fabs(mean) < 0.01 && std::fabs(var - 1) < 0.01);
+        standard_normal(5, 2, b.data(), b.size());  // odd count: the last sine is dropped
+        for (size_t i = 0; i < b.size(); ++i) EXPECT(a[i] == b[i]);
+        standard_normal(5, 1, c.data(), c.size());
+        EXPECT(c[0] != b[0]);
+    });
+
+    run("sha256 of a file (FIPS 180 'abc' vector)", [] {
+        const fs::path d = temp_dir("sha");
+        write(d / "abc", "abc");
+        EXPECT(sha256_file(d / "abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        fs::remove_all(d);
+    });
+
+    run(".npy: float32/float64 read, others refused", [] {
+        const float f[3] = {1.5f, -2.0f, 0.25f};
+        NpyArray a = parse_npy(npy_bytes("<f4", "1, 3", std::string(reinterpret_cast<const char *>(f), 12)), "x.npy");
+        EXPECT((a.shape == std::vector<int64_t>{1, 3}) && a.data[0] == 1.5f && a.data[2] == 0.25f);
+        const double d[2] = {0.1, 3.0};
+        NpyArray b = parse_npy(npy_bytes("<f8", "2,", std::string(reinterpret_cast<const char *>(d), 16)), "x.npy");
+        EXPECT(b.shape.size() == 1 && b.data[0] == 0.1f && b.data[1] == 3.0f);
+        EXPECT(status_of([&] { parse_npy(npy_bytes("<i8", "1,", std::string(8, '\0')), "x.npy"); }) == ECLIPSE_ERR_BUNDLE);
+        EXPECT(status_of([&] { parse_npy(npy_bytes("<f4", "2, 2", std::string(16, '\0'), true), "x.npy"); }) == ECLIPSE_ERR_BUNDLE);
+        EXPECT(status_of([&] { parse_npy(npy_bytes("<f4", "1, 3", std::string(8, '\0')), "x.npy"); }) == ECLIPSE_ERR_BUNDLE);
+        EXPECT(status_of([&] { parse_npy("not an array", "x.npy"); }) == ECLIPSE_ERR_BUNDLE);
+    });
+
+    run("scheduler: Kandinsky's DDPM config, spacings, refusals", [] {
+        const nlohmann::json k22 = {{"_class_name", "DDPMScheduler"}, {"beta_start", 0.00085}, {"beta_end", 0.012},
+                                    {"clip_sample", false}, {"steps_offset", 1}, {"timestep_spacing", "leading"}};
+        Scheduler s(k22, "");
+        s.set_timesteps(50);
+        EXPECT(s.timesteps().size() == 50 && s.timesteps().front() == 981 && s.timesteps().back() == 1);
+        EXPECT(s.needs_noise());
+        std::vector<float> x{0.5f, -0.25f}, eps{0.1f, 0.2f}, noise{1.0f, -1.0f};
+        s.step(eps.data(), 981, x.data(), noise.data(), 2);
+        EXPECT(std::isfinite(x[0]) && x[0] != 0.5f);
+        for (const char *spacing : {"linspace", "trailing"}) {
+            nlohmann::json c = k22;
+            c["timestep_spacing"] = spacing;
+            Scheduler t(c, "ddim");
+            t.set_timesteps(7);
+            EXPECT(t.timesteps().size() == 7 && t.timesteps().front() == 999 && !t.needs_noise());
+        }
+        EXPECT(status_of([&] { s.set_timesteps(0); }) == ECLIPSE_ERR_INVALID_ARGUMENT);
+        EXPECT(status_of([&] { s.set_timesteps(1000); }) == ECLIPSE_ERR_INVALID_ARGUMENT);  // leading + offset reaches 1000
+        for (const auto &[key, value] : std::vector<std::pair<std::string, nlohmann::json>>{
+                 {"thresholding", true}, {"variance_type", "fixed_large_log"}, {"beta_schedule", "sigmoid"},
+                 {"prediction_type", "x"}, {"_class_name", "EulerDiscreteScheduler"}}) {
+            nlohmann::json c = k22;
+            c[key] = value;
+            EXPECT(status_of([&] { Scheduler bad(c, ""); }) == ECLIPSE_ERR_UNSUPPORTED);
+        }
+    });
+
+    run("engine entries: version and compute capability as engines.check_engine_compatible", [] {
+        const nlohmann::json e = {{"flavour", "tensorrt-rtx"}, {"version", "1.7.1.116"},
+                                  {"compute_capabilities", {"SM86", "SM89", "unknown"}}};
+        EXPECT(engine_problems(e, "1.7.1.116", "SM89").empty());
+        EXPECT(engine_problems(e, "1.7.1.116", "").empty());
+        EXPECT((engine_problems(e, "", "SM89") == std::vector<std::string>{"tensorrt_rtx is not installed"}));
+        EXPECT((engine_problems(e, "1.6.1.120", "SM120") ==
+                std::vector<std::string>{"built with tensorrt-rtx 1.7.1.116, this machine has 1.6.1.120",
+                                         "built for SM86, SM89, this GPU is SM120"}));
+        const nlohmann::json any = {{"flavour", "tensorrt"}, {"version", "10.3.0"}, {"compute_capabilities", {"unknown"}}};
+        EXPECT(engine_problems(any, "10.3.0", "SM87").empty());
+    });
+
+    run("PNG: written atomically and read back pixel for pixel", [] {
+        const fs::path d = temp_dir("png");
+        std::vector<uint8_t> px(5 * 3 * 3);
+        for (size_t i = 0; i < px.size(); ++i) px[i] = static_cast<uint8_t>(i * 7);
+        save_png((d / "x.png").string(), px.data(), 5, 3);
+        png_image img{};
+        img.version = PNG_IMAGE_VERSION;
+        EXPECT(png_image_begin_read_from_file(&img, (d / "x.png").c_str()));
+        img.format = PNG_FORMAT_RGB;
+        std::vector<uint8_t> back(PNG_IMAGE_SIZE(img));
+        EXPECT(png_image_finish_read(&img, nullptr, back.data(), 0, nullptr));
+        EXPECT(img.width == 5 && img.height == 3 && back == px);
+        EXPECT(status_of([&] { save_png((d / "missing" / "x.png").string(), px.data(), 5, 3); }) == ECLIPSE_ERR_IO);
+        size_t files = 0;
+        for (const auto &entry : fs::directory_iterator(d)) files += entry.is_regular_file() ? 1 : 0;
+        EXPECT(files == 1);  // no temporary left behind
+        fs::remove_all(d);
+    });
+
+    run("C API: NULLs, bad params and a missing bundle give a status and a message", [] {
+        eclipse_bundle *b = reinterpret_cast<eclipse_bundle *>(1);
+        EXPECT(eclipse_bundle_open("/nonexistent/bundle", 1, &b) == ECLIPSE_ERR_BUNDLE && b == nullptr);
+        EXPECT(std::string(eclipse_last_error()).find("does not exist") != std::string::npos);
+        EXPECT(eclipse_bundle_open(nullptr, 1, &b) == ECLIPSE_ERR_INVALID_ARGUMENT);
+        eclipse_result *r = nullptr;
+        eclipse_params p = eclipse_default_params();
+        EXPECT(p.struct_size == sizeof(p) && p.width == 512 && p.steps == 50 && p.guidance_scale == 4.0);
+        EXPECT(eclipse_generate(nullptr, "x", &p, &r) == ECLIPSE_ERR_INVALID_ARGUMENT);
+        eclipse_custom_backend table{};
+        eclipse_backend *backend = nullptr;
+        EXPECT(eclipse_backend_custom_create(&table, &backend) == ECLIPSE_ERR_INVALID_ARGUMENT);  // no struct_size
+        table.struct_size = sizeof(table);
+        EXPECT(eclipse_backend_custom_create(&table, &backend) == ECLIPSE_ERR_INVALID_ARGUMENT);  // no functions
+        EXPECT(std::string(eclipse_last_error()).find("load and run") != std::string::npos);
+        EXPECT(eclipse_backend_available("custom") == 1 && eclipse_backend_available("nope") == 0);
+        if (!eclipse_backend_available("onnxruntime")) {
+            EXPECT(eclipse_backend_onnxruntime_create(nullptr, &backend) == ECLIPSE_ERR_UNSUPPORTED);
+        }
+        EXPECT(std::string(eclipse_status_string(ECLIPSE_ERR_CANCELLED)) == "cancelled");
+    });
+
+    std::printf("%d passed, %d failed\n", g_passed, g_failed);
+    return g_failed == 0 ? 0 : 1;
+}

@@ -127,13 +127,22 @@ def targets_section(probe: CudaProbe) -> tuple[Section, Section]:
 
         providers = set(ort.get_available_providers())
         run.checks.append(Check("onnxruntime-cpu", True, "onnxruntime, provider cpu"))
-        has_provider = "CUDAExecutionProvider" in providers
-        missing = [what for what, bad in (("onnxruntime-gpu is not installed", not has_provider),
-                                          ("no usable CUDA GPU", not has_gpu)) if bad]
-        fix = "; ".join(f for f, bad in (("pip install onnxruntime-gpu (replaces onnxruntime)", not has_provider),
-                                         ("an NVIDIA GPU and driver are needed", not has_gpu)) if bad)
-        run.checks.append(Check("onnxruntime-cuda", not missing, "onnxruntime, provider cuda"
-                                + (f": {'; '.join(missing)}" if missing else ""), fix))
+        rtx_ep = importlib.util.find_spec("onnxruntime_ep_nv_tensorrt_rtx") is not None
+        # (--provider name, present here, what is missing, the install command)
+        gpu_providers = (
+            ("cuda", "CUDAExecutionProvider" in providers, "onnxruntime-gpu is not installed",
+             "pip install onnxruntime-gpu (replaces onnxruntime)"),
+            ("tensorrt", "TensorrtExecutionProvider" in providers, "onnxruntime-gpu is not installed",
+             "pip install onnxruntime-gpu (replaces onnxruntime), and TensorRT 10's libraries"),
+            ("tensorrt-rtx", rtx_ep, "its plugin provider is not installed",
+             "pip install onnxruntime-ep-nv-tensorrt-rtx (next to onnxruntime >= 1.24)"),
+        )
+        for name, present, absent, install in gpu_providers:
+            missing = [what for what, bad in ((absent, not present), ("no usable CUDA GPU", not has_gpu)) if bad]
+            fix = "; ".join(f for f, bad in ((install, not present), ("an NVIDIA GPU and driver are needed", not has_gpu))
+                            if bad)
+            run.checks.append(Check(f"onnxruntime-{name}", not missing, f"onnxruntime, provider {name}"
+                                    + (f": {'; '.join(missing)}" if missing else ""), fix))
     except ImportError:
         run.checks.append(Check("onnxruntime", False, "onnxruntime is not installed", "pip install onnxruntime"))
     for flavour in FLAVOURS:

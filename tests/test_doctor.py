@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from eclipse_export.doctor import diagnose, main, render
+from eclipse_export.runtime.backends import ORT_PROVIDERS
 from eclipse_export.runtime.bundle import file_entry
 from eclipse_export.runtime.gpu_probe import Check, CudaProbe, Gpu, cuda_probe
 
@@ -30,6 +31,9 @@ def test_this_machine(capsys):
         assert "no usable CUDA GPU" in out
         assert not build["trt-fp16"].ok and build["trt-fp16"].fix
         assert all(not c.ok and c.fix for c in _checks(report, "backends") if c.name.startswith("tensorrt"))
+    # every ONNX Runtime provider eclipse-generate accepts is diagnosed
+    backends = {c.name: c for c in _checks(report, "backends")}
+    assert {f"onnxruntime-{p}" for p in ORT_PROVIDERS} <= set(backends)
     # every missing piece comes with its fix
     assert all(c.ok or c.fix for s in report.sections for c in s.checks)
 

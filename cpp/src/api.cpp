@@ -111,8 +111,32 @@ void eclipse_set_log_callback(eclipse_log_fn fn, void *user_data) {
 int eclipse_backend_available(const char *name) {
     if (name == nullptr) return 0;
     const std::string n(name);
-    return n == "custom" || (n == "onnxruntime" && onnxruntime_built_in());
+    const char *trt = tensorrt_flavour_built_in();
+    return n == "custom" || (n == "onnxruntime" && onnxruntime_built_in()) || (trt != nullptr && n == trt);
 }
+
+eclipse_tensorrt_options eclipse_tensorrt_default_options(void) {
+    eclipse_tensorrt_options o{};
+    o.struct_size = sizeof(o);
+    o.cuda_graphs = 1;
+    return o;
+}
+
+eclipse_status eclipse_backend_tensorrt_create(const eclipse_tensorrt_options *options, eclipse_backend **out) {
+    return guarded([&] {
+        require(out, "out");
+        *out = nullptr;
+        eclipse_tensorrt_options o = eclipse_tensorrt_default_options();
+        if (options) {
+            if (options->struct_size < sizeof(uint32_t) || options->struct_size > sizeof(o))
+                throw Error(ECLIPSE_ERR_INVALID_ARGUMENT, "eclipse_tensorrt_options.struct_size is not sizeof(eclipse_tensorrt_options)");
+            std::memcpy(&o, options, options->struct_size);
+        }
+        *out = new eclipse_backend{make_tensorrt_backend(o)};
+    });
+}
+
+const char *eclipse_tensorrt_flavour(void) { return tensorrt_flavour_built_in(); }
 
 eclipse_onnxruntime_options eclipse_onnxruntime_default_options(void) {
     eclipse_onnxruntime_options o{};

@@ -15,33 +15,15 @@
 #include <string>
 #include <vector>
 
+#include "check.hpp"
 #include "device_loop.hpp"
 #include "scheduler.hpp"
 
 using namespace eclipse::core;
+using namespace eclipse::test;
 
 namespace {
 
-int g_failed = 0, g_passed = 0;
-
-#define EXPECT(cond)                                                                   \
-    do {                                                                               \
-        if (!(cond)) {                                                                 \
-            std::fprintf(stderr, "  %s:%d: expected %s\n", __FILE__, __LINE__, #cond); \
-            throw std::runtime_error("expectation failed");                            \
-        }                                                                              \
-    } while (0)
-
-void run(const char *name, const std::function<void()> &test) {
-    try {
-        test();
-        ++g_passed;
-        std::printf("ok   %s\n", name);
-    } catch (const std::exception &e) {
-        ++g_failed;
-        std::printf("FAIL %s: %s\n", name, e.what());
-    }
-}
 
 std::vector<std::string> g_log;
 void capture_log(eclipse_log_level, const char *message, void *) { g_log.emplace_back(message); }
@@ -482,6 +464,5 @@ int main() {
         EXPECT(alive == 0);
     });
 
-    std::printf("%d passed, %d failed\n", g_passed, g_failed);
-    return g_failed == 0 ? 0 : 1;
+    return finish();
 }

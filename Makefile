@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROMPT ?= a red cube on a blue sphere
 
-.PHONY: demo test install clean cc-present cpp cpp-asan cpp-ort cpp-deps
+.PHONY: demo test install clean cc-present cpp cpp-asan cpp-ort cpp-trt cpp-trt-rtx cpp-deps
 
 # C/C++ runtime (cpp/): the Debian/Ubuntu packages it builds with (JetPack ships the same);
 # installed with apt when missing, saying so.
@@ -20,6 +20,26 @@ JOBS ?= 2
 # them), the library from the onnxruntime wheel in .venv
 ORT_INCLUDE ?= cpp/third_party/onnxruntime/include
 ORT_LIBRARY ?= $(firstword $(wildcard $(VENV)/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.*))
+
+# TensorRT backend: headers of the flavour (no registry ships them; README "Embedding in C/C++"
+# says where they come from), CUDA's cuda.h and nvrtc.h from the NVIDIA wheels the test extra
+# installs into .venv (nvidia-cuda-runtime, nvidia-cuda-nvrtc: CUDA 13; the -cu12 ones: CUDA 12).
+CPP_TRT := build/cpp-trt
+CPP_TRT_RTX := build/cpp-trt-rtx
+TRT_INCLUDE ?= cpp/third_party/tensorrt-11.1/include
+RTX_INCLUDE ?= cpp/third_party/tensorrt-rtx-1.6/include
+# recursive (=): evaluated when a recipe runs, after .venv exists
+NVIDIA_WHEELS = $(abspath $(firstword $(wildcard $(VENV)/lib/python3*/site-packages/nvidia)))
+CUDA_INCLUDE ?= $(NVIDIA_WHEELS)/cu13/include
+# TensorRT's headers include cuda_runtime_api.h, which needs the toolkit's crt/ headers (not in
+# those wheels): a CUDA toolkit's include/ (JetPack and x86 installs have /usr/local/cuda)
+CUDA_HOME ?= /usr/local/cuda
+CUDA12_INCLUDE = $(NVIDIA_WHEELS)/cuda_runtime/include;$(NVIDIA_WHEELS)/cuda_nvrtc/include
+RTX_LIBS = $(abspath $(firstword $(wildcard $(VENV)/lib/python3*/site-packages/tensorrt_rtx_libs)))
+# CI (no TensorRT headers): the backend's CUDA parts (driver calls, NVRTC compile of the embedded
+# kernel) build into eclipse-cuda-check against the wheels' CUDA 13 and CUDA 12 headers
+CUDA_CHECK_FLAGS = $(if $(wildcard $(NVIDIA_WHEELS)/cu13/include/cuda.h),-DECLIPSE_BUILD_CUDA_CHECKS=ON \
+	-DECLIPSE_CUDA_INCLUDE_DIR=$(CUDA_INCLUDE) "-DECLIPSE_CUDA12_INCLUDE_DIR=$(CUDA12_INCLUDE)",-DECLIPSE_BUILD_CUDA_CHECKS=OFF)
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -57,7 +77,7 @@ cpp-deps:
 
 # core + custom backend + example + C++ tests (what CI builds)
 cpp: cpp-deps
-	cmake -S cpp -B $(CPP_BUILD) -DCMAKE_BUILD_TYPE=Release > /dev/null
+	cmake -S cpp -B $(CPP_BUILD) -DCMAKE_BUILD_TYPE=Release $(CUDA_CHECK_FLAGS) > /dev/null
 	cmake --build $(CPP_BUILD) -j $(JOBS)
 
 # the same under AddressSanitizer + UndefinedBehaviorSanitizer
@@ -70,6 +90,24 @@ cpp-ort: cpp-deps $(STAMP)
 	cmake -S cpp -B $(CPP_ORT) -DCMAKE_BUILD_TYPE=Release -DECLIPSE_WITH_ONNXRUNTIME=ON \
 	  -DECLIPSE_ORT_INCLUDE_DIR=$(abspath $(ORT_INCLUDE)) -DECLIPSE_ORT_LIBRARY=$(abspath $(ORT_LIBRARY)) > /dev/null
 	cmake --build $(CPP_ORT) -j $(JOBS)
+
+# with the TensorRT backend, against TensorRT 10.3+/11.x headers (TRT_INCLUDE; -Werror). Runs only
+# where TensorRT and a GPU are; here it proves the backend compiles.
+cpp-trt: cpp-deps $(STAMP)
+	cmake -S cpp -B $(CPP_TRT) -DCMAKE_BUILD_TYPE=Release -DECLIPSE_WERROR=ON -DECLIPSE_WITH_TENSORRT=ON \
+	  -DECLIPSE_TENSORRT_INCLUDE_DIR=$(abspath $(TRT_INCLUDE)) -DECLIPSE_CUDA_INCLUDE_DIR=$(CUDA_HOME)/include \
+	  -DECLIPSE_NVRTC_INCLUDE_DIR=$(CUDA_INCLUDE) -DECLIPSE_BUILD_CUDA_CHECKS=ON > /dev/null
+	cmake --build $(CPP_TRT) -j $(JOBS)
+
+# with the TensorRT-RTX backend (RTX_INCLUDE), opening the tensorrt-rtx wheel's library by default
+cpp-trt-rtx: cpp-deps $(STAMP)
+	cmake -S cpp -B $(CPP_TRT_RTX) -DCMAKE_BUILD_TYPE=Release -DECLIPSE_WERROR=ON -DECLIPSE_WITH_TENSORRT=ON \
+	  -DECLIPSE_TENSORRT_RTX=ON -DECLIPSE_TENSORRT_INCLUDE_DIR=$(abspath $(RTX_INCLUDE)) \
+	  -DECLIPSE_CUDA_INCLUDE_DIR=$(CUDA_HOME)/include -DECLIPSE_NVRTC_INCLUDE_DIR=$(CUDA_INCLUDE) \
+	  -DECLIPSE_TENSORRT_LIBRARY=$(RTX_LIBS)/libtensorrt_rtx.so.1 \
+	  -DECLIPSE_TENSORRT_ONNXPARSER_LIBRARY=$(RTX_LIBS)/libtensorrt_onnxparser_rtx.so.1 \
+	  -DECLIPSE_NVRTC_LIBRARY=$(NVIDIA_WHEELS)/cu13/lib/libnvrtc.so.13 -DECLIPSE_BUILD_CUDA_CHECKS=ON > /dev/null
+	cmake --build $(CPP_TRT_RTX) -j $(JOBS)
 
 # C++ tests (plain and sanitized), then the Python suite (which checks the C++ chain against the
 # Python runtime through build/cpp, and again through build/cpp-asan)

@@ -20,7 +20,8 @@ struct UsageError : std::runtime_error {
 const char *kUsage =
     "usage: eclipse-generate-cpp --bundle DIR --prompt TEXT [--negative-prompt TEXT] [--height N] [--width N]\n"
     "                            [--steps N] [--guidance S] [--seed N] [--scheduler ddpm|ddim] [--out FILE.png]\n"
-    "                            [--backend auto|onnxruntime] [--provider cpu|cuda]... [--threads N] [--skip-hash-check]\n";
+    "                            [--backend auto|onnxruntime|tensorrt|tensorrt-rtx] [--provider cpu|cuda]... [--threads N]\n"
+    "                            [--low-memory] [--no-cuda-graphs] [--device N] [--skip-hash-check]\n";
 
 long long to_int(const std::string &flag, const std::string &v) {
     char *end = nullptr;
@@ -36,21 +37,24 @@ int main(int argc, char **argv) {
     try {
         std::map<std::string, std::string> opt{{"--height", "512"}, {"--width", "512"}, {"--steps", "50"},
                                                {"--guidance", "4.0"}, {"--seed", "0"}, {"--out", "out.png"},
-                                               {"--backend", "auto"}, {"--threads", "0"}};
+                                               {"--backend", "auto"}, {"--threads", "0"}, {"--device", "0"}};
         std::string providers;
-        bool verify = true, has_negative = false;
+        bool verify = true, has_negative = false, low_memory = false, cuda_graphs = true;
         for (int i = 1; i < argc; ++i) {
             const std::string a = argv[i];
             if (a == "-h" || a == "--help") {
                 std::fputs(kUsage, stdout);
                 return 0;
             }
-            if (a == "--skip-hash-check") {
-                verify = false;
+            if (a == "--skip-hash-check" || a == "--low-memory" || a == "--no-cuda-graphs") {
+                verify = verify && a != "--skip-hash-check";
+                low_memory = low_memory || a == "--low-memory";
+                cuda_graphs = cuda_graphs && a != "--no-cuda-graphs";
                 continue;
             }
             static const char *kFlags[] = {"--bundle", "--prompt", "--negative-prompt", "--height", "--width", "--steps",
-                                           "--guidance", "--seed", "--scheduler", "--out", "--backend", "--provider", "--threads"};
+                                           "--guidance", "--seed", "--scheduler", "--out", "--backend", "--provider", "--threads",
+                                           "--device"};
             bool known = false;
             for (const char *f : kFlags) known = known || a == f;
             if (!known) throw UsageError("unknown argument " + a);
@@ -83,16 +87,28 @@ int main(int argc, char **argv) {
             p.scheduler = s == "ddpm" ? ECLIPSE_SCHEDULER_DDPM : ECLIPSE_SCHEDULER_DDIM;
         }
         const std::string backend_name = opt["--backend"];
-        if (backend_name != "auto" && backend_name != "onnxruntime")
-            throw UsageError("--backend " + backend_name + " is not in this program (auto, onnxruntime)");
+        const char *trt = eclipse_tensorrt_flavour();  // the one TensorRT flavour this library was built for
+        const bool use_trt = backend_name == "tensorrt" || backend_name == "tensorrt-rtx";
+        if (backend_name != "auto" && backend_name != "onnxruntime" && !use_trt)
+            throw UsageError("--backend must be auto, onnxruntime, tensorrt or tensorrt-rtx, got " + backend_name);
+        if (use_trt && (trt == nullptr || backend_name != trt))
+            throw UsageError("--backend " + backend_name + ": this eclipse library was built " +
+                             (trt ? "with the " + std::string(trt) + " backend only" : std::string("without a TensorRT backend")) +
+                             " (README: Embedding in C/C++)");
+        if (!use_trt && (low_memory || !cuda_graphs))
+            throw UsageError("--low-memory and --no-cuda-graphs are for --backend tensorrt / tensorrt-rtx");
+        if (use_trt && !providers.empty()) throw UsageError("--provider is for --backend onnxruntime");
+        const int device = static_cast<int>(to_int("--device", opt["--device"]));
         p.progress = [](int i, int n) {
             if (i == n || i % std::max(1, n / 10) == 0) std::fprintf(stderr, "  step %d/%d\n", i, n);
             return true;
         };
 
         const eclipse::Bundle bundle(opt["--bundle"], verify);
-        const eclipse::Backend backend = eclipse::Backend::onnxruntime(providers.empty() ? "cpu" : providers,
-                                                                       static_cast<int>(to_int("--threads", opt["--threads"])));
+        const eclipse::Backend backend =
+            use_trt ? eclipse::Backend::tensorrt(low_memory, cuda_graphs, device)
+                    : eclipse::Backend::onnxruntime(providers.empty() ? "cpu" : providers,
+                                                    static_cast<int>(to_int("--threads", opt["--threads"])), device);
         const eclipse::Context context(bundle, backend);
         eclipse::State state(context);
         const eclipse::Result result = state.generate(opt["--prompt"], p);

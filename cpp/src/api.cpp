@@ -59,6 +59,18 @@ eclipse_status guarded(F &&body) {
     }
 }
 
+// The caller's options over the defaults: a caller built against an older header passes a
+// smaller struct (its struct_size), the rest keeps the defaults.
+template <class T>
+T options_or_defaults(const T *given, T defaults, const char *type) {
+    if (given) {
+        if (given->struct_size < sizeof(uint32_t) || given->struct_size > sizeof(T))
+            throw Error(ECLIPSE_ERR_INVALID_ARGUMENT, std::string(type) + ".struct_size is not sizeof(" + type + ")");
+        std::memcpy(&defaults, given, given->struct_size);
+    }
+    return defaults;
+}
+
 template <class T>
 void require(const T *p, const char *what) {
     if (p == nullptr) throw Error(ECLIPSE_ERR_INVALID_ARGUMENT, std::string(what) + " is NULL");
@@ -111,8 +123,27 @@ void eclipse_set_log_callback(eclipse_log_fn fn, void *user_data) {
 int eclipse_backend_available(const char *name) {
     if (name == nullptr) return 0;
     const std::string n(name);
-    return n == "custom" || (n == "onnxruntime" && onnxruntime_built_in());
+    const char *trt = tensorrt_flavour_built_in();
+    return n == "custom" || (n == "onnxruntime" && onnxruntime_built_in()) || (trt != nullptr && n == trt);
 }
+
+eclipse_tensorrt_options eclipse_tensorrt_default_options(void) {
+    eclipse_tensorrt_options o{};
+    o.struct_size = sizeof(o);
+    o.cuda_graphs = 1;
+    return o;
+}
+
+eclipse_status eclipse_backend_tensorrt_create(const eclipse_tensorrt_options *options, eclipse_backend **out) {
+    return guarded([&] {
+        require(out, "out");
+        *out = nullptr;
+        const auto o = options_or_defaults(options, eclipse_tensorrt_default_options(), "eclipse_tensorrt_options");
+        *out = new eclipse_backend{make_tensorrt_backend(o)};
+    });
+}
+
+const char *eclipse_tensorrt_flavour(void) { return tensorrt_flavour_built_in(); }
 
 eclipse_onnxruntime_options eclipse_onnxruntime_default_options(void) {
     eclipse_onnxruntime_options o{};
@@ -125,12 +156,7 @@ eclipse_status eclipse_backend_onnxruntime_create(const eclipse_onnxruntime_opti
     return guarded([&] {
         require(out, "out");
         *out = nullptr;
-        eclipse_onnxruntime_options o = eclipse_onnxruntime_default_options();
-        if (options) {
-            if (options->struct_size < sizeof(uint32_t) || options->struct_size > sizeof(o))
-                throw Error(ECLIPSE_ERR_INVALID_ARGUMENT, "eclipse_onnxruntime_options.struct_size is not sizeof(eclipse_onnxruntime_options)");
-            std::memcpy(&o, options, options->struct_size);
-        }
+        const auto o = options_or_defaults(options, eclipse_onnxruntime_default_options(), "eclipse_onnxruntime_options");
         auto impl = make_onnxruntime_backend(o);
         *out = new eclipse_backend{std::move(impl)};
     });

@@ -70,5 +70,8 @@ std::shared_ptr<Backend> make_custom_backend(const eclipse_custom_backend &table
 // nullptr and a message when ONNX Runtime was not built in
 std::shared_ptr<Backend> make_onnxruntime_backend(const eclipse_onnxruntime_options &options);
 bool onnxruntime_built_in();
+// nullptr-free: throws Error(ECLIPSE_ERR_UNSUPPORTED) when the TensorRT backend was not built in
+std::shared_ptr<Backend> make_tensorrt_backend(const eclipse_tensorrt_options &options);
+const char *tensorrt_flavour_built_in();  // "tensorrt", "tensorrt-rtx" or nullptr
 
 }  // namespace eclipse::core

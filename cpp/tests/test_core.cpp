@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "check.hpp"
 #include "bundle.hpp"
 #include "eclipse/eclipse.h"
 #include "noise.hpp"
@@ -21,29 +22,10 @@
 
 namespace fs = std::filesystem;
 using namespace eclipse::core;
+using namespace eclipse::test;
 
 namespace {
 
-int g_failed = 0, g_passed = 0;
-
-#define EXPECT(cond)                                                                   \
-    do {                                                                               \
-        if (!(cond)) {                                                                 \
-            std::fprintf(stderr, "  %s:%d: expected %s\n", __FILE__, __LINE__, #cond); \
-            throw std::runtime_error("expectation failed");                            \
-        }                                                                              \
-    } while (0)
-
-void run(const char *name, const std::function<void()> &test) {
-    try {
-        test();
-        ++g_passed;
-        std::printf("ok   %s\n", name);
-    } catch (const std::exception &e) {
-        ++g_failed;
-        std::printf("FAIL %s: %s\n", name, e.what());
-    }
-}
 
 template <class F>
 eclipse_status status_of(F &&f) {
@@ -205,6 +187,5 @@ int main() {
         EXPECT(std::string(eclipse_status_string(ECLIPSE_ERR_CANCELLED)) == "cancelled");
     });
 
-    std::printf("%d passed, %d failed\n", g_passed, g_failed);
-    return g_failed == 0 ? 0 : 1;
+    return finish();
 }

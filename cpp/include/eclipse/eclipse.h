@@ -94,7 +94,8 @@ ECLIPSE_API void eclipse_set_log_callback(eclipse_log_fn fn, void *user_data);
 
 /* ---- backends ----------------------------------------------------------------------------- */
 
-/* 1 if this library was built with the named backend ("custom", "onnxruntime", "tensorrt"). */
+/* 1 if this library was built with the named backend ("custom", "onnxruntime", "tensorrt",
+ * "tensorrt-rtx"). */
 ECLIPSE_API int eclipse_backend_available(const char *name);
 
 typedef struct eclipse_onnxruntime_options {
@@ -110,6 +111,33 @@ ECLIPSE_API eclipse_onnxruntime_options eclipse_onnxruntime_default_options(void
 /* ECLIPSE_ERR_UNSUPPORTED when the library was built without ONNX Runtime. */
 ECLIPSE_API eclipse_status eclipse_backend_onnxruntime_create(const eclipse_onnxruntime_options *options,
                                                               eclipse_backend **out);
+
+/* TensorRT (10.3 / 11.x) or TensorRT-RTX: the bundle's engines on an NVIDIA GPU, the UNet loop on
+ * the device. A library is built for one flavour (eclipse_tensorrt_flavour()); TensorRT, the
+ * NVIDIA driver and NVRTC are opened when the backend is created (dlopen), so a library built
+ * with the backend still loads and runs the other backends on machines without them. */
+typedef struct eclipse_tensorrt_options {
+    uint32_t struct_size;      /* sizeof(eclipse_tensorrt_options) */
+    int32_t device_id;         /* CUDA device */
+    int32_t low_memory;        /* 1: one engine resident at a time, loaded when its stage starts and
+                                * freed when it ends (8 GB Jetson boards) */
+    int32_t cuda_graphs;       /* 1 (default): the UNet step replayed as a CUDA graph (TensorRT:
+                                * captured by the library; TensorRT-RTX: its own strategy) */
+    /* TensorRT-RTX keeps the kernels it compiles for this GPU here, one file per engine, saved
+     * when an engine is freed. NULL: $XDG_CACHE_HOME (or ~/.cache)/eclipse-export/rtx-runtime-cache,
+     * the directory eclipse-generate uses; "": no cache. */
+    const char *runtime_cache_dir;
+    const char *library_path;             /* NULL: libnvinfer.so.<major> / libtensorrt_rtx.so.<major> */
+    const char *onnx_parser_library_path; /* for weight-stripped engines; NULL: the flavour's default */
+    const char *nvrtc_library_path;       /* NULL: libnvrtc.so.<driver's CUDA major>, then older */
+} eclipse_tensorrt_options;
+ECLIPSE_API eclipse_tensorrt_options eclipse_tensorrt_default_options(void);
+/* ECLIPSE_ERR_UNSUPPORTED when the library was built without the TensorRT backend;
+ * ECLIPSE_ERR_BACKEND naming every missing piece (driver, GPU, NVRTC, TensorRT) otherwise. */
+ECLIPSE_API eclipse_status eclipse_backend_tensorrt_create(const eclipse_tensorrt_options *options, eclipse_backend **out);
+/* "tensorrt" or "tensorrt-rtx": the flavour this library's TensorRT backend was built for; NULL
+ * when it was built without one. */
+ECLIPSE_API const char *eclipse_tensorrt_flavour(void);
 
 /* The custom backend: the caller runs the graphs. */
 typedef enum eclipse_dtype { ECLIPSE_FLOAT32 = 1, ECLIPSE_INT32 = 2 } eclipse_dtype;

@@ -52,6 +52,17 @@ public:
         check(eclipse_backend_onnxruntime_create(&o, &b));
         return Backend(b);
     }
+    // TensorRT or TensorRT-RTX, as this library was built (eclipse_tensorrt_flavour())
+    static Backend tensorrt(bool low_memory = false, bool cuda_graphs = true, int device_id = 0,
+                            const eclipse_tensorrt_options *base = nullptr) {
+        eclipse_tensorrt_options o = base ? *base : eclipse_tensorrt_default_options();
+        o.low_memory = low_memory ? 1 : 0;
+        o.cuda_graphs = cuda_graphs ? 1 : 0;
+        o.device_id = device_id;
+        eclipse_backend *b = nullptr;
+        check(eclipse_backend_tensorrt_create(&o, &b));
+        return Backend(b);
+    }
     static Backend custom(const eclipse_custom_backend &table) {
         eclipse_backend *b = nullptr;
         check(eclipse_backend_custom_create(&table, &b));

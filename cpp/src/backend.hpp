@@ -31,6 +31,10 @@ namespace eclipse::core {
 class SessionState {
 public:
     virtual ~SessionState() = default;
+    // Warnings for the caller's result (e.g. a CUDA-graph capture that fell back to plain
+    // enqueues); the pipeline moves them into the result after each stage, as the Python
+    // pipeline drains its backend's warnings into the Generation.
+    std::vector<std::string> warnings;
 };
 
 class Session {

@@ -166,7 +166,9 @@ Binding &TrtState::binding(const TrtSession &session) {
     engine_ = session.acquire();
     context_ = std::make_unique<TrtContext>(engine_, engine_->create_context(session.gpu().options.cuda_graphs != 0),
                                             stream_->get());
-    binding_ = std::make_unique<Binding>(*stream_, *context_, session.binding_options());
+    BindingOptions options = session.binding_options();
+    options.warnings = &warnings;
+    binding_ = std::make_unique<Binding>(*stream_, *context_, std::move(options));
     return *binding_;
 }
 

@@ -132,7 +132,9 @@ void Binding::enqueue(bool use_graph) {
 void *Binding::capture() {
     auto failed = [&](const std::string &why) -> void * {
         capture_failed_ = true;
-        log(ECLIPSE_LOG_WARN, options_.component + ": CUDA-graph capture failed (" + why + "); running without CUDA graphs");
+        const std::string message = options_.component + ": CUDA-graph capture failed (" + why + "); running without CUDA graphs";
+        log(ECLIPSE_LOG_WARN, message);
+        if (options_.warnings) options_.warnings->push_back(message);
         return nullptr;
     };
     try {

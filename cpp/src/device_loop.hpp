@@ -100,6 +100,7 @@ struct BindingOptions {
     bool cuda_graphs = true;        // capture the enqueue and replay it (TensorRT flavour)
     std::string profile_hint;       // the engine's profile as the manifest gives it (messages)
     std::string rebuild_hint;       // "rebuild on this machine: eclipse-export ..."
+    std::vector<std::string> *warnings = nullptr;  // where a capture fallback is reported (besides the log)
 };
 
 // The bindings of one execution context: input shapes, grow-only buffers and their addresses,

@@ -120,8 +120,13 @@ Outputs run_component(State &state, const std::string &name, const std::map<std:
     return out;
 }
 
-void stage_done(State &state, const std::string &name) {
-    state.context->backend->stage_done(*state.context->sessions.at(name), state.session_states[name].get());
+void stage_done(State &state, const std::string &name, Result &result) {
+    SessionState *session_state = state.session_states[name].get();
+    state.context->backend->stage_done(*state.context->sessions.at(name), session_state);
+    if (session_state) {  // already logged by the backend: only moved into the result here
+        for (auto &w : session_state->warnings) result.warnings.push_back(std::move(w));
+        session_state->warnings.clear();
+    }
 }
 
 Feed f32(const std::vector<float> &v) { return {v.data(), v.size(), DType::Float32}; }
@@ -276,7 +281,7 @@ Result generate(State &state, const char *prompt, const eclipse_params &p) {
     const std::vector<float> &text_embeds = output(text, "text_encoder", "text_embeds");
     const std::vector<float> &text_hidden = output(text, "text_encoder", "text_hidden_states");
     result.timings["text_encoder"] = seconds_since(t0);
-    stage_done(state, "text_encoder");
+    stage_done(state, "text_encoder", result);
 
     // 3. prior: one forward pass, noise in the hidden_states slot
     t0 = std::chrono::steady_clock::now();
@@ -286,7 +291,7 @@ Result generate(State &state, const char *prompt, const eclipse_params &p) {
                                 {"attention_mask", {mask.data(), mask.size(), DType::Int32}}},
                                dims);
     result.timings["prior"] = seconds_since(t0);
-    stage_done(state, "prior");
+    stage_done(state, "prior", result);
     const std::vector<float> &embeds = output(prior, "prior", "image_embeds");
     if (static_cast<int64_t>(embeds.size()) != prior_batch * D) bad_io("prior", "does not give (B, D) image embeddings");
     const float *positive = embeds.data();
@@ -359,7 +364,7 @@ Result generate(State &state, const char *prompt, const eclipse_params &p) {
                                                        std::to_string(i + 1) + "/" + std::to_string(steps));
         }
     }
-    stage_done(state, "unet");
+    stage_done(state, "unet", result);
     result.timings["unet"] = seconds_since(t0);
     result.timings["unet_per_step"] = result.timings["unet"] / static_cast<double>(steps);
 
@@ -368,7 +373,7 @@ Result generate(State &state, const char *prompt, const eclipse_params &p) {
     t0 = std::chrono::steady_clock::now();
     auto image = run_component(state, "movq", {{"latents", f32(latents)}}, dims);
     result.timings["movq"] = seconds_since(t0);
-    stage_done(state, "movq");
+    stage_done(state, "movq", result);
     const std::vector<float> &rgb = output(image, "movq", "image");
     result.height = static_cast<int32_t>(data.S * h);
     result.width = static_cast<int32_t>(data.S * w);

@@ -291,8 +291,10 @@ struct Rig {
     FakeUnet unet{device};
     std::unique_ptr<Binding> binding;
     std::unique_ptr<LoopBuffers> loop;
+    std::vector<std::string> warnings;  // the session state's, which the pipeline moves into the result
     explicit Rig(bool graphs = true) {
-        binding = std::make_unique<Binding>(device, unet, BindingOptions{"unet", graphs, "(profile sample rows 1..2)", "rebuild"});
+        binding = std::make_unique<Binding>(device, unet, BindingOptions{"unet", graphs, "(profile sample rows 1..2)", "rebuild",
+                                                                         &warnings});
         loop = std::make_unique<LoopBuffers>(device);
     }
     ~Rig() {
@@ -364,6 +366,7 @@ int main() {
             EXPECT(rig.binding->capture_failed() && rig.binding->counters().graph_launches == 0);
             EXPECT(rig.binding->counters().plain_enqueues == 5 && rig.device.capturing == nullptr);
             EXPECT(g_log.size() == 1 && g_log[0].find("unet: CUDA-graph capture failed") == 0);
+            EXPECT(rig.warnings.size() == 1 && rig.warnings[0] == g_log[0]);
         }
     });
 

@@ -540,6 +540,10 @@ def main(argv=None) -> int:
     from .cli import ArgumentParser, UserError
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["profile"]:
+        from .ort_profile import main as profile_main
+
+        return profile_main(argv[1:])
     if argv[:1] == ["compare"]:
         p = ArgumentParser(prog="eclipse-bench compare")
         p.add_argument("a", type=Path)

@@ -136,11 +136,16 @@ class OnnxRuntimeBackend:
         self.threads = threads
         self.name = "onnxruntime-" + "+".join(providers)
 
-    def load(self, spec: ComponentSpec, bundle: Bundle) -> OrtSession:
+    def session_options(self):
+        """The options every graph of this backend is loaded with (the profiler reuses them)."""
         opts = self._ort.SessionOptions()
         opts.log_severity_level = 3
         if self.threads:
             opts.intra_op_num_threads = self.threads
+        return opts
+
+    def load(self, spec: ComponentSpec, bundle: Bundle) -> OrtSession:
+        opts = self.session_options()
         t0 = time.perf_counter()
         path = bundle.graph_path(spec.name)
         try:

@@ -10,8 +10,8 @@ FLOPs are counted per executed node from the shapes the profiler records, i.e. o
 really ran after its own fusions (NCHWc convolutions, FusedMatMul, QLinearConv...): 2 per
 multiply-add of MatMul/Gemm/Conv and their fused and integer forms. A prepacked weight is not
 listed among a node's inputs, so K comes from the activation and the output (a convolution whose
-kernel is not listed is counted as unknown and reported). The graph's own count (flops.py, on
-the exported graph) is reported next to it as a cross-check.
+kernel is not listed, e.g. QLinearConv, takes it from the graph's node of the same name). The
+graph's own count (flops.py, on the exported graph) is reported next to it as a cross-check.
 """
 
 from __future__ import annotations
@@ -42,9 +42,10 @@ def _shape(entry) -> list[int]:
     return list(next(iter(entry.values()))) if entry else []
 
 
-def node_flops(op: str, inputs: Sequence[Mapping], outputs: Sequence[Mapping]) -> int | None:
-    """FLOPs of one executed node from its profiled shapes; None: matrix op of unknown size;
-    0: not a matrix op."""
+def node_flops(op: str, inputs: Sequence[Mapping], outputs: Sequence[Mapping],
+               kernel: Sequence[int] | None = None) -> int | None:
+    """FLOPs of one executed node from its profiled shapes (`kernel`: a convolution's weight
+    shape when the profile does not list it); None: matrix op of unknown size; 0: not a matrix op."""
     if op in GEMM_OPS:
         if not inputs or not outputs:
             return None
@@ -56,9 +57,9 @@ def node_flops(op: str, inputs: Sequence[Mapping], outputs: Sequence[Mapping]) -
         return 2 * prod(out) * k
     if op in CONV_OPS:
         i = _WEIGHT_INPUT.get(op, 1)
-        if len(inputs) <= i or not outputs:
-            return None
-        w, out = _shape(inputs[i]), _shape(outputs[0])
+        listed = _shape(inputs[i]) if len(inputs) > i else []
+        w = listed if len(listed) == 4 else list(kernel or [])
+        out = _shape(outputs[0]) if outputs else []
         if len(w) != 4 or len(out) != 4:
             return None
         # NCHW: (N, Cout, H, W); NHWC (channels-last integer convs): (N, H, W, Cout): same count
@@ -102,7 +103,36 @@ class GraphProfile:
                 "graph_file_bytes": self.graph_file_bytes, "ops": [r.to_json() for r in self.ops]}
 
 
-def parse_profile(events: list[dict], runs: int) -> tuple[list[OpRow], float]:
+def conv_kernels(path: Path) -> dict[str, list[int]]:
+    """Weight shape of every Conv in a graph file by node name (through a DequantizeLinear too)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    dims = {i.name: list(i.dims) for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    out = {}
+    for n in model.graph.node:
+        if n.op_type in ("Conv", "ConvInteger") and len(n.input) > 1:
+            w = n.input[1]
+            if w not in dims and w in producer and producer[w].op_type == "DequantizeLinear":
+                w = producer[w].input[0]
+            if w in dims:
+                out[n.name] = dims[w]
+    return out
+
+
+def _kernel_for(event_name: str, kernels: Mapping[str, list[int]]) -> list[int] | None:
+    """ORT names a node it rewrote after the original (+ "_token_12", "_nchwc", ...): the
+    longest original name the event's name starts with."""
+    best = None
+    for name in kernels:
+        if event_name.startswith(name) and (best is None or len(name) > len(best)):
+            best = name
+    return kernels[best] if best else None
+
+
+def parse_profile(events: list[dict], runs: int, kernels: Mapping[str, list[int]] | None = None
+                  ) -> tuple[list[OpRow], float]:
     """Per-op-type rows (per call) and the summed kernel time per call, from the node events of
     the last `runs` model runs in an ORT profile. Each node's time is its median over the runs:
     on a shared machine one time-sliced run must not move the table."""
@@ -115,8 +145,12 @@ def parse_profile(events: list[dict], runs: int) -> tuple[list[OpRow], float]:
         if not any(lo <= e["ts"] <= hi for lo, hi in spans):
             continue
         args = e.get("args", {})
-        node = per_node.setdefault(e["name"], {"op": args.get("op_name", "?"), "durations": [], "flops": node_flops(
-            args.get("op_name", "?"), args.get("input_type_shape", []), args.get("output_type_shape", []))})
+        op = args.get("op_name", "?")
+        if e["name"] not in per_node:
+            kernel = _kernel_for(e["name"], kernels) if kernels and op in CONV_OPS else None
+            per_node[e["name"]] = {"op": op, "durations": [], "flops": node_flops(
+                op, args.get("input_type_shape", []), args.get("output_type_shape", []), kernel)}
+        node = per_node[e["name"]]
         node["durations"].append(e["dur"] * 1e-6)
     rows: dict[str, OpRow] = {}
     for node in per_node.values():
@@ -155,7 +189,7 @@ def profile_graph(path: Path, session_options, inputs: dict, runs: int = 3, warm
             session.run(None, inputs)
         profile = Path(session.end_profiling())
         events = json.loads(profile.read_text())
-    rows, kernel = parse_profile(events, runs)
+    rows, kernel = parse_profile(events, runs, conv_kernels(path))
     walls = []
     for _ in range(runs):  # profiling has stopped: these are the real per-call times
         t0 = time.perf_counter()

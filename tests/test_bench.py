@@ -49,13 +49,18 @@ def test_flops_of_a_known_graph(tmp_path):
 def test_bench_over_tiny_bundle(tiny_bundle, tmp_path, capsys):
     out = tmp_path / "results"
     rc = main(["--bundle", str(tiny_bundle), "--out", str(out), "--height", "64", "--width", "64", "--steps", "2",
-               "--runs", "2", "--warmup", "1", "--batch", "1", "--batch", "2"])
+               "--runs", "2", "--warmup", "1", "--batch", "1", "--batch", "2", "--baseline-session"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     results = json.loads((out / "results.json").read_text())
     assert results["complete"] is True
     keys = set(results["targets"])
-    assert {"torch-fp32/b1", "torch-fp32/b2", "onnx@cpu/b1", "onnx@cpu/b2"} <= keys
+    assert {"torch-fp32/b1", "torch-fp32/b2", "onnx@cpu/b1", "onnx@cpu/b2", "onnx@cpu[ort-defaults]/b1"} <= keys
+    # ONNX Runtime's default session settings (the before side) give the same numbers
+    baseline = results["targets"]["onnx@cpu[ort-defaults]/b1"]
+    assert baseline["parity"]["ok"] and baseline["parity"]["image_psnr_db"] == results["targets"]["onnx@cpu/b1"][
+        "parity"]["image_psnr_db"]
+    assert results["targets"]["onnx@cpu/b1"]["latency"]["cpu_seconds"]["p50"] > 0
     assert "skipped" in results["targets"]["torch-fp16/b1"]  # no GPU here
     onnx1 = results["targets"]["onnx@cpu/b1"]
     for stage in ("text_encoder", "prior", "unet", "movq", "total", "unet_per_step"):
@@ -160,3 +165,15 @@ def test_jetson_sampling_and_clock_warning(tmp_path, monkeypatch):
     with bench.TegraStats(tmp_path) as t:
         pass
     assert t.summary() is None
+
+
+def test_memory_per_target_in_fresh_processes(tiny_bundle, tmp_path, capsys):
+    out = tmp_path / "mem"
+    assert main(["memory", "--bundle", str(tiny_bundle), "--out", str(out), "--height", "64", "--width", "64",
+                 "--steps", "1"]) == 0
+    (r,) = json.loads((out / "memory.json").read_text())["results"]
+    files = json.loads((tiny_bundle / "manifest.json").read_text())["components"]
+    assert r["graph_bytes"] == sum((tiny_bundle / f).stat().st_size for c in files.values() for f in c["files"])
+    assert 0 < r["rss_after_imports"] <= r["peak_load"] <= r["peak_total"]
+    assert r["peak_over_graphs"] == r["peak_total"] / r["graph_bytes"]
+    assert "| onnx (tiny-onnx) |" in (out / "memory.md").read_text() and "peak / graphs" in capsys.readouterr().out

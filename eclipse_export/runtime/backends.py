@@ -43,6 +43,18 @@ ORT_PROVIDERS = {
 }
 
 
+# ONNX Runtime CPU session settings (issue 13; measurements in docs/decisions.md). "tuned" is the
+# default; "ort-defaults" is ONNX Runtime's own defaults, kept selectable so that a benchmark can
+# measure before and after in one run (eclipse-bench --baseline-session).
+CPU_SESSION_PROFILES = ("tuned", "ort-defaults")
+_TUNED_CPU_CONFIG = {
+    # worker threads sleep between parallel sections instead of spinning: a spinning pool burns
+    # the cores other processes (and the other session's threads) need; the wake-up costs
+    # microseconds per parallel section against milliseconds of work in these graphs
+    "session.intra_op.allow_spinning": "0",
+    "session.inter_op.allow_spinning": "0",
+}
+
 # ONNX Runtime's type strings for the dtypes the specs use
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int32)": "int32",
               "tensor(int64)": "int64"}
@@ -116,7 +128,7 @@ def checked_inputs(spec: ComponentSpec, inputs: Mapping[str, np.ndarray]) -> dic
 class OnnxRuntimeBackend:
     """ONNX Runtime with an ordered provider list (falls back along the list, like ORT does)."""
 
-    def __init__(self, providers: Sequence[str] = ("cpu",), threads: int | None = None):
+    def __init__(self, providers: Sequence[str] = ("cpu",), threads: int | None = None, cpu_profile: str = "tuned"):
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -132,8 +144,11 @@ class OnnxRuntimeBackend:
                 f"ONNX Runtime here has no {', '.join(missing)} provider (available: {', '.join(sorted(available))}); "
                 "install onnxruntime-gpu for CUDA/TensorRT"
             )
+        if cpu_profile not in CPU_SESSION_PROFILES:
+            raise BackendError(f"unknown CPU session profile {cpu_profile!r} (choose from {', '.join(CPU_SESSION_PROFILES)})")
         self.providers = [ORT_PROVIDERS[p] for p in providers]
         self.threads = threads
+        self.cpu_profile = cpu_profile
         self.name = "onnxruntime-" + "+".join(providers)
 
     def session_options(self):
@@ -142,6 +157,9 @@ class OnnxRuntimeBackend:
         opts.log_severity_level = 3
         if self.threads:
             opts.intra_op_num_threads = self.threads
+        if self.cpu_profile == "tuned":
+            for key, value in _TUNED_CPU_CONFIG.items():
+                opts.add_session_config_entry(key, value)
         return opts
 
     def load(self, spec: ComponentSpec, bundle: Bundle) -> OrtSession:
@@ -164,16 +182,17 @@ class OnnxRuntimeBackend:
 
     def describe(self) -> dict:
         return {"backend": "onnxruntime", "version": self._ort.__version__, "providers": self.providers,
-                "threads": self.threads}
+                "threads": self.threads, "cpu_profile": self.cpu_profile}
 
 
 BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
 
 
 def make_backend(name: str = "onnxruntime", providers: Sequence[str] = ("cpu",), threads: int | None = None,
-                 low_memory: bool = False, cuda_graphs: bool = True, runtime_cache_dir=None) -> Backend:
+                 low_memory: bool = False, cuda_graphs: bool = True, runtime_cache_dir=None,
+                 cpu_profile: str = "tuned") -> Backend:
     if name == "onnxruntime":
-        return OnnxRuntimeBackend(providers, threads)
+        return OnnxRuntimeBackend(providers, threads, cpu_profile)
     if name in ("tensorrt", "tensorrt-rtx"):
         from .tensorrt_backend import TensorRTBackend  # imports cuda-python only when asked for
 

@@ -41,6 +41,7 @@ QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
 METHODS = ("minmax", "percentile", "entropy")
 # which backend's kernels a quantized graph is shaped for (see the module docstring)
 RULES = ("tensorrt", "ort-cpu")
+CALIB_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,11 @@ def quantize_graph(fp32_path: Path, out_path: Path, component: str, shard_dir: P
             # TensorRT: each quantized node gets its own Q/DQ pair, so the float consumers of the
             # same tensor (residual Adds, norms) keep reading the float tensor (confine_qdq below)
             "DedicatedQDQPair": tensorrt,
+            # MinMax folds every CALIB_BATCH samples' intermediate tensors into running ranges
+            # (same ranges as all at once). Unbounded, it held every tensor of every sample: the
+            # full-size UNet needed ~0.17 GB per sample, 16 GB for 64 samples, so the default 256
+            # (64 prompts x 4 steps) could not fit a 24 GB machine
+            "CalibMaxIntermediateOutputs": CALIB_BATCH,
         },
     )
     rewired = confine_qdq(out_path) if tensorrt else 0
@@ -173,6 +179,18 @@ def confine_qdq(path: Path) -> int:
     return rewired
 
 
+def _array(tensor, base_dir: Path):
+    """An initializer's values, read from the external data file when it lives there (the
+    quantizer writes per-channel zero points of large layers externally)."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    if uses_external_data(tensor):
+        tensor = onnx.TensorProto.FromString(tensor.SerializeToString())
+        load_external_data_for_tensor(tensor, str(base_dir))
+    return onnx.numpy_helper.to_array(tensor)
+
+
 def qdq_summary(path: Path) -> dict:
     """What the quantizer did, counted from the graph (checks the TensorRT rules hold)."""
     import onnx
@@ -191,7 +209,7 @@ def qdq_summary(path: Path) -> dict:
     zero_points_nonzero = 0
     for n in nodes:
         if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2 and n.input[2] in inits:
-            zp = onnx.numpy_helper.to_array(inits[n.input[2]])
+            zp = _array(inits[n.input[2]], path.parent)
             zero_points_nonzero += int((zp != 0).any())
     return {"quantized": quantized, "total": total,
             "q_nodes": sum(n.op_type == "QuantizeLinear" for n in nodes),
@@ -216,7 +234,7 @@ def check_qdq_rules(model_path: Path) -> list[str]:
                 if c.op_type not in QUANTIZED_OPS:
                     problems.append(f"{n.name} feeds {c.op_type} {c.name} (Q/DQ only on {'/'.join(QUANTIZED_OPS)} inputs)")
         if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2 and n.input[2] in inits:
-            zp = onnx.numpy_helper.to_array(inits[n.input[2]])
+            zp = _array(inits[n.input[2]], model_path.parent)
             if (zp != 0).any():
                 problems.append(f"{n.name}: zero point is not 0 (TensorRT needs symmetric quantization)")
             if zp.dtype.name != "int8":
@@ -264,7 +282,7 @@ def check_ort_cpu_rules(model_path: Path) -> list[str]:
         weight = dqs[1]
         if dtype(weight.input[0]) != "int8":
             problems.append(f"{n.name}: weights are not int8")
-        elif len(weight.input) > 2 and (onnx.numpy_helper.to_array(inits[weight.input[2]]) != 0).any():
+        elif len(weight.input) > 2 and (_array(inits[weight.input[2]], model_path.parent) != 0).any():
             problems.append(f"{n.name}: weight zero point is not 0")
         if len(dqs) > 2 and dtype(dqs[2].input[0]) != "int32":
             problems.append(f"{n.name}: bias is not int32")

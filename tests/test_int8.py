@@ -281,3 +281,37 @@ def test_failed_capture_keeps_complete_shards_only(tiny_pipeline, tmp_path, monk
     monkeypatch.setattr(calibrate_mod.np, "savez", real_savez)
     info = capture(tiny_pipeline, ["a", "b", "c", "d"], tmp_path, SMALL, log=lambda m: None)
     assert info["resumed"] == 2 and info["captured"] == 2
+
+
+def test_rule_checks_read_zero_points_stored_as_external_data(tmp_path):
+    """The quantizer writes large per-channel zero points to the external data file (full-size
+    UNet); the checks must read them there, not fail (seen at full size only)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from eclipse_export.onnx_io import save_external
+    from eclipse_export.quantize import check_rules, qdq_summary
+
+    n = 1024  # 1 KB of int8 zero points: at the inline threshold, so stored externally
+    w = numpy_helper.from_array(np.ones((n, 8, 1, 1), np.int8), "w")
+    inits = [w, numpy_helper.from_array(np.full(n, 0.1, np.float32), "ws"),
+             numpy_helper.from_array(np.zeros(n, np.int8), "wz"),
+             numpy_helper.from_array(np.ones(n, np.int32), "b"), numpy_helper.from_array(np.full(n, 0.01, np.float32), "bs"),
+             numpy_helper.from_array(np.zeros(n, np.int32), "bz"),
+             numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(7, np.uint8), "z")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=0),
+             helper.make_node("DequantizeLinear", ["b", "bs", "bz"], ["bd"], axis=0),
+             helper.make_node("Conv", ["xd", "wd", "bd"], ["y"], name="conv"),
+             helper.make_node("QuantizeLinear", ["y", "s", "z"], ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "s", "z"], ["out"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, (1, 8, 4, 4))],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, (1, n, 4, 4))], inits)
+    path = tmp_path / "q.onnx"
+    save_external(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    stored = {t.name: t for t in onnx.load(str(path), load_external_data=False).graph.initializer}
+    assert stored["wz"].data_location == TensorProto.EXTERNAL
+    assert check_rules(path, "ort-cpu") == []
+    assert qdq_summary(path)["nonzero_zero_points"] == 4  # the activations' Q and DQ nodes (zero point 7)
+    assert any("zero point is not 0" in p for p in check_rules(path, "tensorrt"))

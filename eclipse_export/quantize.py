@@ -41,7 +41,6 @@ QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
 METHODS = ("minmax", "percentile", "entropy")
 # which backend's kernels a quantized graph is shaped for (see the module docstring)
 RULES = ("tensorrt", "ort-cpu")
-CALIB_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -121,11 +120,6 @@ def quantize_graph(fp32_path: Path, out_path: Path, component: str, shard_dir: P
             # TensorRT: each quantized node gets its own Q/DQ pair, so the float consumers of the
             # same tensor (residual Adds, norms) keep reading the float tensor (confine_qdq below)
             "DedicatedQDQPair": tensorrt,
-            # MinMax folds every CALIB_BATCH samples' intermediate tensors into running ranges
-            # (same ranges as all at once). Unbounded, it held every tensor of every sample: the
-            # full-size UNet needed ~0.17 GB per sample, 16 GB for 64 samples, so the default 256
-            # (64 prompts x 4 steps) could not fit a 24 GB machine
-            "CalibMaxIntermediateOutputs": CALIB_BATCH,
         },
     )
     rewired = confine_qdq(out_path) if tensorrt else 0

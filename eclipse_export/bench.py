@@ -54,9 +54,9 @@ class BenchConfig:
     # quality report: parity of every target against torch-fp32 on these prompts (batch 1, the
     # timed request's size and steps, seed per prompt); empty: the timed prompt only
     quality_prompts: tuple[str, ...] = ()
-    # also run every ONNX Runtime target with ONNX Runtime's default CPU session settings (the
-    # "before" of the tuned ones, backends.CPU_SESSION_PROFILES), in the same run
-    baseline_session: bool = False
+    # bundles whose ONNX Runtime target also runs with ONNX Runtime's default CPU session settings
+    # (the "before" of the tuned ones, backends.CPU_SESSION_PROFILES), in the same run
+    baseline_session: tuple[str, ...] = ()
 
 
 # --- targets -----------------------------------------------------------------------------
@@ -126,8 +126,13 @@ def plan_targets(bundles: list[Path], config: BenchConfig, with_torch: bool) -> 
         manifest = open_bundle(b, verify_hashes=False).manifest
         # every bundle's ONNX graphs run on ONNX Runtime; its engines (if any) on their TensorRT flavour
         graphs = "onnx" if manifest["precision"] == "fp32" else f"onnx-{manifest['precision']}"
+        rules = {c.get("quantization_rules") for c in manifest.get("components", {}).values()} - {None}
+        if rules == {"tensorrt"}:  # INT8 graphs shaped for TensorRT, run on ONNX Runtime (issue 13's before)
+            graphs += "-trt-rules"
         name = f"{graphs}@{'+'.join(config.providers)}"
-        if config.baseline_session:
+        if any(t.name == name for t in targets):  # two bundles of the same kind: tell them apart
+            name = f"{name}:{b.name}"
+        if str(b) in config.baseline_session:
             targets.append(Target(f"{name}[ort-defaults]", manifest["precision"], "runtime",
                                   meta={"bundle": str(b), "backend": "onnxruntime", "session_profile": "ort-defaults"}))
         targets.append(Target(name, manifest["precision"], "runtime", meta={"bundle": str(b), "backend": "onnxruntime"}))
@@ -398,6 +403,33 @@ def _run_targets(bundles, out_dir: Path, config: BenchConfig, targets, results: 
             # holding torch-fp32, onnx and onnx-fp16 together was killed on a 24 GB machine)
             target.runner = None
             gc.collect()
+            _return_freed_memory()
+
+
+def _baseline_bundles(chosen: list[str] | None, bundles: list[Path]) -> tuple[str, ...]:
+    from .cli import UserError
+
+    if not chosen:
+        return ()
+    if "*" in chosen:
+        return tuple(str(b) for b in bundles)
+    unknown = [c for c in chosen if c not in {str(b) for b in bundles}]
+    if unknown:
+        raise UserError(f"--baseline-session {unknown[0]} is not one of the --bundle arguments")
+    return tuple(chosen)
+
+
+def _return_freed_memory() -> None:
+    """Hand the freed heap back to the OS (glibc keeps it otherwise), so that the next target's
+    peak host memory does not start from the previous target's leftovers."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # not glibc: nothing to do
+        pass
 
 
 def _quality_outputs(runner, config: BenchConfig, dims: dict, needs_noise: bool) -> list:
@@ -591,8 +623,9 @@ def main(argv=None) -> int:
     p.add_argument("--provider", action="append", help="ONNX Runtime providers (default: cpu)")
     p.add_argument("--threads", type=int)
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch targets (no parity then)")
-    p.add_argument("--baseline-session", action="store_true",
-                   help="also run each ONNX Runtime target with ORT's default CPU session settings (before/after in one run)")
+    p.add_argument("--baseline-session", nargs="?", action="append", const="*", metavar="BUNDLE",
+                   help="also run the ONNX Runtime target of BUNDLE (default: of every bundle) with ORT's default CPU "
+                        "session settings: before and after in one run (repeatable)")
     p.add_argument("--peak-tflops", type=float, help="the device's peak, to report the distance to it")
     p.add_argument("--quality-prompts", type=Path,
                    help="also report parity over these prompts (.jsonl or .txt; e.g. calibration/prompts.jsonl)")
@@ -623,7 +656,8 @@ def main(argv=None) -> int:
                          warmup=args.warmup, runs=args.runs, batches=tuple(args.batch or (1, 2)),
                          threads=args.threads, providers=tuple(args.provider or ("cpu",)),
                          torch_device="cuda" if _cuda_available() else "cpu", peak_tflops=args.peak_tflops,
-                         quality_prompts=quality, baseline_session=args.baseline_session)
+                         quality_prompts=quality,
+                         baseline_session=_baseline_bundles(args.baseline_session, args.bundle))
     Request.make(config.prompt, None, config.height, config.width, config.steps, config.guidance, 0)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     try:

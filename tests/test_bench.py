@@ -4,6 +4,7 @@ with parity against torch-fp32 in the same run; SSIM equals scikit-image's; FLOP
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,6 +127,23 @@ def test_engine_bundles_get_their_tensorrt_target(monkeypatch, tmp_path):
     assert targets[0].skipped is None and targets[1].skipped == "no usable CUDA GPU here (test)"
     monkeypatch.setattr(backends, "make_backend", lambda name, *a, **k: object())
     assert bench.plan_targets([tmp_path], bench.BenchConfig(), with_torch=False)[1].skipped is None
+
+
+def test_int8_targets_named_by_their_rules_and_baseline_sessions(monkeypatch, tmp_path):
+    """onnx-int8 bundles with TensorRT-shaped and ORT-shaped graphs in one run get distinct
+    names; --baseline-session adds the ORT-defaults target of the bundles it names."""
+    from eclipse_export import bench
+    from eclipse_export.runtime.bundle import Bundle
+
+    def manifest(rules):
+        return {"precision": "int8", "target": "onnx-int8", "components": {"unet": {"quantization_rules": rules}}}
+
+    dirs = {tmp_path / "a": manifest("ort-cpu"), tmp_path / "b": manifest("tensorrt"), tmp_path / "c": manifest("ort-cpu")}
+    monkeypatch.setattr(bench, "open_bundle", lambda path, verify_hashes=True: Bundle(Path(path), dirs[Path(path)]))
+    config = bench.BenchConfig(baseline_session=(str(tmp_path / "b"),))
+    names = [t.name for t in bench.plan_targets(list(dirs), config, with_torch=False)]
+    assert names == ["onnx-int8@cpu", "onnx-int8-trt-rules@cpu[ort-defaults]", "onnx-int8-trt-rules@cpu",
+                     "onnx-int8@cpu:c"]
 
 
 def test_flops_of_clip_text_encoder_at_batch_one(tiny_bundle):

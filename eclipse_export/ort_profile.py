@@ -200,7 +200,11 @@ def profile_graph(path: Path, session_options, inputs: dict, runs: int = 3, warm
 
 
 def profile_bundle(bundle_dir: Path, components: Sequence[str], batches: Sequence[int], height: int, width: int,
-                   runs: int = 3, warmup: int = 1, threads: int | None = None, log=print) -> list[GraphProfile]:
+                   runs: int = 3, warmup: int = 1, threads: int | None = None, log=print,
+                   seen: set | None = None) -> list[GraphProfile]:
+    """Profiles of `components` of one bundle. Graphs whose files are in `seen` (sha256 of every
+    file, filled as it goes) were profiled already in this run and are skipped: an INT8 bundle
+    derived from an fp32 one holds byte-identical copies of the graphs it did not quantize."""
     from .flops import graph_flops
     from .runtime.backends import OnnxRuntimeBackend
     from .runtime.bundle import open_bundle
@@ -208,14 +212,20 @@ def profile_bundle(bundle_dir: Path, components: Sequence[str], batches: Sequenc
     bundle = open_bundle(bundle_dir, verify_hashes=False)
     backend = OnnxRuntimeBackend(("cpu",), threads)
     out = []
+    seen = set() if seen is None else seen
     for name in components:
+        files = bundle.component(name)["files"]
+        key = tuple(bundle.manifest["files"][f]["sha256"] for f in files)
+        if key in seen:
+            log(f"  {name}: the same graph was profiled above")
+            continue
+        seen.add(key)
         for batch in batches:
             inputs = component_inputs(name, bundle.dims, batch, height, width)
             shapes = {k: list(v.shape) for k, v in inputs.items()}
             log(f"  profiling {name} at {shapes}")
             path = bundle.graph_path(name)
             rows, kernel, wall = profile_graph(path, backend.session_options(), inputs, runs, warmup)
-            files = bundle.component(name)["files"]
             out.append(GraphProfile(name, batch, shapes, wall, kernel, graph_flops(path, shapes), rows,
                                     sum(bundle.path(f).stat().st_size for f in files)))
     return out
@@ -315,11 +325,11 @@ def main(argv: Sequence[str]) -> int:
         peaks["fp32_gflops"] = args.peak_gflops
     if args.peak_int8_gops:
         peaks["int8_gops"] = args.peak_int8_gops
-    results = {}
+    results, seen = {}, set()
     for b in args.bundle:
         log(f"[{b}]")
         results[b.name] = profile_bundle(b, components, args.batch or [1], args.height, args.width, args.runs,
-                                         args.warmup, args.threads, log)
+                                         args.warmup, args.threads, log, seen)
     args.out.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     (args.out / "profile.json").write_text(json.dumps(

@@ -57,6 +57,10 @@ def test_profile_of_the_tiny_bundle(tiny_bundle):
     unet = by_name["unet"]
     assert unet.input_shapes["sample"][0] == 2  # CFG batch
     assert unet.graph_flops <= unet.node_flops <= 1.05 * unet.graph_flops
+    # a graph already profiled in the run (same files, e.g. in a derived INT8 bundle) is skipped
+    seen = set()
+    assert len(profile_bundle(tiny_bundle, ["prior"], [1], 64, 64, runs=1, warmup=0, log=lambda m: None, seen=seen)) == 1
+    assert profile_bundle(tiny_bundle, ["prior"], [1], 64, 64, runs=1, warmup=0, log=lambda m: None, seen=seen) == []
 
 
 def test_cpu_peak_arithmetic_and_microbenchmark():

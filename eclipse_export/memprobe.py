@@ -17,17 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .memory import peak_rss_bytes, reset_peak_rss
-
-
-def rss_bytes() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+from .memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 
 
 def graph_bytes(bundle_dir: Path) -> int:

@@ -79,7 +79,10 @@ class RuntimeRunner:
         from .runtime.pipeline import Pipeline
 
         extra = {"cpu_profile": session_profile} if session_profile else {}
-        self.pipeline = Pipeline.from_bundle(bundle_dir, make_backend(backend, providers, threads, **extra))
+        # the ort-defaults baseline is the runtime as it was before issue 13: ONNX Runtime's default
+        # session settings and the graphs loaded in the chain's order
+        self.pipeline = Pipeline.from_bundle(bundle_dir, make_backend(backend, providers, threads, **extra),
+                                             largest_first=session_profile != "ort-defaults")
         self.load_seconds = sum(self.pipeline.load_seconds.values())
 
     def run(self, req: Request, noises: Noises):

@@ -522,6 +522,16 @@ def _relocate_external(graph: Path, data_files: list[str]) -> None:
     onnx.save_model(model, str(graph))
 
 
+def non_standard_ops(graph: Path) -> list[str]:
+    """Ops outside the ONNX standard domain (e.g. com.microsoft fusions that only ONNX Runtime
+    runs). Exported graphs have none: ORT fuses at session creation, so bundles stay valid
+    TensorRT inputs; this keeps it that way."""
+    import onnx
+
+    model = onnx.load(str(graph), load_external_data=False)
+    return sorted({f"{n.domain}.{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")})
+
+
 def _build_engines(work: Path, components: dict, dims: dict, build, cache: Path | None, log: Log) -> dict:
     """One engine per component, one at a time (peak memory matters on Jetson)."""
     from .engines import EngineBuildError, build_engine
@@ -529,6 +539,10 @@ def _build_engines(work: Path, components: dict, dims: dict, build, cache: Path 
     engines = {}
     for name, entry in components.items():
         graph = work / entry["graph"]
+        foreign = non_standard_ops(graph)
+        if foreign:
+            raise ExportError(f"{name}: the graph holds ops TensorRT cannot parse ({', '.join(foreign[:5])}); "
+                              "build engines from graphs exported for TensorRT (onnx-fp16, or trt-int8 from an fp32 bundle)")
         onnx_sha = file_entry(work, entry["graph"])["sha256"]
         for extra in entry["files"][1:]:  # the weights file is part of what the engine depends on
             onnx_sha = hashlib.sha256((onnx_sha + file_entry(work, extra)["sha256"]).encode()).hexdigest()

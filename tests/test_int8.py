@@ -315,3 +315,14 @@ def test_rule_checks_read_zero_points_stored_as_external_data(tmp_path):
     assert check_rules(path, "ort-cpu") == []
     assert qdq_summary(path)["nonzero_zero_points"] == 4  # the activations' Q and DQ nodes (zero point 7)
     assert any("zero point is not 0" in p for p in check_rules(path, "tensorrt"))
+
+
+def test_exported_graphs_hold_standard_onnx_ops_only(tiny_bundle, tiny_int8_bundle, tiny_int8_trt_rules_bundle):
+    """No fusion with ONNX Runtime's own ops (com.microsoft) is written into a bundle: every graph
+    stays a valid TensorRT input (ORT fuses at session creation); engine builds refuse otherwise."""
+    from eclipse_export.export import non_standard_ops
+
+    for bundle in (tiny_bundle, tiny_int8_bundle, tiny_int8_trt_rules_bundle):
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        for entry in manifest["components"].values():
+            assert non_standard_ops(bundle / entry["graph"]) == []

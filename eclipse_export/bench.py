@@ -60,6 +60,9 @@ class BenchConfig:
     # quality report: parity of every target against torch-fp32 on these prompts (batch 1, the
     # timed request's size and steps, seed per prompt); empty: the timed prompt only
     quality_prompts: tuple[str, ...] = ()
+    # bundles whose ONNX Runtime target also runs with ONNX Runtime's default CPU session settings
+    # (the "before" of the tuned ones, backends.CPU_SESSION_PROFILES), in the same run
+    baseline_session: tuple[str, ...] = ()
 
 
 # --- targets -----------------------------------------------------------------------------
@@ -77,12 +80,19 @@ class Target:
 
 
 class RuntimeRunner:
-    def __init__(self, bundle_dir: Path, providers, threads, backend: str = "onnxruntime", options: dict | None = None):
+    def __init__(self, bundle_dir: Path, providers, threads, backend: str = "onnxruntime", options: dict | None = None,
+                 session_profile: str | None = None):
         from .runtime.backends import make_backend
         from .runtime.pipeline import Pipeline
 
-        self.backend = make_backend(backend, providers, threads, **(options or {}))
-        self.pipeline = Pipeline.from_bundle(bundle_dir, self.backend)
+        options = dict(options or {})
+        if session_profile:
+            options["cpu_profile"] = session_profile
+        self.backend = make_backend(backend, providers, threads, **options)
+        # the ort-defaults baseline is the runtime as it was before issue 13: ONNX Runtime's default
+        # session settings and the graphs loaded in the chain's order
+        self.pipeline = Pipeline.from_bundle(bundle_dir, self.backend,
+                                             largest_first=options.get("cpu_profile") != "ort-defaults")
 
     @property
     def load_seconds(self) -> float:
@@ -136,14 +146,23 @@ def plan_targets(bundles: list[Path], config: BenchConfig, with_torch: bool) -> 
         manifest = open_bundle(b, verify_hashes=False).manifest
         # every bundle's ONNX graphs run on ONNX Runtime; its engines (if any) on their TensorRT flavour
         graphs = "onnx" if manifest["precision"] == "fp32" else f"onnx-{manifest['precision']}"
+        rules = {c.get("quantization_rules") for c in manifest.get("components", {}).values()} - {None}
+        if rules == {"tensorrt"}:  # INT8 graphs shaped for TensorRT, run on ONNX Runtime (issue 13's before)
+            graphs += "-trt-rules"
         for providers in provider_sets:
             on_gpu = providers[0] != "cpu"
+            name = f"{graphs}@{'+'.join(providers)}"
+            if any(t.name == name for t in targets):  # two bundles of the same kind: tell them apart
+                name = f"{name}:{b.name}"
             variants = [("", {})]
             if on_gpu and config.gpu_variants:
                 variants += [("[no-graphs]", {"cuda_graphs": False}), ("[host-loop]", {"device_loop": False})]
+            if not on_gpu and str(b) in config.baseline_session:
+                # ONNX Runtime's default CPU session settings, graphs in chain order: issue 13's before
+                variants.insert(0, ("[ort-defaults]", {"cpu_profile": "ort-defaults"}))
             skipped = _backend_unavailable("onnxruntime", providers) if on_gpu else None
             for suffix, options in variants:
-                t = Target(f"{graphs}@{'+'.join(providers)}{suffix}", manifest["precision"], "runtime",
+                t = Target(name + suffix, manifest["precision"], "runtime",
                            meta={"bundle": str(b), "backend": "onnxruntime", "providers": list(providers),
                                  "options": options})
                 t.skipped = skipped
@@ -194,6 +213,8 @@ def environment() -> dict:
 
     env = {"platform": platform.platform(), "machine": platform.machine(), "python": platform.python_version(),
            "cpu_count": os.cpu_count()}
+    if hasattr(os, "getloadavg"):  # other work on the machine while it ran (a shared CI machine)
+        env["loadavg_at_start"] = list(os.getloadavg())
     cpuinfo = _read("/proc/cpuinfo") or ""
     env["cpu"] = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), None)
     versions = {}
@@ -304,9 +325,13 @@ def stage_flops(bundle_dir: Path, req: Request, cfg_batch: int) -> dict[str, int
 
 def measure(target: Target, req: Request, noises: Noises, config: BenchConfig, log) -> dict:
     per_stage: dict[str, list[float]] = {k: [] for k in (*STAGES, "total", "unet_per_step")}
+    cpu: list[float] = []
     first = None
     for i in range(config.warmup + config.runs):
+        cpu0 = time.process_time()
         timings, outputs, images = target.runner.run(req, noises)
+        if i >= config.warmup:
+            cpu.append(time.process_time() - cpu0)
         if i == 0:
             first = (outputs, images)  # parity uses the first (cold) run: same numbers every run
         if i >= config.warmup:
@@ -315,6 +340,9 @@ def measure(target: Target, req: Request, noises: Noises, config: BenchConfig, l
         log(f"    run {i + 1}/{config.warmup + config.runs}{' (warm-up)' if i < config.warmup else ''}: "
             f"{sum(timings[s] for s in STAGES):.3f} s")
     result = {k: _stats(v) for k, v in per_stage.items()}
+    # CPU seconds of the whole process per generation (all threads): on a shared machine wall
+    # time includes waiting for the cores, this does not (spinning threads inflate it)
+    result["cpu_seconds"] = _stats(cpu)
     result["images_per_second"] = req.batch / result["total"]["p50"]
     return {"latency": result, "first": first}
 
@@ -340,6 +368,8 @@ def run_bench(bundles: list[Path], out_dir: Path, config: BenchConfig, with_torc
         _run_targets(bundles, out_dir, config, targets, results, log)
     results["tegrastats"] = tegrastats.summary()
     results["complete"] = True
+    if hasattr(os, "getloadavg"):
+        results["environment"]["loadavg_at_end"] = list(os.getloadavg())
     write_json(out_dir / "results.json", results)
     return results
 
@@ -425,6 +455,33 @@ def _run_targets(bundles, out_dir: Path, config: BenchConfig, targets, results: 
             # holding torch-fp32, onnx and onnx-fp16 together was killed on a 24 GB machine)
             target.runner = None
             gc.collect()
+            _return_freed_memory()
+
+
+def _baseline_bundles(chosen: list[str] | None, bundles: list[Path]) -> tuple[str, ...]:
+    from .cli import UserError
+
+    if not chosen:
+        return ()
+    if "*" in chosen:
+        return tuple(str(b) for b in bundles)
+    unknown = [c for c in chosen if c not in {str(b) for b in bundles}]
+    if unknown:
+        raise UserError(f"--baseline-session {unknown[0]} is not one of the --bundle arguments")
+    return tuple(chosen)
+
+
+def _return_freed_memory() -> None:
+    """Hand the freed heap back to the OS (glibc keeps it otherwise), so that the next target's
+    peak host memory does not start from the previous target's leftovers."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # not glibc: nothing to do
+        pass
 
 
 def _quality_outputs(runner, config: BenchConfig, dims: dict, needs_noise: bool) -> list:
@@ -530,7 +587,9 @@ def markdown(results: dict) -> str:
            f"- GPU: {env.get('gpu') or 'none'}",
            f"- versions: {', '.join(f'{k} {v}' for k, v in env.get('versions', {}).items())}",
            f"- request: {json.dumps({k: results['config'][k] for k in ('height', 'width', 'steps', 'guidance', 'runs', 'warmup')})}",
-           f"- complete: {results['complete']}", "",
+           f"- complete: {results['complete']}",
+           f"- load average (1/5/15 min) at start {env.get('loadavg_at_start')}, at end {env.get('loadavg_at_end')}"
+           " (above the core count: other work shared the cores, so compare ratios within the run)", "",
            "```", table(results), "```", ""]
     out += ["Speed-up of each target over torch-fp32 (p50, same inputs, same run):", ""]
     out += [f"- {line}" for line in ratios(results)] or ["- (no torch-fp32 baseline in this run)"]
@@ -587,6 +646,12 @@ def main(argv=None) -> int:
     from .cli import ArgumentParser, UserError
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["profile"]:
+        from .ort_profile import main as profile_main
+
+        return profile_main(argv[1:])
+    if argv[:1] == ["memory"]:
+        return memory_main(argv[1:])
     if argv[:1] == ["compare"]:
         p = ArgumentParser(prog="eclipse-bench compare")
         p.add_argument("a", type=Path)
@@ -617,6 +682,9 @@ def main(argv=None) -> int:
                         "and TensorRT targets in --low-memory mode")
     p.add_argument("--threads", type=int)
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch targets (no parity then)")
+    p.add_argument("--baseline-session", nargs="?", action="append", const="*", metavar="BUNDLE",
+                   help="also run the ONNX Runtime target of BUNDLE (default: of every bundle) with ORT's default CPU "
+                        "session settings: before and after in one run (repeatable)")
     p.add_argument("--peak-tflops", type=float, help="the device's peak, to report the distance to it")
     p.add_argument("--quality-prompts", type=Path,
                    help="also report parity over these prompts (.jsonl or .txt; e.g. calibration/prompts.jsonl)")
@@ -649,7 +717,8 @@ def main(argv=None) -> int:
                          provider_sets=tuple(tuple(x for x in s.split(",") if x) for s in args.provider_set or ()),
                          gpu_variants=args.gpu_variants,
                          torch_device="cuda" if _cuda_available() else "cpu", peak_tflops=args.peak_tflops,
-                         quality_prompts=quality)
+                         quality_prompts=quality,
+                         baseline_session=_baseline_bundles(args.baseline_session, args.bundle))
     Request.make(config.prompt, None, config.height, config.width, config.steps, config.guidance, 0)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     try:
@@ -667,6 +736,48 @@ def main(argv=None) -> int:
     if results["failures"]:
         log("parity failures: " + " | ".join(results["failures"]))
         return 1
+    return 0
+
+
+def memory_main(argv) -> int:
+    """eclipse-bench memory: peak host memory per target, each loaded and run in its own process."""
+    from .cli import ArgumentParser, UserError
+    from .memprobe import markdown as memory_markdown
+    from .memprobe import measure as measure_memory
+
+    p = ArgumentParser(prog="eclipse-bench memory", description=memory_main.__doc__.splitlines()[0])
+    p.add_argument("--bundle", type=Path, action="append", required=True)
+    p.add_argument("--out", type=Path, required=True, help="writes memory.json and memory.md here")
+    p.add_argument("--height", type=int, default=256)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--torch", action="store_true", help="also torch-fp32 (the first bundle's source)")
+    p.add_argument("--baseline-session", action="store_true", help="also each bundle with ORT's default session settings")
+    args = p.parse_args(list(argv))
+    Request.make("x", None, args.height, args.width, args.steps, 4.0, 0)  # sizes checked before anything runs
+    for b in args.bundle:
+        open_bundle(b, verify_hashes=False)
+    runs = [("torch-fp32", args.bundle[0], "torch-fp32", None)] if args.torch else []
+    for b in args.bundle:
+        precision = open_bundle(b, verify_hashes=False).precision
+        label = f"{'onnx' if precision == 'fp32' else 'onnx-' + precision} ({b.name})"
+        if args.baseline_session:
+            runs.append((f"{label} [ort-defaults]", b, "runtime", "ort-defaults"))
+        runs.append((label, b, "runtime", None))
+    results = []
+    for label, bundle, target, session in runs:
+        print(f"[{label}] measuring in a fresh process", file=sys.stderr, flush=True)
+        try:
+            r = measure_memory(bundle, target, args.height, args.width, args.steps, threads=args.threads, session=session)
+        except RuntimeError as e:
+            raise UserError(str(e)) from None
+        results.append(r | {"label": label})
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / "memory.json", {"results": results, "environment": environment()})
+    text = memory_markdown(results)
+    (args.out / "memory.md").write_text(text)
+    print(text)
     return 0
 
 

@@ -125,6 +125,8 @@ def export_parser() -> argparse.ArgumentParser:
     q.add_argument("--calibration-size", default="256x256", metavar="HxW", help="image size during calibration (default 256x256)")
     q.add_argument("--calibration-steps", type=int, default=25, help="sampling steps during calibration (default 25)")
     q.add_argument("--calibration-method", default="minmax", help="minmax (default), percentile or entropy")
+    q.add_argument("--int8-rules", help="whose kernels the Q/DQ graphs are shaped for: ort-cpu (onnx-int8's default) "
+                                        "or tensorrt (trt-int8's; with onnx-int8: the TensorRT-shaped graph on ONNX Runtime)")
     q.add_argument("--calibration-cache", type=Path, default=Path("engines/.calibration"),
                    help="captured calibration inputs, reused and resumed across exports (default engines/.calibration)")
     g = p.add_argument_group("real checkpoints (--preset kandinsky22): hub ids or local directories")
@@ -199,7 +201,7 @@ def _image_size(flag: str, value: str) -> tuple[int, int]:
 def _int8_options(args):
     from .calibrate import CaptureOptions
     from .export import Int8Options
-    from .quantize import METHODS
+    from .quantize import METHODS, RULES
     from .specs import COMPONENTS
 
     components = tuple(c.strip() for c in args.int8_components.split(",") if c.strip())
@@ -217,8 +219,10 @@ def _int8_options(args):
         raise UserError("--calibration-steps must be >= 1")
     if args.calibration_method not in METHODS:
         raise UserError(f"--calibration-method must be one of {', '.join(METHODS)}")
+    if args.int8_rules is not None and args.int8_rules not in RULES:
+        raise UserError(f"--int8-rules must be one of {', '.join(RULES)}")
     h, w = _image_size("--calibration-size", args.calibration_size)
-    return Int8Options(components=components, prompts=args.calibration_prompts,
+    return Int8Options(rules=args.int8_rules, components=components, prompts=args.calibration_prompts,
                        calibration_prompts=args.calibration_count, validation_prompts=args.validation_count,
                        capture=CaptureOptions(height=h, width=w, steps=args.calibration_steps),
                        method=args.calibration_method, cache_dir=args.calibration_cache)

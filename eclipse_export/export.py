@@ -47,6 +47,9 @@ EXTERNAL_DATA_BYTES = 1 << 30
 # target -> precision of its graphs
 TARGETS = {"onnx": "fp32", "onnx-fp16": "fp16", "trt-fp16": "fp16", "trt-rtx-fp16": "fp16",
            "onnx-int8": "int8", "trt-int8": "int8"}
+# int8 targets -> whose kernels their Q/DQ graphs are shaped for (quantize.RULES): the ONNX
+# Runtime target gets what ORT's x86 integer kernels fuse, the TensorRT target TensorRT's rules
+INT8_RULES = {"onnx-int8": "ort-cpu", "trt-int8": "tensorrt"}
 # engine targets -> TensorRT flavour (their bundles hold the ONNX too: refit, re-builds).
 # INT8 convolutions are a TensorRT feature (TensorRT-RTX has weight-only INT8 GEMM only).
 ENGINE_TARGETS = {"trt-fp16": "tensorrt", "trt-rtx-fp16": "tensorrt-rtx", "trt-int8": "tensorrt"}
@@ -78,6 +81,9 @@ class Int8Options:
     method: str = "minmax"
     # captured inputs persist here (resumable); None: inside the partial bundle, removed afterwards
     cache_dir: Path | None = None
+    # quantize.RULES; None: the target's (INT8_RULES). onnx-int8 with "tensorrt" rebuilds the
+    # TensorRT-shaped graph on ONNX Runtime (the before side of issue 13's comparison)
+    rules: str | None = None
 
 
 Log = Callable[[str], None]
@@ -342,12 +348,15 @@ def _quantize_bundle(work: Path, components: dict, dims: dict, source, options: 
     its FP32 graph on held-out validation prompts (the INT8 tolerance), and record it all."""
     from .calibrate import CaptureOptions, capture, iter_feeds
     from .calibration_prompts import load_prompts, take_balanced
-    from .quantize import check_qdq_rules, quantize_components, quantize_graph
+    from .quantize import check_rules, quantize_components, quantize_graph
     from .runtime.backends import OnnxRuntimeBackend
     from .runtime.bundle import trusted_bundle
     from .runtime.pipeline import Pipeline
 
     int8 = options.int8 or Int8Options()
+    rules = int8.rules or INT8_RULES[options.target]
+    if options.target in ENGINE_TARGETS and rules != "tensorrt":
+        raise ExportError(f"{options.target} builds TensorRT engines: its INT8 graphs follow TensorRT's rules, not {rules!r}")
     try:
         chosen = quantize_components(int8.components)
         calib = take_balanced(load_prompts(int8.prompts, split="calibration"), int8.calibration_prompts)
@@ -384,13 +393,13 @@ def _quantize_bundle(work: Path, components: dict, dims: dict, source, options: 
         fp32_path = work / entry["graph"]
         int8_path = work / f"{name}.int8.onnx"
         reset_peak_rss()
-        log(f"  quantizing {name} (Q/DQ int8, {int8.method} calibration)")
+        log(f"  quantizing {name} (Q/DQ int8 for {rules}, {int8.method} calibration)")
         report = quantize_graph(fp32_path, int8_path, name, cache / "calibration",
-                                QuantizeOptions(method=int8.method), external=external)
+                                QuantizeOptions(method=int8.method, rules=rules), external=external)
         report["peak_rss_bytes"] = peak_rss_bytes()
-        problems = check_qdq_rules(int8_path)
+        problems = check_rules(int8_path, rules)
         if problems:
-            raise ExportError(f"{name}: the quantized graph breaks TensorRT's Q/DQ rules: {'; '.join(problems[:3])}")
+            raise ExportError(f"{name}: the quantized graph breaks the {rules} Q/DQ rules: {'; '.join(problems[:3])}")
         # INT8 vs FP32 graph on the validation prompts' real inputs
         log(f"  checking {name} int8 against fp32 on the validation inputs")
         ref_session, q_session = ort_session(fp32_path), ort_session(int8_path)
@@ -412,7 +421,7 @@ def _quantize_bundle(work: Path, components: dict, dims: dict, source, options: 
             renamed.append(dst.name)
         if len(renamed) > 1:  # the external data file was renamed: point the graph at its new name
             _relocate_external(final, renamed[1:])
-        entry.update(graph=final.name, files=renamed, precision="int8", int8=report,
+        entry.update(graph=final.name, files=renamed, precision="int8", quantization_rules=rules, int8=report,
                      int8_parity=parity.to_json())
         log(f"  {name}: {sum(report['quantized'].values())} of {sum(report['total'].values())} "
             f"Conv/MatMul/Gemm quantized; validation cosine >= {min(s.cosine for s in parity.stages):.5f}")
@@ -441,6 +450,14 @@ def build_engines_for_bundle(src: Path, out: Path, target: str, build, engine_ca
     bundle = open_bundle(src)
     want = TARGETS[target]
     quantize = want == "int8" and bundle.precision == "fp32"
+    if target in ENGINE_TARGETS and want == "int8" and not quantize:
+        shaped = {n: c.get("quantization_rules", "tensorrt") for n, c in bundle.manifest["components"].items()
+                  if c.get("precision") == "int8"}
+        other = {n: r for n, r in shaped.items() if r != "tensorrt"}
+        if other:
+            raise ExportError(f"{src}'s INT8 graphs ({', '.join(other)}) are shaped for {', '.join(sorted(set(other.values())))}, "
+                              f"not TensorRT: build {target} from the fp32 bundle instead (--from-bundle <fp32 bundle> "
+                              f"--target {target}), which quantizes with TensorRT's rules")
     if bundle.precision != want and not quantize:
         need = "fp32 or int8" if want == "int8" else want
         raise ExportError(f"{src} holds {bundle.precision} graphs; {target} needs {need} graphs "
@@ -505,6 +522,16 @@ def _relocate_external(graph: Path, data_files: list[str]) -> None:
     onnx.save_model(model, str(graph))
 
 
+def non_standard_ops(graph: Path) -> list[str]:
+    """Ops outside the ONNX standard domain (e.g. com.microsoft fusions that only ONNX Runtime
+    runs). Exported graphs have none: ORT fuses at session creation, so bundles stay valid
+    TensorRT inputs; this keeps it that way."""
+    import onnx
+
+    model = onnx.load(str(graph), load_external_data=False)
+    return sorted({f"{n.domain}.{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")})
+
+
 def _build_engines(work: Path, components: dict, dims: dict, build, cache: Path | None, log: Log) -> dict:
     """One engine per component, one at a time (peak memory matters on Jetson)."""
     from .engines import EngineBuildError, build_engine
@@ -512,6 +539,10 @@ def _build_engines(work: Path, components: dict, dims: dict, build, cache: Path 
     engines = {}
     for name, entry in components.items():
         graph = work / entry["graph"]
+        foreign = non_standard_ops(graph)
+        if foreign:
+            raise ExportError(f"{name}: the graph holds ops TensorRT cannot parse ({', '.join(foreign[:5])}); "
+                              "build engines from graphs exported for TensorRT (onnx-fp16, or trt-int8 from an fp32 bundle)")
         onnx_sha = file_entry(work, entry["graph"])["sha256"]
         for extra in entry["files"][1:]:  # the weights file is part of what the engine depends on
             onnx_sha = hashlib.sha256((onnx_sha + file_entry(work, extra)["sha256"]).encode()).hexdigest()

@@ -53,7 +53,7 @@ def _count(path: str | Path, input_shapes: Mapping[str, tuple[int, ...]]) -> tup
                 d.dim_value = int(v)
     # shapes stored at export carry symbolic batch/size dims that inference would keep: re-infer all
     del model.graph.value_info[:]
-    model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    model = _infer_shapes(model)
     shapes = _shapes(model, batch=int(next(iter(input_shapes.values()))[0]))
     total = skipped = 0
     for node in model.graph.node:
@@ -75,3 +75,19 @@ def _count(path: str | Path, input_shapes: Mapping[str, tuple[int, ...]]) -> tup
             else:  # weight (Cin, Cout/g, kh, kw): every input pixel scatters a kernel
                 total += 2 * prod(x) * prod(w[1:])
     return total, skipped
+
+
+def _infer_shapes(model):
+    """Concrete shapes for every tensor. ONNX's own inference leaves the attention tensors
+    unresolved behind data-dependent Reshapes (seen: every attention MatMul of the prior, UNet
+    and MoVQ, so their FLOPs were missing from the count); ONNX Runtime's symbolic inference
+    propagates the shape computations and resolves them all. It needs sympy (installed with
+    torch); without it, ONNX's inference is used."""
+    import onnx
+
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception:  # noqa: BLE001 - ImportError (no sympy), or a graph the symbolic pass cannot follow
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)

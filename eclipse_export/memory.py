@@ -5,15 +5,24 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def peak_rss_bytes() -> int | None:
-    """High-water mark of resident memory since start or the last reset_peak_rss()."""
+def _status_bytes(field: str) -> int | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def peak_rss_bytes() -> int | None:
+    """High-water mark of resident memory since start or the last reset_peak_rss()."""
+    return _status_bytes("VmHWM")
+
+
+def rss_bytes() -> int | None:
+    """Resident memory now."""
+    return _status_bytes("VmRSS")
 
 
 def reset_peak_rss() -> bool:

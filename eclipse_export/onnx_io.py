@@ -18,21 +18,59 @@ def _cwd(path: Path):
         os.chdir(old)
 
 
-def save_external(model, path: Path) -> list[str]:
-    """Write `path` + `path.name`.data; returns both names.
+# Offsets of large tensors in the external data file are multiples of this, so ONNX Runtime can
+# memory-map them instead of reading them into its heap (it maps only aligned offsets; 64 KiB is
+# Windows' allocation granularity and a multiple of every page size): the weights of a loaded
+# graph are then the file's pages, shared with the page cache, not a private copy.
+ALIGNMENT = 64 * 1024
+# tensors smaller than this are packed without padding (ORT reads those; padding would waste more)
+ALIGN_THRESHOLD = 64 * 1024
+INLINE_THRESHOLD = 1024  # tensors under this stay inside the graph file (as onnx.save_model does)
 
-    onnx checks whether the data file exists relative to the *current directory* rather than to
-    the model (onnx 1.23: run an export from inside an old bundle and it refuses). Saving from
-    the destination directory makes that check look at the right place.
-    """
+
+def save_external(model, path: Path) -> list[str]:
+    """Write `path` + `path.name`.data (weights with aligned offsets, see ALIGNMENT); returns both
+    names. The model proto loses its raw weight bytes on the way (they move to the data file).
+
+    onnx 1.23's own writer cannot align offsets, and it checks whether the data file exists
+    relative to the *current directory* rather than to the model, so this writes the data file
+    itself and saves the (small) graph from the destination directory."""
     import onnx
+    from onnx.external_data_helper import set_external_data
 
     path = Path(path).resolve()
     data = path.name + ".data"
+    with open(path.parent / data, "wb") as f:
+        for tensor in _all_tensors(model):
+            raw = tensor.raw_data
+            if len(raw) < INLINE_THRESHOLD:
+                continue
+            offset = f.tell()
+            if len(raw) >= ALIGN_THRESHOLD and offset % ALIGNMENT:
+                f.write(bytes(ALIGNMENT - offset % ALIGNMENT))
+                offset = f.tell()
+            f.write(raw)
+            set_external_data(tensor, location=data, offset=offset, length=len(raw))
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            tensor.ClearField("raw_data")
     with _cwd(path.parent):
-        onnx.save_model(model, path.name, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data, size_threshold=1024)
+        onnx.save_model(model, path.name)
     return [path.name, data]
+
+
+def _all_tensors(model):
+    """Initializers of the graph and of its subgraphs (If/Loop bodies), in graph order;
+    Constant nodes' tensors stay in the graph, as with onnx.save_model's default."""
+    def walk(graph):
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    yield from walk(attr.g)
+                for g in attr.graphs:
+                    yield from walk(g)
+
+    return [t for t in walk(model.graph) if t.HasField("raw_data")]
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

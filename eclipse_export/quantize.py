@@ -1,15 +1,29 @@
-"""FP32 ONNX -> explicitly quantized (Q/DQ) INT8 ONNX, following TensorRT's rules.
+"""FP32 ONNX -> explicitly quantized (Q/DQ) INT8 ONNX, shaped for the backend that runs it.
 
-NVIDIA Model Optimizer's ONNX PTQ is the first choice upstream, but it pins onnx 1.21,
-onnxruntime-gpu and cupy and does not install on a CPU machine (see docs/decisions.md), so
-this uses onnxruntime's quantize_static, configured for TensorRT:
+Two rule sets (`RULES`), recorded per graph in the bundle's manifest:
+
+`tensorrt` (trt-int8): NVIDIA Model Optimizer's ONNX PTQ is the first choice upstream, but it
+pins onnx 1.21, onnxruntime-gpu and cupy and does not install on a CPU machine (see
+docs/decisions.md), so this uses onnxruntime's quantize_static, configured for TensorRT:
 - symmetric int8 for weights and activations (zero point 0), QDQ format;
 - per-channel weights (Conv: axis 0, the output channel; MatMul/Gemm weights [K, N]: axis 1),
   per-tensor activations;
 - Q/DQ only on the inputs of Conv, MatMul and Gemm; no int32 bias quantization
   (QuantizeBias=False): TensorRT fuses the float bias itself;
 - everything else stays in the precision of the input graph.
-Calibration ranges: MinMax over the captured inputs (calibrate.py); layers named in
+
+`ort-cpu` (onnx-int8): what ONNX Runtime's x86 kernels run as integer arithmetic. ORT turns a
+QDQ node unit into QLinearConv / QLinearMatMul only when *every* input comes through a
+DequantizeLinear (the bias as int32) and the output goes into a QuantizeLinear, with uint8
+activations on x86 (its VNNI kernels are u8 x s8). A TensorRT-shaped graph has neither (float
+bias, no output Q, int8 activations), so ORT ran each of its convolutions as DequantizeLinear of
+the weights + a float Conv: slower than FP32 (issue 13: UNet 4.23 s vs 2.33 s per step). So:
+- asymmetric uint8 activations (per tensor), symmetric int8 weights (per channel, zero point 0:
+  MLAS' symmetric convolution kernels), int32 bias;
+- the outputs of quantized ops are quantized too (the Q that completes the node unit); their
+  float consumers read the dequantized value, as the QLinear kernels' u8 output implies.
+
+Both: calibration ranges MinMax over the captured inputs (calibrate.py); layers named in
 `exclude` stay in floating point, with the reason recorded in the manifest.
 """
 
@@ -25,6 +39,8 @@ from .calibrate import iter_feeds
 
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
 METHODS = ("minmax", "percentile", "entropy")
+# which backend's kernels a quantized graph is shaped for (see the module docstring)
+RULES = ("tensorrt", "ort-cpu")
 
 
 @dataclass(frozen=True)
@@ -38,6 +54,7 @@ class QuantizeOptions:
     # Gemm instead changed nothing (0.989). Per-tensor int8 cannot hold softmax probabilities
     # next to their 1.0 peaks, and TensorRT runs these in its fused FP16 attention anyway.
     quantize_attention: bool = False
+    rules: str = "tensorrt"
 
 
 ATTENTION_REASON = ("MatMul of two activations (attention): per-tensor int8 broke the UNet's "
@@ -80,33 +97,37 @@ def quantize_graph(fp32_path: Path, out_path: Path, component: str, shard_dir: P
     reader = Reader()
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[options.method]
+    if options.rules not in RULES:
+        raise ValueError(f"unknown quantization rules {options.rules!r} (choose from {', '.join(RULES)})")
+    tensorrt = options.rules == "tensorrt"
     t0 = time.perf_counter()
     quantize_static(
         str(fp32_path), str(out_path), reader,
         quant_format=QuantFormat.QDQ,
         op_types_to_quantize=list(QUANTIZED_OPS),
         per_channel=True,
-        activation_type=QuantType.QInt8,
+        activation_type=QuantType.QInt8 if tensorrt else QuantType.QUInt8,
         weight_type=QuantType.QInt8,
         nodes_to_exclude=list(exclude),
         use_external_data_format=external,
         calibrate_method=method,
         extra_options={
-            "ActivationSymmetric": True,
+            "ActivationSymmetric": tensorrt,
             "WeightSymmetric": True,
-            "QuantizeBias": False,
+            # TensorRT fuses the float bias itself; ORT's QLinearConv wants it as int32 DQ input
+            "QuantizeBias": not tensorrt,
             "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1, "Gemm": 1},
-            # each quantized node gets its own Q/DQ pair, so the float consumers of the same tensor
-            # (residual Adds, norms) keep reading the float tensor: Q/DQ only on Conv/MatMul/Gemm inputs
-            "DedicatedQDQPair": True,
+            # TensorRT: each quantized node gets its own Q/DQ pair, so the float consumers of the
+            # same tensor (residual Adds, norms) keep reading the float tensor (confine_qdq below)
+            "DedicatedQDQPair": tensorrt,
         },
     )
-    rewired = confine_qdq(out_path)
+    rewired = confine_qdq(out_path) if tensorrt else 0
     seconds = time.perf_counter() - t0
     gc.collect()
     if reader.count == 0:
         raise ValueError(f"no calibration data for {component} in {shard_dir}")
-    return {"method": options.method, "samples": reader.count, "seconds": round(seconds, 1),
+    return {"rules": options.rules, "method": options.method, "samples": reader.count, "seconds": round(seconds, 1),
             "quantized_ops": list(QUANTIZED_OPS), "excluded": exclude, "rewired_float_consumers": rewired,
             **qdq_summary(out_path)}
 
@@ -152,6 +173,18 @@ def confine_qdq(path: Path) -> int:
     return rewired
 
 
+def _array(tensor, base_dir: Path):
+    """An initializer's values, read from the external data file when it lives there (the
+    quantizer writes per-channel zero points of large layers externally)."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    if uses_external_data(tensor):
+        tensor = onnx.TensorProto.FromString(tensor.SerializeToString())
+        load_external_data_for_tensor(tensor, str(base_dir))
+    return onnx.numpy_helper.to_array(tensor)
+
+
 def qdq_summary(path: Path) -> dict:
     """What the quantizer did, counted from the graph (checks the TensorRT rules hold)."""
     import onnx
@@ -170,7 +203,7 @@ def qdq_summary(path: Path) -> dict:
     zero_points_nonzero = 0
     for n in nodes:
         if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2 and n.input[2] in inits:
-            zp = onnx.numpy_helper.to_array(inits[n.input[2]])
+            zp = _array(inits[n.input[2]], path.parent)
             zero_points_nonzero += int((zp != 0).any())
     return {"quantized": quantized, "total": total,
             "q_nodes": sum(n.op_type == "QuantizeLinear" for n in nodes),
@@ -195,12 +228,67 @@ def check_qdq_rules(model_path: Path) -> list[str]:
                 if c.op_type not in QUANTIZED_OPS:
                     problems.append(f"{n.name} feeds {c.op_type} {c.name} (Q/DQ only on {'/'.join(QUANTIZED_OPS)} inputs)")
         if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2 and n.input[2] in inits:
-            zp = onnx.numpy_helper.to_array(inits[n.input[2]])
+            zp = _array(inits[n.input[2]], model_path.parent)
             if (zp != 0).any():
                 problems.append(f"{n.name}: zero point is not 0 (TensorRT needs symmetric quantization)")
             if zp.dtype.name != "int8":
                 problems.append(f"{n.name}: {zp.dtype} quantization (TensorRT needs int8)")
     return problems
+
+
+def check_ort_cpu_rules(model_path: Path) -> list[str]:
+    """Quantized Conv/MatMul/Gemm nodes that ONNX Runtime's CPU provider could not fuse into an
+    integer kernel (empty: fine). A node unit fuses when every input comes through a
+    DequantizeLinear (bias: int32), its only consumer is a QuantizeLinear, activations are uint8
+    (x86 kernels are u8 x s8) and weights int8 with zero point 0."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    inits = {i.name: i for i in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+
+    def dtype(name: str) -> str | None:
+        t = inits.get(name)
+        return onnx.helper.tensor_dtype_to_np_dtype(t.data_type).name if t is not None else None
+
+    problems = []
+    for n in model.graph.node:
+        if n.op_type not in QUANTIZED_OPS:
+            continue
+        dqs = [producer.get(i) for i in n.input if i]
+        if not any(d is not None and d.op_type == "DequantizeLinear" for d in dqs):
+            continue  # kept in float (excluded)
+        if not all(d is not None and d.op_type == "DequantizeLinear" for d in dqs):
+            problems.append(f"{n.name}: an input does not come through DequantizeLinear (float bias?)")
+            continue
+        after = consumers.get(n.output[0], [])
+        if n.output[0] in outputs or len(after) != 1 or after[0].op_type != "QuantizeLinear":
+            problems.append(f"{n.name}: its output does not go into one QuantizeLinear alone")
+        activation = dqs[0]
+        zp = activation.input[2] if len(activation.input) > 2 else None
+        if zp is None or dtype(zp) != "uint8":
+            problems.append(f"{n.name}: activations are not uint8 (ONNX Runtime's x86 kernels are u8 x s8)")
+        weight = dqs[1]
+        if dtype(weight.input[0]) != "int8":
+            problems.append(f"{n.name}: weights are not int8")
+        elif len(weight.input) > 2 and (_array(inits[weight.input[2]], model_path.parent) != 0).any():
+            problems.append(f"{n.name}: weight zero point is not 0")
+        if len(dqs) > 2 and dtype(dqs[2].input[0]) != "int32":
+            problems.append(f"{n.name}: bias is not int32")
+    return problems
+
+
+def check_rules(model_path: Path, rules: str) -> list[str]:
+    if rules == "tensorrt":
+        return check_qdq_rules(model_path)
+    if rules == "ort-cpu":
+        return check_ort_cpu_rules(model_path)
+    raise ValueError(f"unknown quantization rules {rules!r} (choose from {', '.join(RULES)})")
 
 
 def quantize_components(components: Sequence[str]) -> tuple[str, ...]:

@@ -4,6 +4,7 @@ with parity against torch-fp32 in the same run; SSIM equals scikit-image's; FLOP
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,13 +50,18 @@ def test_flops_of_a_known_graph(tmp_path):
 def test_bench_over_tiny_bundle(tiny_bundle, tmp_path, capsys):
     out = tmp_path / "results"
     rc = main(["--bundle", str(tiny_bundle), "--out", str(out), "--height", "64", "--width", "64", "--steps", "2",
-               "--runs", "2", "--warmup", "1", "--batch", "1", "--batch", "2"])
+               "--runs", "2", "--warmup", "1", "--batch", "1", "--batch", "2", "--baseline-session"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     results = json.loads((out / "results.json").read_text())
     assert results["complete"] is True
     keys = set(results["targets"])
-    assert {"torch-fp32/b1", "torch-fp32/b2", "onnx@cpu/b1", "onnx@cpu/b2"} <= keys
+    assert {"torch-fp32/b1", "torch-fp32/b2", "onnx@cpu/b1", "onnx@cpu/b2", "onnx@cpu[ort-defaults]/b1"} <= keys
+    # ONNX Runtime's default session settings (the before side) give the same numbers
+    baseline = results["targets"]["onnx@cpu[ort-defaults]/b1"]
+    assert baseline["parity"]["ok"] and baseline["parity"]["image_psnr_db"] == results["targets"]["onnx@cpu/b1"][
+        "parity"]["image_psnr_db"]
+    assert results["targets"]["onnx@cpu/b1"]["latency"]["cpu_seconds"]["p50"] > 0
     assert "skipped" in results["targets"]["torch-fp16/b1"]  # no GPU here
     onnx1 = results["targets"]["onnx@cpu/b1"]
     for stage in ("text_encoder", "prior", "unet", "movq", "total", "unet_per_step"):
@@ -121,6 +127,23 @@ def test_engine_bundles_get_their_tensorrt_target(monkeypatch, tmp_path):
     assert targets[0].skipped is None and targets[1].skipped == "no usable CUDA GPU here (test)"
     monkeypatch.setattr(backends, "make_backend", lambda name, *a, **k: object())
     assert bench.plan_targets([tmp_path], bench.BenchConfig(), with_torch=False)[1].skipped is None
+
+
+def test_int8_targets_named_by_their_rules_and_baseline_sessions(monkeypatch, tmp_path):
+    """onnx-int8 bundles with TensorRT-shaped and ORT-shaped graphs in one run get distinct
+    names; --baseline-session adds the ORT-defaults target of the bundles it names."""
+    from eclipse_export import bench
+    from eclipse_export.runtime.bundle import Bundle
+
+    def manifest(rules):
+        return {"precision": "int8", "target": "onnx-int8", "components": {"unet": {"quantization_rules": rules}}}
+
+    dirs = {tmp_path / "a": manifest("ort-cpu"), tmp_path / "b": manifest("tensorrt"), tmp_path / "c": manifest("ort-cpu")}
+    monkeypatch.setattr(bench, "open_bundle", lambda path, verify_hashes=True: Bundle(Path(path), dirs[Path(path)]))
+    config = bench.BenchConfig(baseline_session=(str(tmp_path / "b"),))
+    names = [t.name for t in bench.plan_targets(list(dirs), config, with_torch=False)]
+    assert names == ["onnx-int8@cpu", "onnx-int8-trt-rules@cpu[ort-defaults]", "onnx-int8-trt-rules@cpu",
+                     "onnx-int8@cpu:c"]
 
 
 def test_flops_of_clip_text_encoder_at_batch_one(tiny_bundle):
@@ -195,3 +218,15 @@ def test_a_target_failing_at_load_is_skipped_not_fatal(tiny_bundle, tmp_path, mo
     results = json.loads((tmp_path / "r" / "results.json").read_text())
     assert results["targets"]["onnx@cpu/b1"]["skipped"].startswith("TensorRT provider: libnvinfer")
     assert results["complete"] is True
+
+
+def test_memory_per_target_in_fresh_processes(tiny_bundle, tmp_path, capsys):
+    out = tmp_path / "mem"
+    assert main(["memory", "--bundle", str(tiny_bundle), "--out", str(out), "--height", "64", "--width", "64",
+                 "--steps", "1"]) == 0
+    (r,) = json.loads((out / "memory.json").read_text())["results"]
+    files = json.loads((tiny_bundle / "manifest.json").read_text())["components"]
+    assert r["graph_bytes"] == sum((tiny_bundle / f).stat().st_size for c in files.values() for f in c["files"])
+    assert 0 < r["rss_after_imports"] <= r["peak_load"] <= r["peak_total"]
+    assert r["peak_over_graphs"] == r["peak_total"] / r["graph_bytes"]
+    assert "| onnx (tiny-onnx) |" in (out / "memory.md").read_text() and "peak / graphs" in capsys.readouterr().out

@@ -1,5 +1,7 @@
-"""INT8: calibration capture, Q/DQ graphs that follow TensorRT's rules, and the onnx-int8 target
-on ONNX Runtime CPU (the UNet's noise prediction within cosine 0.99 of FP32 on held-out
+"""INT8: calibration capture; Q/DQ graphs shaped for ONNX Runtime's x86 integer kernels
+(onnx-int8: they really run as QLinearConv/QLinearMatMul) or following TensorRT's rules
+(trt-int8, or onnx-int8 --int8-rules tensorrt), from the same calibration data; the onnx-int8
+target on ONNX Runtime CPU (the UNet's noise prediction within cosine 0.99 of FP32 on held-out
 validation prompts)."""
 
 from __future__ import annotations
@@ -76,8 +78,23 @@ def tiny_int8_bundle(tmp_path_factory):
     return out
 
 
-def test_onnx_int8_bundle_follows_tensorrt_rules(tiny_int8_bundle):
-    from eclipse_export.quantize import check_qdq_rules, qdq_summary
+@pytest.fixture(scope="module")
+def tiny_int8_trt_rules_bundle(tiny_bundle, tmp_path_factory):
+    """onnx-int8 with TensorRT's rules (what trt-int8 builds its engines from), derived from the
+    fp32 bundle; its calibration cache is what the ONNX Runtime-shaped derivation below reuses."""
+    from eclipse_export.cli import export_main
+
+    tmp = tmp_path_factory.mktemp("int8-trt")
+    out = tmp / "derived-int8"
+    assert export_main(["--from-bundle", str(tiny_bundle), "--target", "onnx-int8", "--int8-rules", "tensorrt",
+                        "--out", str(out), "--calibration-count", "6", "--validation-count", "2",
+                        "--calibration-steps", "4", "--calibration-size", "64x64",
+                        "--calibration-cache", str(tmp / "cal")]) == 0
+    return out
+
+
+def test_onnx_int8_bundle_is_shaped_for_onnx_runtime(tiny_int8_bundle):
+    from eclipse_export.quantize import check_qdq_rules, check_rules, qdq_summary
 
     manifest = json.loads((tiny_int8_bundle / "manifest.json").read_text())
     assert manifest["target"] == "onnx-int8" and manifest["precision"] == "int8"
@@ -86,10 +103,11 @@ def test_onnx_int8_bundle_follows_tensorrt_rules(tiny_int8_bundle):
     assert comps["text_encoder"]["precision"] == "fp32" and comps["prior"]["precision"] == "fp32"
     for name in ("unet", "movq"):
         path = tiny_int8_bundle / comps[name]["graph"]
-        assert check_qdq_rules(path) == []
+        assert comps[name]["quantization_rules"] == comps[name]["int8"]["rules"] == "ort-cpu"
+        assert check_rules(path, "ort-cpu") == []
+        assert check_qdq_rules(path)  # not a TensorRT graph: uint8, zero points, Q/DQ on outputs
         summary = qdq_summary(path)
         assert summary["quantized"]["Conv"] == summary["total"]["Conv"] > 0
-        assert summary["nonzero_zero_points"] == 0
         # attention's activation x activation MatMuls stay float, each with its reason
         excluded = comps[name]["int8"]["excluded"]
         assert summary["quantized"]["MatMul"] == summary["total"]["MatMul"] - len(excluded)
@@ -143,47 +161,79 @@ def test_onnx_int8_chain_runs_and_reports_every_stage(tiny_int8_bundle):
 needs_rtx = pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None, reason="tensorrt-rtx is not installed")
 
 
+def test_onnx_runtime_runs_the_int8_graphs_as_integer_kernels(tiny_int8_bundle, tiny_int8_trt_rules_bundle):
+    """ONNX Runtime's profiler on both UNet graphs: the ORT-shaped one runs every convolution
+    as QLinearConv and every quantized MatMul as QLinearMatMul; the TensorRT-shaped one runs
+    float Convs behind DequantizeLinear (why it was slower than FP32 on CPU, issue 13)."""
+    from eclipse_export.ort_profile import profile_bundle
+
+    (ort_unet,) = profile_bundle(tiny_int8_bundle, ["unet"], [1], 64, 64, runs=1, warmup=0, log=lambda m: None)
+    ops = {r.op: r for r in ort_unet.ops}
+    manifest = json.loads((tiny_int8_bundle / "manifest.json").read_text())["components"]["unet"]["int8"]
+    assert "Conv" not in ops and ops["QLinearConv"].nodes == manifest["total"]["Conv"]
+    assert ops["QLinearMatMul"].nodes == manifest["quantized"]["MatMul"]
+    assert ops["QLinearConv"].flops > 0 and not ops["QLinearConv"].unknown
+    (trt_unet,) = profile_bundle(tiny_int8_trt_rules_bundle, ["unet"], [1], 64, 64, runs=1, warmup=0,
+                                 log=lambda m: None)
+    trt_ops = {r.op for r in trt_unet.ops}
+    assert "Conv" in trt_ops and "QLinearConv" not in trt_ops and "DequantizeLinear" in trt_ops
+
+
+def test_trt_int8_refuses_graphs_shaped_for_onnx_runtime(tiny_int8_bundle, tmp_path, capsys):
+    from eclipse_export.cli import _run, export_main
+
+    rc = _run(export_main, ["--from-bundle", str(tiny_int8_bundle), "--target", "trt-int8", "--out", str(tmp_path / "e")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not TensorRT" in err and "--target trt-int8" in err
+    assert not (tmp_path / "e").exists()
+
+
 @needs_rtx
-def test_tensorrt_rtx_parser_accepts_the_qdq_graphs(tiny_int8_bundle):
+def test_tensorrt_rtx_parser_accepts_the_qdq_graphs(tiny_int8_trt_rules_bundle):
     """TensorRT-RTX runs INT8 only as weight-only GEMM, but its ONNX parser takes Q/DQ graphs:
     proof that the graphs import into the TensorRT family."""
     import tensorrt_rtx as trt
 
-    manifest = json.loads((tiny_int8_bundle / "manifest.json").read_text())
+    manifest = json.loads((tiny_int8_trt_rules_bundle / "manifest.json").read_text())
     logger = trt.Logger(trt.Logger.ERROR)
-    for name in ("unet", "movq"):
+    for name in ("unet",):
         builder = trt.Builder(logger)
         network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
         parser = trt.OnnxParser(network, logger)
-        ok = parser.parse_from_file(str(tiny_int8_bundle / manifest["components"][name]["graph"]))
+        ok = parser.parse_from_file(str(tiny_int8_trt_rules_bundle / manifest["components"][name]["graph"]))
         assert ok, [str(parser.get_error(i)) for i in range(parser.num_errors)]
         layer_types = {str(network.get_layer(i).type) for i in range(network.num_layers)}
         assert "LayerType.QUANTIZE" in layer_types and "LayerType.DEQUANTIZE" in layer_types
 
 
-def test_int8_bundle_derived_from_an_fp32_bundle(tiny_bundle, tmp_path):
-    """--from-bundle: quantize a shipped fp32 bundle without re-exporting; the source is untouched."""
-    from eclipse_export.cli import export_main
+def test_int8_bundle_derived_from_an_fp32_bundle(tiny_bundle, tiny_int8_trt_rules_bundle, tmp_path):
+    """--from-bundle: quantize a shipped fp32 bundle without re-exporting; the source is untouched;
+    both rule sets come from the same calibration data (the second derivation captures nothing)."""
+    from eclipse_export.quantize import check_qdq_rules
     from eclipse_export.runtime.bundle import open_bundle
 
-    before = open_bundle(tiny_bundle).manifest["files"]
-    out = tmp_path / "derived-int8"
-    assert export_main(["--from-bundle", str(tiny_bundle), "--target", "onnx-int8", "--out", str(out),
-                        "--calibration-count", "6", "--validation-count", "2", "--calibration-steps", "4",
-                        "--calibration-size", "64x64", "--calibration-cache", str(tmp_path / "cal")]) == 0
-    derived = open_bundle(out)  # every file verified against the new manifest
+    derived = open_bundle(tiny_int8_trt_rules_bundle)  # every file verified against the new manifest
     assert derived.manifest["target"] == "onnx-int8" and derived.component("unet")["precision"] == "int8"
     assert derived.manifest["derived_from"] == str(tiny_bundle)
-    assert open_bundle(tiny_bundle).manifest["files"] == before
-    # resumable: the second derivation finds every shard in the cache
+    assert derived.component("unet")["quantization_rules"] == "tensorrt"
+    assert check_qdq_rules(derived.graph_path("unet")) == []
+    # resumable, and the same calibration data: the ORT-shaped derivation finds every shard in the cache
     logs = []
     from eclipse_export.export import Int8Options, build_engines_for_bundle
     from eclipse_export.calibrate import CaptureOptions
 
+    before = open_bundle(tiny_bundle).manifest["files"]
+    cache = tiny_int8_trt_rules_bundle.parent / "cal"
     build_engines_for_bundle(tiny_bundle, tmp_path / "again", "onnx-int8", None, overwrite=False, log=logs.append,
-                             int8=Int8Options(calibration_prompts=6, validation_prompts=2, cache_dir=tmp_path / "cal",
+                             int8=Int8Options(calibration_prompts=6, validation_prompts=2, cache_dir=cache,
                                               capture=CaptureOptions(height=64, width=64, steps=4)))
     assert not any(line.strip().startswith("calibration 1/") for line in logs)
+    again = open_bundle(tmp_path / "again")
+    assert again.component("unet")["quantization_rules"] == "ort-cpu"
+    cal, cal_before = again.component("unet")["calibration"], derived.component("unet")["calibration"]
+    assert cal["captured"] == 0 and cal["resumed"] == cal_before["captured"] == 6
+    assert cal["options"] == cal_before["options"]
+    assert open_bundle(tiny_bundle).manifest["files"] == before
 
 
 @pytest.mark.parametrize("failure", [RuntimeError("simulated quantizer failure"), KeyboardInterrupt()])
@@ -231,3 +281,48 @@ def test_failed_capture_keeps_complete_shards_only(tiny_pipeline, tmp_path, monk
     monkeypatch.setattr(calibrate_mod.np, "savez", real_savez)
     info = capture(tiny_pipeline, ["a", "b", "c", "d"], tmp_path, SMALL, log=lambda m: None)
     assert info["resumed"] == 2 and info["captured"] == 2
+
+
+def test_rule_checks_read_zero_points_stored_as_external_data(tmp_path):
+    """The quantizer writes large per-channel zero points to the external data file (full-size
+    UNet); the checks must read them there, not fail (seen at full size only)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from eclipse_export.onnx_io import save_external
+    from eclipse_export.quantize import check_rules, qdq_summary
+
+    n = 1024  # 1 KB of int8 zero points: at the inline threshold, so stored externally
+    w = numpy_helper.from_array(np.ones((n, 8, 1, 1), np.int8), "w")
+    inits = [w, numpy_helper.from_array(np.full(n, 0.1, np.float32), "ws"),
+             numpy_helper.from_array(np.zeros(n, np.int8), "wz"),
+             numpy_helper.from_array(np.ones(n, np.int32), "b"), numpy_helper.from_array(np.full(n, 0.01, np.float32), "bs"),
+             numpy_helper.from_array(np.zeros(n, np.int32), "bz"),
+             numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(7, np.uint8), "z")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=0),
+             helper.make_node("DequantizeLinear", ["b", "bs", "bz"], ["bd"], axis=0),
+             helper.make_node("Conv", ["xd", "wd", "bd"], ["y"], name="conv"),
+             helper.make_node("QuantizeLinear", ["y", "s", "z"], ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "s", "z"], ["out"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, (1, 8, 4, 4))],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, (1, n, 4, 4))], inits)
+    path = tmp_path / "q.onnx"
+    save_external(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    stored = {t.name: t for t in onnx.load(str(path), load_external_data=False).graph.initializer}
+    assert stored["wz"].data_location == TensorProto.EXTERNAL
+    assert check_rules(path, "ort-cpu") == []
+    assert qdq_summary(path)["nonzero_zero_points"] == 4  # the activations' Q and DQ nodes (zero point 7)
+    assert any("zero point is not 0" in p for p in check_rules(path, "tensorrt"))
+
+
+def test_exported_graphs_hold_standard_onnx_ops_only(tiny_bundle, tiny_int8_bundle, tiny_int8_trt_rules_bundle):
+    """No fusion with ONNX Runtime's own ops (com.microsoft) is written into a bundle: every graph
+    stays a valid TensorRT input (ORT fuses at session creation); engine builds refuse otherwise."""
+    from eclipse_export.export import non_standard_ops
+
+    for bundle in (tiny_bundle, tiny_int8_bundle, tiny_int8_trt_rules_bundle):
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        for entry in manifest["components"].values():
+            assert non_standard_ops(bundle / entry["graph"]) == []

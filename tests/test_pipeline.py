@@ -159,3 +159,24 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "x.png").stat().st_size > 0
+
+
+def test_largest_graphs_load_first(tiny_bundle):
+    """Graphs load largest first (a graph's transient load memory then stacks on nothing); the
+    sessions keep the chain's order."""
+    from eclipse_export.runtime.backends import OnnxRuntimeBackend
+    from eclipse_export.runtime.bundle import open_bundle
+    from eclipse_export.runtime.pipeline import Pipeline, load_order
+
+    bundle = open_bundle(tiny_bundle)
+    order = []
+
+    class Recording(OnnxRuntimeBackend):
+        def load(self, spec, bundle):
+            order.append(spec.name)
+            return super().load(spec, bundle)
+
+    pipeline = Pipeline(bundle, Recording())
+    sizes = {n: sum((tiny_bundle / f).stat().st_size for f in bundle.component(n)["files"]) for n in order}
+    assert order == load_order(bundle) and [sizes[n] for n in order] == sorted(sizes.values(), reverse=True)
+    assert list(pipeline.sessions) == ["text_encoder", "prior", "unet", "movq"]

@@ -52,6 +52,18 @@ GPU_PROVIDERS = ("cuda", "tensorrt", "tensorrt-rtx")
 ORT_CACHE_DIR = ".ort-cache"  # inside the bundle: engine/runtime caches of the TensorRT providers
 
 
+# ONNX Runtime CPU session settings (issue 13; measurements in docs/decisions.md). "tuned" is the
+# default; "ort-defaults" is ONNX Runtime's own defaults, kept selectable so that a benchmark can
+# measure before and after in one run (eclipse-bench --baseline-session).
+CPU_SESSION_PROFILES = ("tuned", "ort-defaults")
+_TUNED_CPU_CONFIG = {
+    # worker threads sleep between parallel sections instead of spinning: a spinning pool burns
+    # the cores other processes (and the other session's threads) need; the wake-up costs
+    # microseconds per parallel section against milliseconds of work in these graphs
+    "session.intra_op.allow_spinning": "0",
+    "session.inter_op.allow_spinning": "0",
+}
+
 # ONNX Runtime's type strings for the dtypes the specs use
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int32)": "int32",
               "tensor(int64)": "int64"}
@@ -173,7 +185,7 @@ class OnnxRuntimeBackend:
     device_loop None: on for GPU providers, off on CPU (where it changes nothing but is tested)."""
 
     def __init__(self, providers: Sequence[str] = ("cpu",), threads: int | None = None, cuda_graphs: bool = True,
-                 device_loop: bool | None = None, device_id: int = 0):
+                 device_loop: bool | None = None, device_id: int = 0, cpu_profile: str = "tuned"):
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -201,6 +213,9 @@ class OnnxRuntimeBackend:
                 ort.preload_dlls()
             except Exception:  # nothing to preload: the provider's own error says what is missing
                 pass
+        if cpu_profile not in CPU_SESSION_PROFILES:
+            raise BackendError(f"unknown CPU session profile {cpu_profile!r} (choose from {', '.join(CPU_SESSION_PROFILES)})")
+        self.cpu_profile = cpu_profile
         self.short_providers = providers
         self.providers = [ORT_PROVIDERS[p] for p in providers]
         self.threads = threads
@@ -237,13 +252,21 @@ class OnnxRuntimeBackend:
             out.append((name, opts))
         return out
 
-    def _make_session(self, spec: ComponentSpec, path: Path, bundle: Bundle,
-                      static: Mapping[str, tuple[int, ...]] | None):
-        ort = self._ort
-        opts = ort.SessionOptions()
+    def session_options(self):
+        """The options every graph of this backend is loaded with (the profiler reuses them)."""
+        opts = self._ort.SessionOptions()
         opts.log_severity_level = 3
         if self.threads:
             opts.intra_op_num_threads = self.threads
+        if self.cpu_profile == "tuned":
+            for key, value in _TUNED_CPU_CONFIG.items():
+                opts.add_session_config_entry(key, value)
+        return opts
+
+    def _make_session(self, spec: ComponentSpec, path: Path, bundle: Bundle,
+                      static: Mapping[str, tuple[int, ...]] | None):
+        ort = self._ort
+        opts = self.session_options()
         graph_capture = static is not None and self.cuda_graphs and self.on_gpu
         if static is not None:
             for name, value in free_dimensions(ort_input_shapes(path, ort), static).items():
@@ -298,7 +321,7 @@ class OnnxRuntimeBackend:
 
     def describe(self) -> dict:
         out = {"backend": "onnxruntime", "version": self._ort.__version__, "providers": self.providers,
-               "threads": self.threads, "device_loop": self.device_loop,
+               "threads": self.threads, "cpu_profile": self.cpu_profile, "device_loop": self.device_loop,
                "cuda_graphs": self.cuda_graphs and self.on_gpu and self.device_loop}
         if self.cache_dirs:
             out["cache_dirs"] = dict(self.cache_dirs)
@@ -372,9 +395,10 @@ BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
 
 def make_backend(name: str = "onnxruntime", providers: Sequence[str] = ("cpu",), threads: int | None = None,
                  low_memory: bool = False, cuda_graphs: bool = True, runtime_cache_dir=None,
-                 device_loop: bool | None = None) -> Backend:
+                 device_loop: bool | None = None, cpu_profile: str = "tuned") -> Backend:
     if name == "onnxruntime":
-        return OnnxRuntimeBackend(providers, threads, cuda_graphs=cuda_graphs, device_loop=device_loop)
+        return OnnxRuntimeBackend(providers, threads, cuda_graphs=cuda_graphs, device_loop=device_loop,
+                                  cpu_profile=cpu_profile)
     if name in ("tensorrt", "tensorrt-rtx"):
         from .tensorrt_backend import TensorRTBackend  # imports cuda-python only when asked for
 

@@ -80,14 +80,11 @@ class Target:
 
 
 class RuntimeRunner:
-    def __init__(self, bundle_dir: Path, providers, threads, backend: str = "onnxruntime", options: dict | None = None,
-                 session_profile: str | None = None):
+    def __init__(self, bundle_dir: Path, providers, threads, backend: str = "onnxruntime", options: dict | None = None):
         from .runtime.backends import make_backend
         from .runtime.pipeline import Pipeline
 
-        options = dict(options or {})
-        if session_profile:
-            options["cpu_profile"] = session_profile
+        options = options or {}
         self.backend = make_backend(backend, providers, threads, **options)
         # the ort-defaults baseline is the runtime as it was before issue 13: ONNX Runtime's default
         # session settings and the graphs loaded in the chain's order

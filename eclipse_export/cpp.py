@@ -202,6 +202,7 @@ class OrtGraphs:
 
     def _denoise(self, _user, handle, call_ptr):
         """The device-loop contract in numpy: CFG + schedulers.apply_step per coefficients."""
+        from eclipse_export.runtime.guidance import cfg_batch, combine
         from eclipse_export.runtime.schedulers import StepCoefficients as PyCoefficients, apply_step
 
         try:
@@ -215,12 +216,11 @@ class OrtGraphs:
             noise = (np.ctypeslib.as_array(call.step_noise, shape=(call.steps * n,)).reshape((call.steps, *shape))
                      if call.step_noise else None)
             for i in range(call.steps):
-                sample = np.concatenate([latents, latents]) if call.cfg else latents
+                sample = cfg_batch(latents) if call.cfg else latents
                 t = np.array([call.timesteps[i]], dtype=np.float32)
                 eps = session.run(["noise_pred"], {"sample": sample, "timestep": t, "image_embeds": embeds})[0]
                 if call.cfg:
-                    u, c = np.split(eps, 2)
-                    eps = u + np.float32(call.guidance_scale) * (c - u)
+                    eps = combine(eps, call.guidance_scale)
                 k = call.coefficients[i]
                 coeffs = PyCoefficients(k.a, k.b, k.clip, k.c_x0, k.c_x, k.c_eps, k.std)
                 latents = apply_step(coeffs, eps, latents, noise[i] if noise is not None and k.std != 0 else None)

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+from .runtime.backends import ORT_PROVIDERS
 from .runtime.gpu_probe import Check, CudaProbe, cuda_probe, flavour_checks
 from .runtime.trt_flavours import FLAVOURS, RTX_COMPUTE_CAPABILITIES, check_engine_compatible, install_hint
 
@@ -127,12 +128,12 @@ def targets_section(probe: CudaProbe) -> tuple[Section, Section]:
 
         providers = set(ort.get_available_providers())
         run.checks.append(Check("onnxruntime-cpu", True, "onnxruntime, provider cpu"))
-        rtx_ep = importlib.util.find_spec("onnxruntime_ep_nv_tensorrt_rtx") is not None
+        rtx_ep = _module_present("onnxruntime_ep_nv_tensorrt_rtx")
         # (--provider name, present here, what is missing, the install command)
         gpu_providers = (
-            ("cuda", "CUDAExecutionProvider" in providers, "onnxruntime-gpu is not installed",
+            ("cuda", ORT_PROVIDERS["cuda"] in providers, "onnxruntime-gpu is not installed",
              "pip install onnxruntime-gpu (replaces onnxruntime)"),
-            ("tensorrt", "TensorrtExecutionProvider" in providers, "onnxruntime-gpu is not installed",
+            ("tensorrt", ORT_PROVIDERS["tensorrt"] in providers, "onnxruntime-gpu is not installed",
              "pip install onnxruntime-gpu (replaces onnxruntime), and TensorRT 10's libraries"),
             ("tensorrt-rtx", rtx_ep, "its plugin provider is not installed",
              "pip install onnxruntime-ep-nv-tensorrt-rtx (next to onnxruntime >= 1.24)"),

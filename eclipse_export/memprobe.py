@@ -24,7 +24,7 @@ def graph_bytes(bundle_dir: Path) -> int:
     from .runtime.bundle import open_bundle
 
     bundle = open_bundle(bundle_dir, verify_hashes=False)
-    return sum(bundle.path(f).stat().st_size for c in bundle.manifest["components"].values() for f in c["files"])
+    return sum(bundle.component_bytes(name) for name in bundle.manifest["components"])
 
 
 def child(bundle_dir: Path, target: str, height: int, width: int, steps: int, guidance: float,
@@ -56,7 +56,7 @@ def child(bundle_dir: Path, target: str, height: int, width: int, steps: int, gu
     if target == "torch-fp32":
         runner = TorchRunner(bundle_dir, "fp32", "cpu")
     else:
-        runner = RuntimeRunner(bundle_dir, ("cpu",), threads, session_profile=session)
+        runner = RuntimeRunner(bundle_dir, ("cpu",), threads, options={"cpu_profile": session} if session else None)
     out["load_seconds"] = time.perf_counter() - t0
     out["peak_load"] = peak_rss_bytes()
     out["rss_after_load"] = rss_bytes()

@@ -31,7 +31,7 @@ class TensorSpec:
     shape: tuple[int | str, ...]
 
     def resolve(self, dims: Mapping[str, int]) -> tuple[int, ...]:
-        return tuple(_eval_dim(d, dims) for d in self.shape)
+        return tuple(eval_dim(d, dims) for d in self.shape)
 
     def dynamic_axes(self) -> dict[int, str]:
         """Axis index -> symbol for the axes that vary at run time."""
@@ -102,7 +102,7 @@ class ComponentSpec:
         }
 
 
-def _eval_dim(d: int | str, dims: Mapping[str, int]) -> int:
+def eval_dim(d: int | str, dims: Mapping[str, int]) -> int:
     if isinstance(d, int):
         return d
     value = 1

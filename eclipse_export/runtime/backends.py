@@ -18,7 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..specs import ComponentSpec, TensorSpec
+from ..specs import ComponentSpec, eval_dim
 from .bundle import Bundle, BundleError
 
 
@@ -88,17 +88,13 @@ def io_problems(spec: ComponentSpec, dims: Mapping[str, int], found: Mapping[str
         for axis, (got, want) in enumerate(zip(shape, t.shape)):
             if axis in dynamic or not isinstance(got, int) or got < 0:
                 continue
-            expected = _resolved(want, dims)
+            expected = eval_dim(want, dims)
             if got != expected:
                 problems.append(f"{t.name} axis {axis} is {got}, the manifest's dims give {expected}")
     extra = set(found) - set(spec.input_names + spec.output_names)
     if extra:
         problems.append(f"has unexpected tensors {sorted(extra)}")
     return problems
-
-
-def _resolved(d, dims: Mapping[str, int]) -> int:
-    return TensorSpec("", "", (d,)).resolve(dims)[0]
 
 
 def check_io(spec: ComponentSpec, bundle: Bundle, found: Mapping[str, tuple[str, Sequence]]) -> None:
@@ -191,6 +187,8 @@ class OnnxRuntimeBackend:
         except ImportError as e:
             raise BackendError("onnxruntime is not installed: pip install onnxruntime (or onnxruntime-gpu)") from e
         self._ort = ort
+        if cpu_profile not in CPU_SESSION_PROFILES:
+            raise BackendError(f"unknown CPU session profile {cpu_profile!r} (choose from {', '.join(CPU_SESSION_PROFILES)})")
         providers = list(providers)
         unknown = [p for p in providers if p not in ORT_PROVIDERS]
         if unknown:
@@ -213,8 +211,6 @@ class OnnxRuntimeBackend:
                 ort.preload_dlls()
             except Exception:  # nothing to preload: the provider's own error says what is missing
                 pass
-        if cpu_profile not in CPU_SESSION_PROFILES:
-            raise BackendError(f"unknown CPU session profile {cpu_profile!r} (choose from {', '.join(CPU_SESSION_PROFILES)})")
         self.cpu_profile = cpu_profile
         self.short_providers = providers
         self.providers = [ORT_PROVIDERS[p] for p in providers]

@@ -81,6 +81,10 @@ class Bundle:
     def has(self, rel: str) -> bool:
         return rel in self.files
 
+    def component_bytes(self, name: str) -> int:
+        """Size on disk of a component's graph files (graph + external data)."""
+        return sum(self.path(f).stat().st_size for f in self.component(name)["files"])
+
     def json(self, rel: str) -> dict:
         try:
             value = json.loads(self.path(rel).read_text(encoding="utf-8"))

@@ -126,7 +126,7 @@ def load_order(bundle: Bundle) -> list[str]:
     already resident; first, it stacks on nothing (full-size onnx-fp16 bundle: 11.6 -> 8.8 GiB)."""
     def size(name: str) -> int:
         try:
-            return sum(bundle.path(f).stat().st_size for f in bundle.component(name)["files"])
+            return bundle.component_bytes(name)
         except (BundleError, KeyError, OSError):
             return 0  # the backend's load reports it
 

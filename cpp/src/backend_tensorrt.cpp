@@ -203,11 +203,8 @@ public:
         } catch (const Error &e) {
             problems.push_back(e.what());
         }
-        if (!problems.empty()) {
-            std::string all;
-            for (const auto &p : problems) all += (all.empty() ? "" : "; ") + p;
-            throw Error(ECLIPSE_ERR_BACKEND, std::string("the ") + kTrtFlavour + " backend cannot run here: " + all);
-        }
+        if (!problems.empty())
+            backend_error(std::string("the ") + kTrtFlavour + " backend cannot run here: " + join(problems));
         gpu->context = gpu->driver->retain_primary_context(o.device_id);
         gpu->kernel = std::make_shared<const GuidedStepKernel>(gpu->driver, gpu->context, *gpu->nvrtc, gpu->device);
         gpu->logger = std::make_unique<TrtLogger>();
@@ -243,11 +240,8 @@ public:
             for (const auto &p : engine_problems(entry, gpu_->library->version_like(written), gpu_->device.compute_capability()))
                 problems.push_back(std::string(name) + ": " + p);
         }
-        if (!problems.empty()) {
-            std::string all;
-            for (const auto &p : problems) all += (all.empty() ? "" : "; ") + p;
-            throw Error(ECLIPSE_ERR_BACKEND, "the bundle's engines cannot run here: " + all + "; " + rebuild_hint(bundle));
-        }
+        if (!problems.empty())
+            backend_error("the bundle's engines cannot run here: " + join(problems) + "; " + rebuild_hint(bundle));
         if (strips) gpu_->library->require_parser(gpu_->parser_path);  // before any engine loads
     }
 

@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <fstream>
-#include <sstream>
 #include <vector>
 
 #include "common.hpp"
@@ -147,12 +146,6 @@ std::vector<std::string> manifest_problems(const json &m) {
     return problems;
 }
 
-std::string joined(const std::vector<std::string> &parts) {
-    std::string out;
-    for (const auto &p : parts) out += (out.empty() ? "" : "; ") + p;
-    return out;
-}
-
 bool inside(const fs::path &root, const fs::path &path) {
     auto r = root.begin(), p = path.begin();
     for (; r != root.end(); ++r, ++p) {
@@ -242,7 +235,7 @@ std::shared_ptr<const Bundle> Bundle::open(const fs::path &given, bool verify_ha
     }
     // structure first: a malformed entry must not be followed to the file system
     if (auto problems = manifest_problems(m); !problems.empty())
-        bundle_error(manifest_path.string() + " is invalid: " + joined(problems) + "; " + hint(given));
+        bundle_error(manifest_path.string() + " is invalid: " + join(problems) + "; " + hint(given));
 
     std::vector<std::string> problems;
     for (const auto &[rel, entry] : m["files"].items()) {  // nlohmann's object is sorted: same order as Python
@@ -267,7 +260,7 @@ std::shared_ptr<const Bundle> Bundle::open(const fs::path &given, bool verify_ha
         }
         bundle->files_[rel] = real;
     }
-    if (!problems.empty()) bundle_error("bundle " + given.string() + " is damaged: " + joined(problems) + "; " + hint(given));
+    if (!problems.empty()) bundle_error("bundle " + given.string() + " is damaged: " + join(problems) + "; " + hint(given));
     return bundle;
 }
 
@@ -291,11 +284,9 @@ fs::path Bundle::path(const std::string &rel) const {
 }
 
 std::string Bundle::read(const std::string &rel) const {
-    std::ifstream in(path(rel), std::ios::binary);
-    std::ostringstream out;
-    out << in.rdbuf();
-    if (!in) bundle_error("cannot read " + rel + " in bundle " + root_.string());
-    return out.str();
+    std::string out;
+    if (!read_file(path(rel), out)) bundle_error("cannot read " + rel + " in bundle " + root_.string());
+    return out;
 }
 
 json Bundle::read_json(const std::string &rel) const {

@@ -27,8 +27,6 @@
 namespace eclipse::core {
 namespace {
 
-[[noreturn]] void backend_error(const std::string &message) { throw Error(ECLIPSE_ERR_BACKEND, message); }
-
 // CUDA 12.0 added cuGetProcAddress with a status argument (exported as cuGetProcAddress_v2);
 // every driver the project supports (JetPack 6: CUDA 12.2+, x86: 12.x/13.x) has it.
 using GetProcAddress = CUresult (*)(const char *, void **, int, cuuint64_t, CUdriverProcAddressQueryResult *);

@@ -5,18 +5,10 @@
 namespace eclipse::core {
 namespace {
 
-[[noreturn]] void backend_error(const std::string &message) { throw Error(ECLIPSE_ERR_BACKEND, message); }
-
 std::string shape_text(const std::vector<int64_t> &shape) {
     std::string s = "(";
     for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
     return s + (shape.size() == 1 ? ",)" : ")");
-}
-
-int64_t count_of(const std::vector<int64_t> &shape) {
-    int64_t n = 1;
-    for (int64_t d : shape) n *= d;
-    return n;
 }
 
 // Two events recycled over the steps (how far the device has got, without draining the stream).
@@ -92,7 +84,7 @@ bool Binding::bind(const std::map<std::string, std::vector<int64_t>> &input_shap
             backend_error(options_.component + "." + t.name + ": the engine cannot give a shape for these inputs " + shape_text(shape));
         auto &buffer = buffers_[t.name];
         if (!buffer) buffer = std::make_unique<DeviceBuffer>(stream_);
-        buffer->ensure(static_cast<size_t>(count_of(shape)) * t.element_bytes);
+        buffer->ensure(static_cast<size_t>(element_count(shape)) * t.element_bytes);
         context_.set_address(t.name, buffer->ptr());
     }
     drop_graph();
@@ -184,7 +176,7 @@ void Binding::run(const std::vector<TensorView> &inputs, std::vector<TensorView>
     enqueue(false);
     for (auto &t : outputs) {
         check_type(t);
-        if (count_of(shape(t.name)) != t.count())
+        if (element_count(shape(t.name)) != t.count())
             backend_error(options_.component + "." + t.name + ": the engine gives " + shape_text(shape(t.name)) +
                           ", the bundle's graph " + shape_text(t.shape) + "; " + options_.rebuild_hint);
         stream_.download(t.data, ptr(t.name), t.bytes());
@@ -218,7 +210,8 @@ bool denoise_on_device(DeviceStream &stream, Binding &unet, LoopBuffers &buffers
     stream.upload(unet.ptr("image_embeds"), call.image_embeds,
                   static_cast<size_t>(call.embeds_shape[0] * call.embeds_shape[1]) * 4);
     stream.fill_u32(buffers.bad_step.ptr(), 0, 1);
-    const DevicePtr sample = unet.ptr("sample");
+    // bound above; nothing in the loop rebinds, so the addresses are looked up once
+    const DevicePtr sample = unet.ptr("sample"), timestep = unet.ptr("timestep"), noise_pred = unet.ptr("noise_pred");
     stream.copy(sample, buffers.latents.ptr(), bytes);
     if (call.cfg) stream.copy(sample + bytes, buffers.latents.ptr(), bytes);
 
@@ -228,11 +221,11 @@ bool denoise_on_device(DeviceStream &stream, Binding &unet, LoopBuffers &buffers
     Events events(stream, call.progress != nullptr);
     bool cancelled = false;
     for (size_t i = 0; i < steps && !cancelled; ++i) {
-        stream.copy(unet.ptr("timestep"), buffers.timesteps.ptr() + 4 * i, 4);
+        stream.copy(timestep, buffers.timesteps.ptr() + 4 * i, 4);
         unet.enqueue(true);
         const eclipse_step_coefficients &k = call.coefficients[i];
         GuidedStepArgs a;
-        a.pred = unet.ptr("noise_pred");
+        a.pred = noise_pred;
         a.latents = buffers.latents.ptr();
         a.noise = call.step_noise && k.std != 0.0f ? buffers.noise.ptr() + i * bytes : 0;
         a.sample_out = i + 1 == steps ? 0 : sample;  // the last step feeds no further UNet call

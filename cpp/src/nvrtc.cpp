@@ -11,8 +11,6 @@
 namespace eclipse::core {
 namespace {
 
-[[noreturn]] void backend_error(const std::string &message) { throw Error(ECLIPSE_ERR_BACKEND, message); }
-
 // float32 throughout and no fused multiply-adds: the same arithmetic as schedulers.apply_step and
 // guidance.combine, which CI checks against diffusers (the Python runtime's NVRTC_OPTIONS).
 constexpr const char *kOptions[] = {"--fmad=false"};

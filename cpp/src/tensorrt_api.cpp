@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <fstream>
 #include <map>
-#include <sstream>
 
 #include "common.hpp"
 
@@ -29,8 +28,6 @@
 
 namespace eclipse::core {
 namespace {
-
-[[noreturn]] void backend_error(const std::string &message) { throw Error(ECLIPSE_ERR_BACKEND, message); }
 
 thread_local std::vector<std::string> t_errors;
 
@@ -179,11 +176,8 @@ IoTensor io_tensor(const std::string &name, bool input, nvinfer1::DataType type)
 TrtEngine::TrtEngine(std::shared_ptr<const TrtLibrary> library, std::shared_ptr<nvinfer1::IRuntime> runtime,
                      std::shared_ptr<std::mutex> runtime_mutex, TrtLogger &logger, Source source, const std::string &parser_path)
     : library_(std::move(library)), runtime_(std::move(runtime)), source_(std::move(source)) {
-    std::ifstream in(source_.plan, std::ios::binary);
-    std::ostringstream bytes;
-    bytes << in.rdbuf();
-    if (!in) throw Error(ECLIPSE_ERR_BUNDLE, "cannot read " + source_.plan.string());
-    const std::string plan = bytes.str();
+    std::string plan;
+    if (!read_file(source_.plan, plan)) throw Error(ECLIPSE_ERR_BUNDLE, "cannot read " + source_.plan.string());
     {
         std::lock_guard<std::mutex> lock(*runtime_mutex);  // one deserialization at a time per runtime
         TrtLogger::take_errors();
@@ -206,10 +200,8 @@ TrtEngine::TrtEngine(std::shared_ptr<const TrtLibrary> library, std::shared_ptr<
     cache_.reset(cache_config_->createRuntimeCache());
     if (!cache_) backend_error(with_errors(source_.component + ": no runtime cache"));
     if (!source_.runtime_cache.empty() && std::filesystem::is_regular_file(source_.runtime_cache)) {
-        std::ifstream cin(source_.runtime_cache, std::ios::binary);
-        std::ostringstream blob;
-        blob << cin.rdbuf();
-        const std::string b = blob.str();
+        std::string b;
+        read_file(source_.runtime_cache, b);  // unreadable: empty, refused below like a stale cache
         if (!cache_->deserialize(b.data(), b.size()))  // stale or foreign: RTX rebuilds it
             log(ECLIPSE_LOG_WARN, with_errors(source_.component + ": the runtime cache " + source_.runtime_cache.string() +
                                               " was not usable; TensorRT-RTX compiles its kernels again"));

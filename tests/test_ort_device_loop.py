@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from eclipse_export.runtime.backends import (BackendError, OnnxRuntimeBackend, free_dimensions, make_backend,
-                                             ort_cache_dir, ort_error_line)
+from eclipse_export.runtime.backends import (BackendError, OnnxRuntimeBackend, declared_input_shapes, free_dimensions,
+                                             make_backend, ort_cache_dir, ort_error_line)
 from eclipse_export.runtime.bundle import open_bundle
 from eclipse_export.runtime.pipeline import Pipeline
 from eclipse_export.runtime.schedulers import StepCoefficients, apply_step
@@ -125,6 +125,20 @@ def test_free_dimensions():
         {"B": 2, "h": 8, "w": 16}
     with pytest.raises(BackendError, match="both 2 and 3"):
         free_dimensions(declared, {"sample": (2, 4, 8, 16), "image_embeds": (3, 32)})
+
+
+def test_the_specs_name_the_exported_graphs_free_dimensions(tiny_bundle):
+    """Static sessions fix free dimensions by the names the specs give them; an exported graph
+    must declare exactly those (ONNX Runtime ignores an override for a name it does not know)."""
+    import onnxruntime as ort
+
+    from eclipse_export.specs import COMPONENTS
+
+    bundle = open_bundle(tiny_bundle)
+    for name, spec in COMPONENTS.items():
+        graph = ort.InferenceSession(str(bundle.graph_path(name)), providers=["CPUExecutionProvider"])
+        from_graph = {i.name: [d if isinstance(d, str) else -1 for d in i.shape] for i in graph.get_inputs()}
+        assert declared_input_shapes(spec) == from_graph, name
 
 
 def test_provider_errors_are_one_line_backend_errors():

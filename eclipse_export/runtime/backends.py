@@ -265,7 +265,7 @@ class OnnxRuntimeBackend:
         opts = self.session_options()
         graph_capture = static is not None and self.cuda_graphs and self.on_gpu
         if static is not None:
-            for name, value in free_dimensions(ort_input_shapes(path, ort), static).items():
+            for name, value in free_dimensions(declared_input_shapes(spec), static).items():
                 opts.add_free_dimension_override_by_name(name, value)
         providers = self._provider_options(bundle, graph_capture)
         if "tensorrt-rtx" in self.short_providers:
@@ -338,14 +338,12 @@ def ort_error_line(e: BaseException) -> str:
     return text.split(" ; GPU=")[0]
 
 
-def ort_input_shapes(path: Path, ort) -> dict[str, list]:
-    """Input name -> shape as the graph declares it (ints and symbolic names), read by a CPU
-    session (metadata only: cheap next to loading on a device)."""
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    s = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    return {i.name: list(i.shape) for i in s.get_inputs()}
+def declared_input_shapes(spec: ComponentSpec) -> dict[str, list]:
+    """Input name -> shape as the exported graph declares it: the spec's symbol on each dynamic
+    axis (export.py names the graph's free dimensions after them), -1 on fixed axes. Read from
+    the spec, not from a throwaway CPU session of the graph (full-size UNet: 4.2 s and 1.2 GiB
+    more host memory, measured, before every static session)."""
+    return {t.name: [t.dynamic_axes().get(axis, -1) for axis in range(len(t.shape))] for t in spec.inputs}
 
 
 def free_dimensions(declared: Mapping[str, list], static: Mapping[str, tuple[int, ...]]) -> dict[str, int]:

@@ -114,6 +114,8 @@ cpp-trt-rtx: cpp-deps $(STAMP)
 test: $(STAMP) cc-present cpp cpp-asan
 	ctest --test-dir $(CPP_BUILD) --output-on-failure
 	ctest --test-dir $(CPP_ASAN) --output-on-failure
+	# the package's layers (pyproject.toml [tool.importlinter], docs/architecture.md)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 clean:

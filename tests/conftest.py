@@ -11,8 +11,8 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory) -> Path:
-    from eclipse_export.export import ExportOptions, export_bundle
-    from eclipse_export.sources import RandomSource
+    from eclipse_export.export.exporter import ExportOptions, export_bundle
+    from eclipse_export.export.sources import RandomSource
 
     out = tmp_path_factory.mktemp("bundles") / "tiny-onnx"
     export_bundle(RandomSource("tiny"), out, ExportOptions(), log=lambda m: None)
@@ -36,8 +36,8 @@ def tiny_pipeline(tiny_bundle):
 
 @pytest.fixture(scope="session")
 def tiny_fp16_bundle(tmp_path_factory) -> Path:
-    from eclipse_export.export import ExportOptions, export_bundle
-    from eclipse_export.sources import RandomSource
+    from eclipse_export.export.exporter import ExportOptions, export_bundle
+    from eclipse_export.export.sources import RandomSource
 
     out = tmp_path_factory.mktemp("bundles") / "tiny-onnx-fp16"
     export_bundle(RandomSource("tiny"), out, ExportOptions(target="onnx-fp16"), log=lambda m: None)

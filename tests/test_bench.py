@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eclipse_export.bench import compare_results, main
-from eclipse_export.flops import graph_flops
-from eclipse_export.ssim import ssim
+from eclipse_export.bench.flops import graph_flops
+from eclipse_export.bench.report import compare_results
+from eclipse_export.cli.bench import main
+from eclipse_export.metrics.ssim import ssim
 
 
 def test_ssim_matches_scikit_image():
@@ -76,7 +77,7 @@ def test_bench_over_tiny_bundle(tiny_bundle, tmp_path, capsys):
 
 
 def test_bench_refuses_a_damaged_bundle(tiny_bundle_copy, tmp_path, capsys):
-    from eclipse_export.cli import _run
+    from eclipse_export.cli.common import _run
 
     (tiny_bundle_copy / "prior.onnx").unlink()
     rc = _run(main, ["--bundle", str(tiny_bundle_copy), "--out", str(tmp_path / "r")])
@@ -96,7 +97,7 @@ def test_bench_fp32_and_fp16_bundles_in_one_run(tiny_bundle, tiny_fp16_bundle, t
 
 
 def test_bench_refuses_bundles_of_different_models(tiny_bundle, tiny_bundle_copy, tmp_path, capsys):
-    from eclipse_export.cli import _run
+    from eclipse_export.cli.common import _run
 
     path = tiny_bundle_copy / "manifest.json"
     manifest = json.loads(path.read_text())
@@ -109,8 +110,8 @@ def test_bench_refuses_bundles_of_different_models(tiny_bundle, tiny_bundle_copy
 def test_engine_bundles_get_their_tensorrt_target(monkeypatch, tmp_path):
     """A bundle with engines adds its trt-* target, run on its TensorRT flavour; where that
     backend cannot run (no GPU here) the target is listed as skipped with the reason."""
-    from eclipse_export import bench
-    from eclipse_export.runtime import backends
+    from eclipse_export.bench import runner as bench
+    from eclipse_export.runtime.backends import factory as backends
     from eclipse_export.runtime.bundle import Bundle
 
     manifest = {"precision": "fp16", "target": "trt-rtx-fp16",
@@ -132,7 +133,7 @@ def test_engine_bundles_get_their_tensorrt_target(monkeypatch, tmp_path):
 def test_int8_targets_named_by_their_rules_and_baseline_sessions(monkeypatch, tmp_path):
     """onnx-int8 bundles with TensorRT-shaped and ORT-shaped graphs in one run get distinct
     names; --baseline-session adds the ORT-defaults target of the bundles it names."""
-    from eclipse_export import bench
+    from eclipse_export.bench import runner as bench
     from eclipse_export.runtime.bundle import Bundle
 
     def manifest(rules):
@@ -159,7 +160,7 @@ def test_jetson_sampling_and_clock_warning(tmp_path, monkeypatch):
     on PATH play the board's."""
     import time
 
-    from eclipse_export import bench
+    from eclipse_export.bench import environment as bench
 
     tools = tmp_path / "bin"
     tools.mkdir()
@@ -189,7 +190,7 @@ def test_gpu_targets_and_variants_are_planned(tiny_bundle, monkeypatch):
     """--provider-set gives one ONNX Runtime target per provider list, --gpu-variants adds the
     host-loop and no-graph variants of GPU targets (not of CPU ones); a provider this machine
     lacks is skipped with the backend's reason."""
-    from eclipse_export import bench
+    from eclipse_export.bench import runner as bench
 
     config = bench.BenchConfig(provider_sets=(("cpu",), ("cuda",), ("tensorrt", "cuda")), gpu_variants=True)
     targets = {t.name: t for t in bench.plan_targets([tiny_bundle], config, with_torch=False)}
@@ -205,8 +206,8 @@ def test_gpu_targets_and_variants_are_planned(tiny_bundle, monkeypatch):
 
 
 def test_a_target_failing_at_load_is_skipped_not_fatal(tiny_bundle, tmp_path, monkeypatch, capsys):
-    from eclipse_export import bench
-    from eclipse_export.runtime.backends import BackendError
+    from eclipse_export.bench import runner as bench
+    from eclipse_export.runtime.backends.base import BackendError
 
     def broken(*a, **k):
         raise BackendError("TensorRT provider: libnvinfer.so.10 not found (test)")

@@ -149,9 +149,9 @@ def test_external_data_escaping_the_bundle_is_refused_by_onnx_runtime(tmp_path):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from eclipse_export.runtime.backends import OnnxRuntimeBackend
+    from eclipse_export.families.kandinsky22.components import COMPONENTS
+    from eclipse_export.runtime.backends.onnxruntime import OnnxRuntimeBackend
     from eclipse_export.runtime.bundle import Bundle
-    from eclipse_export.specs import COMPONENTS
 
     (tmp_path / "b").mkdir()
     weight = numpy_helper.from_array(np.ones((4, 4), np.float32), "W")

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from eclipse_export.calibration_prompts import (
+from eclipse_export.export.calibration_prompts import (
     DEFAULT_PROMPTS,
     PromptFileError,
     category_counts,

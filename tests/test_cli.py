@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from eclipse_export.cli import EXIT_USAGE, _run, export_main, generate_main
+from eclipse_export.cli.common import EXIT_USAGE, _run
+from eclipse_export.cli.export import export_main
+from eclipse_export.cli.generate import generate_main
 
 from .conftest import console_script
 

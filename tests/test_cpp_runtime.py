@@ -21,15 +21,36 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eclipse_export.calibration_prompts import load_prompts
+from eclipse_export.export.calibration_prompts import load_prompts
 from eclipse_export.runtime.bundle import BundleError, file_entry, open_bundle
-from eclipse_export.runtime.noise import STREAM_LATENTS, STREAM_PRIOR, STREAM_STEPS, Noises, standard_normal
+from eclipse_export.runtime.noise import (
+    STREAM_LATENTS,
+    STREAM_PRIOR,
+    STREAM_STEPS,
+    Noises,
+    standard_normal,
+)
 from eclipse_export.runtime.pipeline import Pipeline, Request
-from eclipse_export.runtime.schedulers import SchedulerConfigError, scheduler_from_config
+from eclipse_export.runtime.schedulers import (
+    SchedulerConfigError,
+    scheduler_from_config,
+)
 from eclipse_export.runtime.tokenizer import ClipTokenizer
-
-from eclipse_export.cpp import (ERR_BACKEND, ERR_BUNDLE, ERR_CANCELLED, ERR_INVALID_ARGUMENT, ERR_UNSUPPORTED, ROOT,
-                             SCHEDULERS, EclipseError, OrtGraphs, Runtime, StepCoefficients, check, load_library)
+from eclipse_export.verify.cpp import (
+    ERR_BACKEND,
+    ERR_BUNDLE,
+    ERR_CANCELLED,
+    ERR_INVALID_ARGUMENT,
+    ERR_UNSUPPORTED,
+    ROOT,
+    SCHEDULERS,
+    EclipseError,
+    OrtGraphs,
+    Runtime,
+    StepCoefficients,
+    check,
+    load_library,
+)
 
 SANITIZER_CHILD = os.environ.get("ECLIPSE_SANITIZER_CHILD") == "1"
 

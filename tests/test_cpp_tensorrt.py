@@ -4,7 +4,7 @@ CI (build/cpp, no TensorRT headers): eclipse-cuda-check, built from the backend'
 against the CUDA 13 and CUDA 12 headers of NVIDIA's wheels, makes its calls against real
 libraries:
 - NVRTC (both majors' wheels) compiles the kernel EMBEDDED at build time from
-  runtime/kernels/guided_step.cu to cubins for every architecture the project targets, byte for
+  runtime/backends/kernels/guided_step.cu to cubins for every architecture the project targets, byte for
   byte the cubins the Python runtime's compile path makes from the same file with the same NVRTC;
 - every driver wrapper, against a stand-in libcuda that answers "no device"
   (tests/data/stub_libcuda.c), and with no driver at all, ends in the backend's error, never a crash.
@@ -17,7 +17,6 @@ device in cpp/tests/test_device_loop.cpp (CTest). Engines on a GPU: only where o
 
 from __future__ import annotations
 
-import ctypes as C
 import json
 import os
 import re
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from eclipse_export.runtime.cuda import compile_kernel, kernel_source
+from eclipse_export.runtime.backends.cuda import compile_kernel, kernel_source
 from tests.test_cuda_api import ARCHS, CtypesNvrtc, _nvrtc_library, stub_driver  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,8 +139,8 @@ needs_rtx_build = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def rtx_plan(tiny_fp16_bundle, tmp_path_factory) -> Path:
-    from eclipse_export.engines import BuildOptions
-    from eclipse_export.export import build_engines_for_bundle
+    from eclipse_export.export.engines import BuildOptions
+    from eclipse_export.export.exporter import build_engines_for_bundle
 
     out = build_engines_for_bundle(tiny_fp16_bundle, tmp_path_factory.mktemp("rtx") / "b", "trt-rtx-fp16",
                                    BuildOptions(workspace_mib=8192, max_batch=1), log=lambda m: None)

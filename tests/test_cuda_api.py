@@ -1,10 +1,10 @@
 """The GPU lines that can be checked without a GPU (issue 11).
 
-- The fused kernel (runtime/kernels/guided_step.cu) compiles with the runtime's own code
+- The fused kernel (runtime/backends/kernels/guided_step.cu) compiles with the runtime's own code
   (cuda.compile_kernel) to a cubin for every architecture the project targets, with the NVRTC of
   both CUDA majors the extras allow: cuda.bindings' (13.x here) and, through a ctypes adapter with
   the same call shapes, libnvrtc.so.12 and .so.13 from the nvidia-cuda-nvrtc wheels.
-- Every cuda.bindings call of the backend (runtime/cuda.py) is made once against the real module
+- Every cuda.bindings call of the backend (runtime/backends/cuda.py) is made once against the real module
   with a stand-in driver library (tests/data/stub_libcuda.c: every entry point answers "no
   device"); each must come back as an error status (CudaError/BackendError), never a TypeError
   from the bindings' argument conversion.
@@ -23,7 +23,12 @@ from pathlib import Path
 
 import pytest
 
-from eclipse_export.runtime.cuda import CudaError, compile_kernel, kernel_source, nvrtc_architecture
+from eclipse_export.runtime.backends.cuda import (
+    CudaError,
+    compile_kernel,
+    kernel_source,
+    nvrtc_architecture,
+)
 from tests.recording import Recording
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,8 +188,8 @@ PROBE_SCRIPT = r"""
 import json, math, sys
 import numpy as np
 from cuda.bindings import driver, nvrtc, runtime
-from eclipse_export.runtime import cuda as cu
-from eclipse_export.runtime.backends import BackendError
+from eclipse_export.runtime.backends import cuda as cu
+from eclipse_export.runtime.backends.base import BackendError
 sys.path.insert(0, sys.argv[1])
 from tests.recording import Recording
 
@@ -242,9 +247,9 @@ print(json.dumps({"outcomes": outcomes, "calls": sorted(set(rt.calls + drv.calls
 
 
 def _cuda_calls_in_source() -> set[str]:
-    """Names of the cuda.bindings functions runtime/cuda.py calls (self.rt.X(...), self.driver.X(...),
+    """Names of the cuda.bindings functions runtime/backends/cuda.py calls (self.rt.X(...), self.driver.X(...),
     self.nvrtc.X(...), nvrtc.X(...))."""
-    tree = ast.parse((ROOT / "eclipse_export/runtime/cuda.py").read_text())
+    tree = ast.parse((ROOT / "eclipse_export/runtime/backends/cuda.py").read_text())
     modules = ("self.rt", "self.driver", "self.nvrtc", "nvrtc")
     return {node.func.attr for node in ast.walk(tree)
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and ast.unparse(node.func.value) in modules}
@@ -278,6 +283,6 @@ def test_every_cuda_bindings_call_returns_an_error_status_not_a_type_error(stub_
     assert "no usable CUDA GPU" in outcomes["Cuda()"]
     assert "cuLaunchKernel failed: CUDA_ERROR_NO_DEVICE" in outcomes["launch_guided_step"]
     assert "cuModuleLoadData (cubin of guided_step) failed" in outcomes["_kernel"]
-    # and every call in runtime/cuda.py was among them
+    # and every call in runtime/backends/cuda.py was among them
     missing = _cuda_calls_in_source() - set(report["calls"])
     assert not missing, f"cuda.bindings calls not exercised: {sorted(missing)}"

@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from eclipse_export.doctor import diagnose, main, render
-from eclipse_export.runtime.backends import ORT_PROVIDERS
+from eclipse_export.cli.doctor import diagnose, main, render
+from eclipse_export.runtime.backends.gpu_probe import Check, CudaProbe, Gpu, cuda_probe
+from eclipse_export.runtime.backends.onnxruntime import ORT_PROVIDERS
 from eclipse_export.runtime.bundle import file_entry
-from eclipse_export.runtime.gpu_probe import Check, CudaProbe, Gpu, cuda_probe
 
 
 def _checks(report, section_start: str) -> list[Check]:
@@ -85,7 +85,7 @@ def test_without_a_gpu_engines_cannot_run_and_the_exit_status_says_so(tiny_bundl
 
 def test_json_report_and_user_errors(tmp_path):
     code = ("import sys; sys.modules['torch'] = None; sys.modules['diffusers'] = None\n"  # the edge: no torch
-            "from eclipse_export.cli import _run\nfrom eclipse_export.doctor import main\n"
+            "from eclipse_export.cli.common import _run\nfrom eclipse_export.cli.doctor import main\n"
             "sys.exit(_run(main, sys.argv[1:]))")
     done = subprocess.run([sys.executable, "-c", code, "--json"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -8,9 +8,14 @@ import json
 
 import pytest
 
-from eclipse_export.engines import BuildOptions, build_engine, engine_key, profile_shapes
-from eclipse_export.runtime.trt_flavours import check_engine_compatible
-from eclipse_export.specs import COMPONENTS
+from eclipse_export.export.engines import (
+    BuildOptions,
+    build_engine,
+    engine_key,
+    profile_shapes,
+)
+from eclipse_export.families.kandinsky22.components import COMPONENTS
+from eclipse_export.runtime.backends.trt_flavours import check_engine_compatible
 
 needs_rtx = pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None,
                                reason="tensorrt-rtx is not installed (pip install tensorrt-rtx)")
@@ -32,7 +37,7 @@ class _Recorder:
     """A backend that runs the ONNX graphs and records every input shape the pipeline sends."""
 
     def __init__(self):
-        from eclipse_export.runtime.backends import OnnxRuntimeBackend
+        from eclipse_export.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
         self.inner, self.name, self.seen = OnnxRuntimeBackend(), "recorder", []
 
@@ -101,9 +106,9 @@ def test_incompatible_engines_are_named():
 
 @needs_rtx
 def test_trt_rtx_bundle_builds_all_four_engines(tmp_path):
-    from eclipse_export.export import ExportOptions, export_bundle
+    from eclipse_export.export.exporter import ExportOptions, export_bundle
+    from eclipse_export.export.sources import RandomSource
     from eclipse_export.runtime.bundle import open_bundle
-    from eclipse_export.sources import RandomSource
 
     cache = tmp_path / "cache"
     options = ExportOptions(target="trt-rtx-fp16", build=BuildOptions(**OPTIONS), engine_cache=cache)
@@ -149,8 +154,8 @@ def test_trt_fp16_target_needs_tensorrt(tmp_path):
     """Full TensorRT cannot be installed here (PyPI has stubs): the target says so up front."""
     if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("TensorRT is installed: this machine can build trt-fp16 engines")
-    from eclipse_export.export import ExportError, ExportOptions, export_bundle
-    from eclipse_export.sources import RandomSource
+    from eclipse_export.export.exporter import ExportError, ExportOptions, export_bundle
+    from eclipse_export.export.sources import RandomSource
 
     with pytest.raises(ExportError, match="tensorrt is not installed"):
         export_bundle(RandomSource("tiny"), tmp_path / "b", ExportOptions(target="trt-fp16"), log=lambda m: None)
@@ -160,7 +165,7 @@ def test_trt_fp16_target_needs_tensorrt(tmp_path):
 @needs_rtx
 def test_engines_from_a_shipped_fp16_bundle(tiny_fp16_bundle, tiny_bundle, tmp_path):
     """--from-bundle: the device workflow (engines from the ONNX a workstation exported)."""
-    from eclipse_export.export import ExportError, build_engines_for_bundle
+    from eclipse_export.export.exporter import ExportError, build_engines_for_bundle
     from eclipse_export.runtime.bundle import open_bundle
 
     out = build_engines_for_bundle(tiny_fp16_bundle, tmp_path / "trt", "trt-rtx-fp16", BuildOptions(**OPTIONS),
@@ -177,8 +182,8 @@ def test_engines_from_a_shipped_fp16_bundle(tiny_fp16_bundle, tiny_bundle, tmp_p
 def test_weight_stripped_rtx_builds_are_refused_up_front_without_a_gpu(tiny_fp16_bundle, tmp_path):
     """NVIDIA documents a GPU at build time for STRIP_PLAN + REFIT (seen here: every refittable
     build fails in Myelin without one); the refusal comes before any work, nothing is written."""
-    from eclipse_export.engines import build_gpu_compute_capability
-    from eclipse_export.export import ExportError, build_engines_for_bundle
+    from eclipse_export.export.engines import build_gpu_compute_capability
+    from eclipse_export.export.exporter import ExportError, build_engines_for_bundle
 
     two = BuildOptions(strip_weights=True, compute_capabilities=("SM86", "SM89"), **OPTIONS)
     with pytest.raises(ExportError, match="exactly one compute capability"):
@@ -217,7 +222,7 @@ def test_out_of_memory_names_the_options_that_fix_it(tiny_fp16_bundle, tmp_path)
     """Issue 12 #1: TensorRT-RTX refuses an engine whose largest shape needs more builder scratch
     than the workspace cap (tiny UNet: ~1 GiB per UNet batch row at 1024 px) and prints the cap as
     the "requested size"; the error says which options fix it."""
-    from eclipse_export.engines import EngineBuildError
+    from eclipse_export.export.engines import EngineBuildError
     from eclipse_export.runtime.bundle import open_bundle
 
     bundle = open_bundle(tiny_fp16_bundle)
@@ -239,9 +244,13 @@ def test_a_failed_engine_build_leaves_nothing(tiny_fp16_bundle, tmp_path, monkey
     """Issue 12 "Also": an engine build that fails or is interrupted after some engines were
     written (export, and --from-bundle derivation) leaves no bundle and no partial files; the
     engine cache keeps only complete plans."""
-    from eclipse_export import engines
-    from eclipse_export.export import ExportOptions, build_engines_for_bundle, export_bundle
-    from eclipse_export.sources import RandomSource
+    from eclipse_export.export import engines
+    from eclipse_export.export.exporter import (
+        ExportOptions,
+        build_engines_for_bundle,
+        export_bundle,
+    )
+    from eclipse_export.export.sources import RandomSource
 
     real = engines.build_engine
 
@@ -273,7 +282,7 @@ def test_ctrl_c_during_a_tensorrt_build_leaves_nothing(tiny_fp16_bundle, tmp_pat
     import threading
     import time
 
-    from eclipse_export.export import build_engines_for_bundle
+    from eclipse_export.export.exporter import build_engines_for_bundle
 
     started = []
 
@@ -301,7 +310,7 @@ def test_the_readme_default_trt_rtx_command_builds(tmp_path):
 
     script = Path(sys.executable).with_name("eclipse-export")
     command = [str(script)] if script.is_file() else [sys.executable, "-c",
-                                                      "from eclipse_export.cli import export_entry; export_entry()"]
+                                                      "from eclipse_export.cli.export import export_entry; export_entry()"]
     done = subprocess.run(command + ["--preset", "tiny", "--target", "trt-rtx-fp16", "--out", "DIR"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -8,11 +8,16 @@ import numpy as np
 import onnx
 import pytest
 
-from eclipse_export import export as export_mod
-from eclipse_export.export import ExportError, ExportOptions, export_bundle, export_component
+from eclipse_export.export import exporter as export_mod
+from eclipse_export.export.exporter import (
+    ExportError,
+    ExportOptions,
+    export_bundle,
+    export_component,
+)
+from eclipse_export.export.sources import RandomSource
+from eclipse_export.families.kandinsky22.components import COMPONENTS
 from eclipse_export.runtime.bundle import FORMAT_VERSION, open_bundle, sha256_file
-from eclipse_export.sources import RandomSource
-from eclipse_export.specs import COMPONENTS
 
 
 def test_manifest_describes_every_file(tiny_bundle):

@@ -6,8 +6,8 @@ import numpy as np
 import onnx
 import pytest
 
+from eclipse_export.families.kandinsky22.components import COMPONENTS
 from eclipse_export.runtime.bundle import open_bundle
-from eclipse_export.specs import COMPONENTS
 
 FLOAT, FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
 
@@ -46,8 +46,8 @@ def test_graph_is_fp16_with_fp32_io_and_kept_ops(tiny_fp16_bundle, component):
     dict(guidance_scale=1.0, steps=2, scheduler="ddim"),
 ])
 def test_fp16_parity_with_fp32_reference(tiny_fp16_bundle, case):
-    from eclipse_export.compare import compare_with_reference
     from eclipse_export.runtime.pipeline import Pipeline
+    from eclipse_export.verify.compare import compare_with_reference
 
     pipeline = Pipeline.from_bundle(tiny_fp16_bundle)
     gen = pipeline.generate("a red cube on a blue sphere", height=64, width=64, seed=0, record=True, **case)
@@ -66,7 +66,7 @@ def test_fp16_graphs_are_smaller(tiny_bundle, tiny_fp16_bundle):
 
 def test_timestep_embedding_argument_never_passes_through_fp16(tiny_fp16_bundle):
     """Sin/Cos of t * freq (t up to 999): every tensor from the graph inputs to them is FP32."""
-    from eclipse_export.fp16 import argument_nodes
+    from eclipse_export.export.fp16 import argument_nodes
 
     model = onnx.load(str(open_bundle(tiny_fp16_bundle).graph_path("unet")))
     types = _types(model)
@@ -89,7 +89,7 @@ def test_collapse_round_trips_removes_the_fp16_rounding_between_fp32_nodes():
     import onnxruntime as ort
     from onnx import helper
 
-    from eclipse_export.fp16 import collapse_round_trips
+    from eclipse_export.export.fp16 import collapse_round_trips
 
     # x -> Mul(1000) -> [Cast16 -> Cast32] -> Sin, plus an FP16 consumer of the Cast16 output
     # that must keep reading FP16

@@ -1,4 +1,4 @@
-"""The TensorRT backend's start-up checks (runtime/gpu_probe.py, issue 11 #2/#6): everything the
+"""The TensorRT backend's start-up checks (runtime/backends/gpu_probe.py, issue 11 #2/#6): everything the
 GPU loop needs is checked before any engine, and one BackendError names what is missing with the
 command that installs it. Here (no driver, no GPU) against the real cuda.bindings; the driver and
 library situations this machine cannot have are given to the probe as modules."""
@@ -13,8 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from eclipse_export.runtime.backends import BackendError
-from eclipse_export.runtime.gpu_probe import CUDA_PACKAGES, cuda_probe, readiness, require
+from eclipse_export.runtime.backends.base import BackendError
+from eclipse_export.runtime.backends.gpu_probe import (
+    CUDA_PACKAGES,
+    cuda_probe,
+    readiness,
+    require,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,9 +97,9 @@ def test_the_extras_install_what_the_probe_asks_for():
 
 
 def test_the_kernel_source_is_package_data(tmp_path):
-    """The wheel carries runtime/kernels/guided_step.cu (the runtime reads it at run time)."""
+    """The wheel carries runtime/backends/kernels/guided_step.cu (the runtime reads it at run time)."""
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                            "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     wheel = next(tmp_path.glob("eclipse_export-*.whl"))
-    assert "eclipse_export/runtime/kernels/guided_step.cu" in zipfile.ZipFile(wheel).namelist()
+    assert "eclipse_export/runtime/backends/kernels/guided_step.cu" in zipfile.ZipFile(wheel).namelist()

@@ -13,7 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eclipse_export.calibrate import CaptureOptions, capture, iter_feeds, stratified_steps
+from eclipse_export.export.calibrate import (
+    CaptureOptions,
+    capture,
+    iter_feeds,
+    stratified_steps,
+)
 
 SMALL = CaptureOptions(height=64, width=64, steps=8, unet_steps_per_prompt=3)
 
@@ -68,8 +73,8 @@ def test_capture_records_real_inputs_and_resumes(tiny_pipeline, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_int8_bundle(tmp_path_factory):
-    from eclipse_export.export import ExportOptions, Int8Options, export_bundle
-    from eclipse_export.sources import RandomSource
+    from eclipse_export.export.exporter import ExportOptions, Int8Options, export_bundle
+    from eclipse_export.export.sources import RandomSource
 
     out = tmp_path_factory.mktemp("int8") / "tiny-onnx-int8"
     int8 = Int8Options(components=("unet", "movq"), calibration_prompts=16, validation_prompts=6,
@@ -82,7 +87,7 @@ def tiny_int8_bundle(tmp_path_factory):
 def tiny_int8_trt_rules_bundle(tiny_bundle, tmp_path_factory):
     """onnx-int8 with TensorRT's rules (what trt-int8 builds its engines from), derived from the
     fp32 bundle; its calibration cache is what the ONNX Runtime-shaped derivation below reuses."""
-    from eclipse_export.cli import export_main
+    from eclipse_export.cli.export import export_main
 
     tmp = tmp_path_factory.mktemp("int8-trt")
     out = tmp / "derived-int8"
@@ -94,7 +99,7 @@ def tiny_int8_trt_rules_bundle(tiny_bundle, tmp_path_factory):
 
 
 def test_onnx_int8_bundle_is_shaped_for_onnx_runtime(tiny_int8_bundle):
-    from eclipse_export.quantize import check_qdq_rules, check_rules, qdq_summary
+    from eclipse_export.export.quantize import check_qdq_rules, check_rules, qdq_summary
 
     manifest = json.loads((tiny_int8_bundle / "manifest.json").read_text())
     assert manifest["target"] == "onnx-int8" and manifest["precision"] == "int8"
@@ -125,7 +130,7 @@ def test_qdq_rule_checker_catches_violations(tmp_path):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from eclipse_export.quantize import check_qdq_rules
+    from eclipse_export.export.quantize import check_qdq_rules
 
     scale = numpy_helper.from_array(np.array(0.1, np.float32), "s")
     zp = numpy_helper.from_array(np.array(3, np.int8), "zp")
@@ -146,8 +151,8 @@ def test_qdq_rule_checker_catches_violations(tmp_path):
 
 
 def test_onnx_int8_chain_runs_and_reports_every_stage(tiny_int8_bundle):
-    from eclipse_export.compare import compare_with_reference
     from eclipse_export.runtime.pipeline import Pipeline
+    from eclipse_export.verify.compare import compare_with_reference
 
     pipeline = Pipeline.from_bundle(tiny_int8_bundle)
     gen = pipeline.generate("a red cube on a blue sphere", height=64, width=64, steps=4, seed=0, record=True)
@@ -165,7 +170,7 @@ def test_onnx_runtime_runs_the_int8_graphs_as_integer_kernels(tiny_int8_bundle, 
     """ONNX Runtime's profiler on both UNet graphs: the ORT-shaped one runs every convolution
     as QLinearConv and every quantized MatMul as QLinearMatMul; the TensorRT-shaped one runs
     float Convs behind DequantizeLinear (why it was slower than FP32 on CPU, issue 13)."""
-    from eclipse_export.ort_profile import profile_bundle
+    from eclipse_export.bench.ort_profile import profile_bundle
 
     (ort_unet,) = profile_bundle(tiny_int8_bundle, ["unet"], [1], 64, 64, runs=1, warmup=0, log=lambda m: None)
     ops = {r.op: r for r in ort_unet.ops}
@@ -180,7 +185,8 @@ def test_onnx_runtime_runs_the_int8_graphs_as_integer_kernels(tiny_int8_bundle, 
 
 
 def test_trt_int8_refuses_graphs_shaped_for_onnx_runtime(tiny_int8_bundle, tmp_path, capsys):
-    from eclipse_export.cli import _run, export_main
+    from eclipse_export.cli.common import _run
+    from eclipse_export.cli.export import export_main
 
     rc = _run(export_main, ["--from-bundle", str(tiny_int8_bundle), "--target", "trt-int8", "--out", str(tmp_path / "e")])
     err = capsys.readouterr().err
@@ -209,7 +215,7 @@ def test_tensorrt_rtx_parser_accepts_the_qdq_graphs(tiny_int8_trt_rules_bundle):
 def test_int8_bundle_derived_from_an_fp32_bundle(tiny_bundle, tiny_int8_trt_rules_bundle, tmp_path):
     """--from-bundle: quantize a shipped fp32 bundle without re-exporting; the source is untouched;
     both rule sets come from the same calibration data (the second derivation captures nothing)."""
-    from eclipse_export.quantize import check_qdq_rules
+    from eclipse_export.export.quantize import check_qdq_rules
     from eclipse_export.runtime.bundle import open_bundle
 
     derived = open_bundle(tiny_int8_trt_rules_bundle)  # every file verified against the new manifest
@@ -219,8 +225,8 @@ def test_int8_bundle_derived_from_an_fp32_bundle(tiny_bundle, tiny_int8_trt_rule
     assert check_qdq_rules(derived.graph_path("unet")) == []
     # resumable, and the same calibration data: the ORT-shaped derivation finds every shard in the cache
     logs = []
-    from eclipse_export.export import Int8Options, build_engines_for_bundle
-    from eclipse_export.calibrate import CaptureOptions
+    from eclipse_export.export.calibrate import CaptureOptions
+    from eclipse_export.export.exporter import Int8Options, build_engines_for_bundle
 
     before = open_bundle(tiny_bundle).manifest["files"]
     cache = tiny_int8_trt_rules_bundle.parent / "cal"
@@ -240,8 +246,8 @@ def test_int8_bundle_derived_from_an_fp32_bundle(tiny_bundle, tiny_int8_trt_rule
 def test_failed_or_interrupted_int8_derivation_leaves_no_bundle(tiny_bundle, tmp_path, monkeypatch, failure):
     """--from-bundle quantization that fails (or is interrupted) half-way: no output bundle, no
     partial directory; complete calibration shards stay in the cache for the next run."""
-    import eclipse_export.quantize as quantize_mod
-    from eclipse_export.export import Int8Options, build_engines_for_bundle
+    import eclipse_export.export.quantize as quantize_mod
+    from eclipse_export.export.exporter import Int8Options, build_engines_for_bundle
 
     def boom(src, dst, *args, **kwargs):
         Path(dst).write_bytes(b"half a graph")
@@ -262,7 +268,7 @@ def test_failed_or_interrupted_int8_derivation_leaves_no_bundle(tiny_bundle, tmp
 def test_failed_capture_keeps_complete_shards_only(tiny_pipeline, tmp_path, monkeypatch):
     """A capture that dies mid-prompt (or mid-write) leaves the shards that were complete and no
     temporary file; the export that ran it leaves no bundle (see the derivation test above)."""
-    import eclipse_export.calibrate as calibrate_mod
+    import eclipse_export.export.calibrate as calibrate_mod
 
     real_savez, calls = np.savez, []
 
@@ -289,8 +295,8 @@ def test_rule_checks_read_zero_points_stored_as_external_data(tmp_path):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from eclipse_export.onnx_io import save_external
-    from eclipse_export.quantize import check_rules, qdq_summary
+    from eclipse_export.export.onnx_io import save_external
+    from eclipse_export.export.quantize import check_rules, qdq_summary
 
     n = 1024  # 1 KB of int8 zero points: at the inline threshold, so stored externally
     w = numpy_helper.from_array(np.ones((n, 8, 1, 1), np.int8), "w")
@@ -320,7 +326,7 @@ def test_rule_checks_read_zero_points_stored_as_external_data(tmp_path):
 def test_exported_graphs_hold_standard_onnx_ops_only(tiny_bundle, tiny_int8_bundle, tiny_int8_trt_rules_bundle):
     """No fusion with ONNX Runtime's own ops (com.microsoft) is written into a bundle: every graph
     stays a valid TensorRT input (ORT fuses at session creation); engine builds refuse otherwise."""
-    from eclipse_export.export import non_standard_ops
+    from eclipse_export.export.exporter import non_standard_ops
 
     for bundle in (tiny_bundle, tiny_int8_bundle, tiny_int8_trt_rules_bundle):
         manifest = json.loads((bundle / "manifest.json").read_text())

@@ -7,8 +7,14 @@ import math
 import numpy as np
 import pytest
 
-from eclipse_export.runtime.noise import (STREAM_LATENTS, STREAM_PRIOR, STREAM_STEPS, Noises, philox_words,
-                                          standard_normal)
+from eclipse_export.runtime.noise import (
+    STREAM_LATENTS,
+    STREAM_PRIOR,
+    STREAM_STEPS,
+    Noises,
+    philox_words,
+    standard_normal,
+)
 
 M = 2**64 - 1
 # Random123's known-answer vectors for philox4x64_10: (counter words, key words) -> block

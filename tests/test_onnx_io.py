@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from eclipse_export.onnx_io import ALIGNMENT, save_external
+from eclipse_export.export.onnx_io import ALIGNMENT, save_external
 
 
 def test_large_tensors_are_aligned_and_the_graph_still_runs(tmp_path):

@@ -10,8 +10,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from eclipse_export.runtime.backends import (BackendError, OnnxRuntimeBackend, declared_input_shapes, free_dimensions,
-                                             make_backend, ort_cache_dir, ort_error_line)
+from eclipse_export.runtime.backends.base import BackendError
+from eclipse_export.runtime.backends.factory import make_backend
+from eclipse_export.runtime.backends.onnxruntime import (
+    OnnxRuntimeBackend,
+    declared_input_shapes,
+    free_dimensions,
+    ort_cache_dir,
+)
+from eclipse_export.runtime.backends.ort_errors import ort_error_line
 from eclipse_export.runtime.bundle import open_bundle
 from eclipse_export.runtime.pipeline import Pipeline
 from eclipse_export.runtime.schedulers import StepCoefficients, apply_step
@@ -132,7 +139,7 @@ def test_the_specs_name_the_exported_graphs_free_dimensions(tiny_bundle):
     must declare exactly those (ONNX Runtime ignores an override for a name it does not know)."""
     import onnxruntime as ort
 
-    from eclipse_export.specs import COMPONENTS
+    from eclipse_export.families.kandinsky22.components import COMPONENTS
 
     bundle = open_bundle(tiny_bundle)
     for name, spec in COMPONENTS.items():

@@ -7,10 +7,14 @@ import json
 
 import pytest
 
-from eclipse_export import cpu_peak
-from eclipse_export.bench import main
-from eclipse_export.flops import graph_flops
-from eclipse_export.ort_profile import component_inputs, node_flops, profile_bundle
+from eclipse_export.bench import cpu_peak
+from eclipse_export.bench.flops import graph_flops
+from eclipse_export.bench.ort_profile import (
+    component_inputs,
+    node_flops,
+    profile_bundle,
+)
+from eclipse_export.cli.bench import main
 
 
 def test_node_flops_from_profiled_shapes():
@@ -29,7 +33,7 @@ def test_node_flops_from_profiled_shapes():
 def test_graph_flops_count_attention(tiny_bundle):
     """The attention MatMuls behind data-dependent Reshapes are counted (ONNX's own shape
     inference left them out): the prior's count equals the hand count of its structure."""
-    from eclipse_export.sources import RandomSource
+    from eclipse_export.export.sources import RandomSource
 
     cfg = RandomSource("tiny").configs["prior"]
     layers, width, tokens = cfg["num_layers"], cfg["num_attention_heads"] * cfg["attention_head_dim"], 80
@@ -87,7 +91,7 @@ def test_profile_command_writes_the_table(tiny_bundle, tmp_path, capsys):
 
 
 def test_profile_command_refuses_an_unknown_component(tiny_bundle, tmp_path, capsys):
-    from eclipse_export.cli import _run
+    from eclipse_export.cli.common import _run
 
     rc = _run(main, ["profile", "--bundle", str(tiny_bundle), "--out", str(tmp_path / "p"), "--component", "vae"])
     assert rc == 2 and "unknown component" in capsys.readouterr().err

@@ -8,10 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-from eclipse_export.compare import compare_with_reference
 from eclipse_export.runtime.images import save_png
 from eclipse_export.runtime.noise import Noises
 from eclipse_export.runtime.pipeline import GenerationError
+from eclipse_export.verify.compare import compare_with_reference
 
 PROMPT = "a red cube on a blue sphere"
 
@@ -131,7 +131,7 @@ def test_fp32_parity_with_pytorch_reference(tiny_bundle, case):
 
 def test_parity_check_can_fail(tiny_pipeline):
     """A perturbed stage must be caught (the check is not vacuous)."""
-    from eclipse_export.compare import parity_report
+    from eclipse_export.verify.compare import parity_report
 
     gen = tiny_pipeline.generate(PROMPT, height=64, width=64, steps=2, record=True)
     reference = {k: v.copy() for k, v in gen.intermediates.items()}
@@ -164,7 +164,7 @@ print("ok")
 def test_largest_graphs_load_first(tiny_bundle):
     """Graphs load largest first (a graph's transient load memory then stacks on nothing); the
     sessions keep the chain's order."""
-    from eclipse_export.runtime.backends import OnnxRuntimeBackend
+    from eclipse_export.runtime.backends.onnxruntime import OnnxRuntimeBackend
     from eclipse_export.runtime.bundle import open_bundle
     from eclipse_export.runtime.pipeline import Pipeline, load_order
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from eclipse_export.precision_trace import amplifiers, main, trace
+from eclipse_export.families.kandinsky22.components import COMPONENTS
 from eclipse_export.runtime.bundle import open_bundle
-from eclipse_export.specs import COMPONENTS
+from eclipse_export.verify.precision_trace import amplifiers, main, trace
 
 # a large timestep: where t * freq in FP16 is furthest off
 TIMESTEP = 751.0
@@ -22,8 +22,8 @@ def _feed(bundle):
 
 def test_trace_points_at_the_timestep_embedding_when_it_is_fp16(tiny_bundle, tmp_path):
     """The conversion before the fix (norms FP32, Sin/Cos FP16): the trace must name them."""
-    from eclipse_export.fp16 import convert_to_fp16
-    from eclipse_export.specs import _NORMS
+    from eclipse_export.export.fp16 import convert_to_fp16
+    from eclipse_export.families.spec import NORMS as _NORMS
 
     ref = open_bundle(tiny_bundle)
     naive = tmp_path / "unet.onnx"

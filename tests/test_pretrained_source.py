@@ -8,10 +8,10 @@ import shutil
 
 import pytest
 
-from eclipse_export.export import ExportOptions, export_bundle
+from eclipse_export.export.exporter import ExportOptions, export_bundle
+from eclipse_export.export.sources import RandomSource, SourceError, make_source
+from eclipse_export.export.tokenizer_files import write_tokenizer_files
 from eclipse_export.runtime.bundle import open_bundle
-from eclipse_export.sources import RandomSource, SourceError, make_source
-from eclipse_export.tokenizer_files import write_tokenizer_files
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +39,8 @@ def _locations(root):
 
 
 def test_export_and_compare_from_local_checkpoints(hub_like, tmp_path):
-    from eclipse_export.compare import compare_with_reference
     from eclipse_export.runtime.pipeline import Pipeline
+    from eclipse_export.verify.compare import compare_with_reference
 
     source = make_source("kandinsky22", locations=_locations(hub_like))
     out = export_bundle(source, tmp_path / "k22", ExportOptions(), log=lambda m: None)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from eclipse_export.presets import PRIOR_ECLIPSE, PRIOR_TINY
-from eclipse_export.prior import EclipsePrior, expected_state_dict_shapes
+from eclipse_export.export.prior import EclipsePrior, expected_state_dict_shapes
+from eclipse_export.families.kandinsky22.presets import PRIOR_ECLIPSE, PRIOR_TINY
 
 
 def _checkpoint_like(config: dict) -> dict[str, torch.Tensor]:

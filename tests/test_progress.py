@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-import eclipse_export.export as export_mod
-import eclipse_export.progress as progress_mod
-from eclipse_export.progress import heartbeat
+import eclipse_export.export.exporter as export_mod
+import eclipse_export.util.progress as progress_mod
+from eclipse_export.util.progress import heartbeat
 
 
 def test_heartbeat_fills_silent_gaps_and_stops_with_the_block():
@@ -32,8 +32,8 @@ def test_heartbeat_fills_silent_gaps_and_stops_with_the_block():
 
 
 def test_export_prints_while_a_phase_is_silent(tmp_path, monkeypatch):
-    from eclipse_export.export import ExportOptions, export_bundle
-    from eclipse_export.sources import RandomSource
+    from eclipse_export.export.exporter import ExportOptions, export_bundle
+    from eclipse_export.export.sources import RandomSource
 
     def slow(source, component, workdir, options, log):
         time.sleep(0.7)

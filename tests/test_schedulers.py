@@ -12,6 +12,7 @@ import torch
 from diffusers import DDIMScheduler as TorchDDIM
 from diffusers import DDPMScheduler as TorchDDPM
 
+from eclipse_export.families.kandinsky22.presets import SCHEDULER_KANDINSKY22
 from eclipse_export.runtime.schedulers import (
     SCHEDULER_KINDS,
     DDIMScheduler,
@@ -20,8 +21,7 @@ from eclipse_export.runtime.schedulers import (
     apply_step,
     scheduler_from_config,
 )
-from eclipse_export.presets import SCHEDULER_KANDINSKY22
-from eclipse_export.torch_noise import inject_ddpm_variance_noise
+from eclipse_export.verify.torch_noise import inject_ddpm_variance_noise
 
 # the decoder's scheduler_config.json (first revision; a later one sets clip_sample true, hence
 # both are tested): the preset's copy, so the two cannot drift apart

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from eclipse_export import presets
-from eclipse_export.graphs import GRAPHS
-from eclipse_export.specs import COMPONENTS, MIN_IMAGE_PSNR_DB, PRECISIONS, stack_dims
+from eclipse_export.export.graphs import GRAPHS
+from eclipse_export.families.kandinsky22 import presets
+from eclipse_export.families.kandinsky22.components import COMPONENTS, stack_dims
+from eclipse_export.families.spec import MIN_IMAGE_PSNR_DB, PRECISIONS
 
 
 def test_every_component_has_a_graph_tolerances_and_sample_inputs():

@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eclipse_export.runtime import tensorrt_backend as tb
-from eclipse_export.runtime.backends import BackendError, make_backend
+from eclipse_export.families.kandinsky22.components import COMPONENTS
+from eclipse_export.runtime.backends import tensorrt as tb
+from eclipse_export.runtime.backends.base import BackendError
+from eclipse_export.runtime.backends.factory import make_backend
 from eclipse_export.runtime.pipeline import Pipeline
 from eclipse_export.runtime.schedulers import StepCoefficients, apply_step
-from eclipse_export.specs import COMPONENTS
 
 
 class FakeCuda:
@@ -423,7 +424,7 @@ def test_engine_refusal_names_the_rebuild_command(bundle_dir):
 def _gpu_reason(probe=None) -> str | None:
     """Why the real-GPU test cannot run here (None: it can): the backend's own start-up checks,
     so a GPU the installed flavour cannot target (TensorRT-RTX 1.7 on an H100: no SM90) skips."""
-    from eclipse_export.runtime.gpu_probe import cuda_probe, readiness
+    from eclipse_export.runtime.backends.gpu_probe import cuda_probe, readiness
 
     flavour = _gpu_flavour()
     if flavour is None:
@@ -440,7 +441,7 @@ def _gpu_flavour() -> str | None:
 
 def test_the_gpu_test_skips_where_the_flavour_cannot_target_the_gpu():
     """Issue 11 #7: an H100 (SM90) with TensorRT-RTX 1.7 installed is a skip with the reason."""
-    from eclipse_export.runtime.gpu_probe import Check, CudaProbe, Gpu
+    from eclipse_export.runtime.backends.gpu_probe import Check, CudaProbe, Gpu
 
     if _gpu_flavour() != "tensorrt-rtx":
         pytest.skip("tensorrt-rtx is not installed")
@@ -457,11 +458,11 @@ def test_the_gpu_test_skips_where_the_flavour_cannot_target_the_gpu():
 def test_real_engines_on_the_gpu_match_onnx_runtime(tmp_path):
     """On a GPU: build the tiny bundle's engines here, run the chain on them (device loop, CUDA
     graphs) and check it against the same FP16 graphs on ONNX Runtime."""
-    from eclipse_export.engines import BuildOptions
-    from eclipse_export.export import ExportOptions, export_bundle
-    from eclipse_export.parity import compare
-    from eclipse_export.runtime.tensorrt_backend import TensorRTBackend
-    from eclipse_export.sources import RandomSource
+    from eclipse_export.export.engines import BuildOptions
+    from eclipse_export.export.exporter import ExportOptions, export_bundle
+    from eclipse_export.export.sources import RandomSource
+    from eclipse_export.metrics.parity import compare
+    from eclipse_export.runtime.backends.tensorrt import TensorRTBackend
 
     flavour = _gpu_flavour()
     backend = TensorRTBackend(flavour)

@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
+from eclipse_export.export.tokenizer_files import write_tokenizer_files
 from eclipse_export.runtime.tokenizer import ClipTokenizer
-from eclipse_export.tokenizer_files import write_tokenizer_files
 
 LONG = " ".join(f"word{i} and a red cube" for i in range(60))
 WORDS_200 = " ".join(["a", "small", "red", "cube", "on", "top", "of", "a", "large", "blue", "sphere", "near", "a",

@@ -22,11 +22,11 @@ API = json.loads((Path(__file__).parent / "data" / "tensorrt_python_api.json").r
 MODULE = "<module>"
 # expression -> TensorRT class, per source file
 OBJECTS = {
-    "eclipse_export/engines.py": {
+    "eclipse_export/export/engines.py": {
         "trt": MODULE, "builder": "Builder", "network": "INetworkDefinition", "parser": "OnnxParser",
         "config": "IBuilderConfig", "profile": "IOptimizationProfile", "timing_cache": "ITimingCache",
     },
-    "eclipse_export/runtime/tensorrt_backend.py": {
+    "eclipse_export/runtime/backends/tensorrt.py": {
         "trt": MODULE, "self.trt": MODULE, "self.backend.trt": MODULE, "engine": "ICudaEngine",
         "config": "IRuntimeConfig", "self.runtime_cache": "IRuntimeCache", "self.context": "IExecutionContext",
         "refitter": "Refitter", "parser": "OnnxParserRefitter", "self.backend.runtime": "Runtime",

@@ -1,7 +1,7 @@
 """Write tests/data/tensorrt_python_api.json: the members of the TensorRT Python classes this
 project uses, as NVIDIA's own bindings define them, for the TensorRT versions users run (10.3 on
 JetPack 6, 11.x on x86-64). Full TensorRT cannot be installed here (PyPI has stubs only), so the
-test that holds engines.py and runtime/tensorrt_backend.py to the TensorRT API reads this list.
+test that holds engines.py and runtime/backends/tensorrt.py to the TensorRT API reads this list.
 
 Source: the pybind11 bindings in github.com/NVIDIA/TensorRT (python/src/**/*.cpp: py::class_ /
 py::enum_ names with their .def / .def_property* / .def_readwrite / .value members) plus the

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from eclipse_export.runtime.backends import BackendError, OnnxRuntimeBackend
+from eclipse_export.runtime.backends.base import BackendError
+from eclipse_export.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from eclipse_export.runtime.bundle import Bundle
 
 failures: list[str] = []
@@ -78,8 +79,8 @@ def main(graph: str) -> int:
     except ImportError:
         check(False, "onnxruntime-ep-nv-tensorrt-rtx is not installed")
 
+    from eclipse_export.families.kandinsky22.components import COMPONENTS
     from eclipse_export.runtime.bundle import open_bundle
-    from eclipse_export.specs import COMPONENTS
 
     bundle = open_bundle(Path(graph).parent)
     for providers in (["cuda"], ["tensorrt", "cuda"], ["tensorrt-rtx"]):

@@ -255,8 +255,8 @@ def env_for(stage: Path) -> dict:
 
 def tool(name: str, stage: Path) -> list[str]:
     """A console script of the project, run by this interpreter (pip --target keeps no venv)."""
-    modules = {"eclipse-export": "eclipse_export.cli:export_entry", "eclipse-bench": "eclipse_export.bench:entry",
-               "eclipse-doctor": "eclipse_export.doctor:entry"}
+    modules = {"eclipse-export": "eclipse_export.cli.common:export_entry", "eclipse-bench": "eclipse_export.bench.runner:entry",
+               "eclipse-doctor": "eclipse_export.cli.doctor:entry"}
     module, func = modules[name].split(":")
     return [sys.executable, "-c", f"import {module} as m; m.{func}()"]
 

@@ -1,5 +1,5 @@
 // TensorRT (10.3 / 11.x) and TensorRT-RTX backend: the bundle's engines on an NVIDIA GPU, as
-// runtime/tensorrt_backend.py runs them. Built only with -DECLIPSE_WITH_TENSORRT=ON and the
+// runtime/backends/tensorrt.py runs them. Built only with -DECLIPSE_WITH_TENSORRT=ON and the
 // flavour's headers; otherwise creating it says so.
 //
 //  - Before any engine loads, every engine of the bundle is checked against the installed

@@ -41,7 +41,7 @@ private:
 };
 
 // Why an engine entry of the manifest cannot run with the installed TensorRT flavour on this
-// GPU (empty: it can), as eclipse_export/engines.py's check_engine_compatible says it: the
+// GPU (empty: it can), as eclipse_export/export/engines.py's check_engine_compatible says it: the
 // version must be the one that built it, the GPU one of the compute capabilities it was built
 // for ("unknown" entries ignored). installed_version "" means the flavour is not installed;
 // gpu_cc like "SM89", "" when unknown. For device backends (TensorRT), before deserializing.

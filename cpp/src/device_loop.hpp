@@ -5,7 +5,7 @@
 //   DeviceStream   one CUDA stream of one device (real: cuda_stream.cpp over the CUDA driver;
 //                  tests: a host-memory fake that checks logic only, never the CUDA API)
 //   EngineContext  one execution context of an engine (real: TensorRT's IExecutionContext)
-// The statement is runtime/tensorrt_backend.py's (TrtSession.bind/enqueue/run and
+// The statement is runtime/backends/tensorrt.py's (TrtSession.bind/enqueue/run and
 // TensorRTBackend.denoise); docs/decisions.md has the reasons.
 #pragma once
 
@@ -23,7 +23,7 @@ namespace eclipse::core {
 
 using DevicePtr = uint64_t;
 
-struct GuidedStepArgs {  // runtime/kernels/guided_step.cu's parameters
+struct GuidedStepArgs {  // runtime/backends/kernels/guided_step.cu's parameters
     DevicePtr pred = 0, latents = 0, noise = 0, sample_out = 0;
     int64_t n = 0;
     int cfg = 0;

@@ -1,6 +1,6 @@
 // NVRTC, opened at run time: compiles the fused guidance + scheduler step kernel
-// (eclipse_export/runtime/kernels/guided_step.cu, embedded at build time) for the GPU it runs on,
-// with the Python runtime's rules (eclipse_export/runtime/cuda.py: compile_kernel):
+// (eclipse_export/runtime/backends/kernels/guided_step.cu, embedded at build time) for the GPU it runs on,
+// with the Python runtime's rules (eclipse_export/runtime/backends/cuda.py: compile_kernel):
 //  - a cubin for the GPU's own sm_XX whenever this NVRTC knows it: PTX carries its NVRTC's PTX
 //    version and a driver older than that NVRTC refuses it (pip's NVRTC 13.5 writes PTX 9.5, the
 //    CUDA 12.6 driver of JetPack 6 reads up to 8.5); a cubin needs only the same CUDA major;
@@ -61,7 +61,7 @@ private:
     std::string path_;
 };
 
-// The source of eclipse_export/runtime/kernels/guided_step.cu, embedded at build time (CMake
+// The source of eclipse_export/runtime/backends/kernels/guided_step.cu, embedded at build time (CMake
 // file(READ) into a generated source: the repository holds one copy of the kernel).
 const std::string &guided_step_source();
 

@@ -1,3 +1,3 @@
 """The edge runtime: numpy, the `tokenizers` library and a backend (ONNX Runtime). No torch."""
 
-from .pipeline import Generation, GenerationError, Pipeline  # noqa: F401
+from eclipse_export.runtime.pipeline import Generation, GenerationError, Pipeline  # noqa: F401

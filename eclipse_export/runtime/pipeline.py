@@ -14,14 +14,18 @@ from pathlib import Path
 
 import numpy as np
 
-from ..specs import COMPONENTS
-from . import guidance
-from .backends import Backend, OnnxRuntimeBackend
-from .bundle import Bundle, BundleError, open_bundle
-from .images import to_uint8
-from .noise import Noises
-from .schedulers import SchedulerConfigError, scheduler_from_config
-from .tokenizer import ClipTokenizer
+from eclipse_export.families.kandinsky22.components import COMPONENTS
+from eclipse_export.runtime import guidance
+from eclipse_export.runtime.backends.base import Backend
+from eclipse_export.runtime.backends.onnxruntime import OnnxRuntimeBackend
+from eclipse_export.runtime.bundle import Bundle, BundleError, open_bundle
+from eclipse_export.runtime.images import to_uint8
+from eclipse_export.runtime.noise import Noises
+from eclipse_export.runtime.schedulers import (
+    SchedulerConfigError,
+    scheduler_from_config,
+)
+from eclipse_export.runtime.tokenizer import ClipTokenizer
 
 MIN_SIZE, MAX_SIZE, SIZE_MULTIPLE = 64, 2048, 64
 

@@ -1,8 +1,8 @@
 """Classifier-free guidance + one scheduler step as a tiny ONNX graph.
 
-ONNX Runtime's device loop (runtime/ort_device_loop.py) runs it on the UNet's execution provider
+ONNX Runtime's device loop (runtime/backends/ort_device_loop.py) runs it on the UNet's execution provider
 so the latents never leave the device between steps. It is the ONNX statement of what
-runtime/cuda.py's fused kernel computes for the TensorRT backend, driven by the same
+runtime/backends/cuda.py's fused kernel computes for the TensorRT backend, driven by the same
 `StepCoefficients`: guidance eps = u + s * (c - u), then
 
     x0   = clip((x - b * eps) / a, -clip, clip)
@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .onnx_writer import Node, Value, model_bytes
-from .schedulers import StepCoefficients
+from eclipse_export.runtime.onnx_writer import Node, Value, model_bytes
+from eclipse_export.runtime.schedulers import StepCoefficients
 
 PARAMS = ("scale", "a", "b", "clip", "c_x0", "c_x", "c_eps", "std", "noise_index")
 INPUTS = ("noise_pred", "latents", "step_noise", "params")

@@ -1,0 +1,126 @@
+"""Benchmark results as a table, ratios, Markdown, a chart and JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+# the stages timed per run, in chain order
+STAGES = ("text_encoder", "prior", "unet", "movq")
+
+
+def quality_markdown(results: dict) -> list[str]:
+    if not results.get("quality"):
+        return []
+    n = next(iter(results["quality"].values()))["prompts"]
+    out = ["", f"Quality against torch-fp32 over {n} prompts (worst / mean stage cosine, worst max abs; image PSNR "
+           "min / mean, mean SSIM):", ""]
+    for target, q in results["quality"].items():
+        stages = "; ".join(f"{k} {v['cosine_min']:.5f} / {v['cosine_mean']:.5f}, {v['max_abs']:.3g}" for k, v in q["stages"].items())
+        psnr = q["image_psnr_db"]
+        out.append(f"- {target}: {stages}; image PSNR {psnr['min']:.1f} / {psnr['mean']:.1f} dB, SSIM {q['image_ssim_mean']:.4f}"
+                   f"{'' if q['ok'] else ' (FAILS its tolerance)'}")
+    return out
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+
+
+def table(results: dict) -> str:
+    w = max([28] + [len(k) + 2 for k in results["targets"]])
+    head = f"{'target/batch':<{w}}" + "".join(f"{s + ' p50 ms':>18}" for s in STAGES) + \
+        f"{'step p50 ms':>13}{'total p50 s':>13}{'img/s':>8}{'load s':>8}{'peak GiB':>10}{'cos min':>10}{'PSNR dB':>9}"
+    rows = [head, "-" * len(head)]
+    for key, e in results["targets"].items():
+        if "skipped" in e:
+            rows.append(f"{key:<{w}}skipped: {e['skipped']}")
+            continue
+        lat = e["latency"]
+        parity = e.get("parity")
+        cos = f"{min(s['cosine'] for s in parity['stages']):.6f}" if parity else "ref"
+        psnr = parity["image_psnr_db"] if parity else None
+        psnr_s = "ref" if parity is None else ("inf" if psnr == "inf" else f"{psnr:.1f}")
+        rows.append(f"{key:<{w}}" + "".join(f"{lat[s]['p50'] * 1e3:>18.1f}" for s in STAGES) +
+                    f"{lat['unet_per_step']['p50'] * 1e3:>13.1f}{lat['total']['p50']:>13.3f}"
+                    f"{lat['images_per_second']:>8.2f}{e['load_seconds']:>8.2f}"
+                    f"{(e['peak_host_bytes'] or 0) / 2**30:>10.2f}{cos:>10}{psnr_s:>9}")
+    return "\n".join(rows)
+
+
+def ratios(results: dict, base: str = "torch-fp32") -> list[str]:
+    lines = []
+    for key, e in results["targets"].items():
+        target, batch = key.split("/")
+        ref = results["targets"].get(f"{base}/{batch}")
+        if target == base or "latency" not in e or not ref or "latency" not in ref:
+            continue
+        parts = [f"{s} {ref['latency'][s]['p50'] / e['latency'][s]['p50']:.2f}x" for s in (*STAGES, "total")]
+        lines.append(f"{key}: speed-up vs {base}: " + ", ".join(parts))
+    return lines
+
+
+def markdown(results: dict) -> str:
+    env = results["environment"]
+    out = ["# eclipse-bench results", "",
+           f"- CPU: {env.get('cpu')} ({env.get('cpu_count')} logical cores), {env.get('platform')}",
+           f"- GPU: {env.get('gpu') or 'none'}",
+           f"- versions: {', '.join(f'{k} {v}' for k, v in env.get('versions', {}).items())}",
+           f"- request: {json.dumps({k: results['config'][k] for k in ('height', 'width', 'steps', 'guidance', 'runs', 'warmup')})}",
+           f"- complete: {results['complete']}",
+           f"- load average (1/5/15 min) at start {env.get('loadavg_at_start')}, at end {env.get('loadavg_at_end')}"
+           " (above the core count: other work shared the cores, so compare ratios within the run)", "",
+           "```", table(results), "```", ""]
+    out += ["Speed-up of each target over torch-fp32 (p50, same inputs, same run):", ""]
+    out += [f"- {line}" for line in ratios(results)] or ["- (no torch-fp32 baseline in this run)"]
+    out += ["", "FLOPs per generation (MatMul/Gemm/Conv only) and achieved TFLOP/s at p50:", ""]
+    for key, e in results["targets"].items():
+        if "tflops_achieved" in e:
+            out.append(f"- {key}: " + ", ".join(f"{s} {v:.3f}" for s, v in e["tflops_achieved"].items()))
+    out += quality_markdown(results)
+    if results["failures"]:
+        out += ["", "## Parity failures", ""] + [f"- {f}" for f in results["failures"]]
+    return "\n".join(out) + "\n"
+
+
+def chart(results: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    keys = [k for k, e in results["targets"].items() if "latency" in e]
+    fig, ax = plt.subplots(figsize=(9, 1 + 0.5 * len(keys)))
+    left = np.zeros(len(keys))
+    for stage in STAGES:
+        values = np.array([results["targets"][k]["latency"][stage]["p50"] for k in keys])
+        ax.barh(keys, values, left=left, label=stage)
+        left += values
+    ax.set_xlabel("p50 latency per generation (s)")
+    ax.set_title("eclipse-bench: latency per stage")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def compare_results(a: dict, b: dict) -> str:
+    rows = [f"{'target/batch':<28}{'stage':<14}{'A p50 ms':>12}{'B p50 ms':>12}{'B/A':>8}"]
+    for key in sorted(set(a["targets"]) & set(b["targets"])):
+        ea, eb = a["targets"][key], b["targets"][key]
+        if "latency" not in ea or "latency" not in eb:
+            continue
+        for stage in (*STAGES, "total"):
+            pa, pb = ea["latency"][stage]["p50"], eb["latency"][stage]["p50"]
+            rows.append(f"{key:<28}{stage:<14}{pa * 1e3:>12.1f}{pb * 1e3:>12.1f}{pb / pa:>8.2f}")
+    return "\n".join(rows)

@@ -1,0 +1,70 @@
+"""Runtime vs PyTorch reference on the same request and the same noises: the parity report."""
+
+from __future__ import annotations
+
+import gc
+
+from eclipse_export.families.kandinsky22.components import COMPONENTS
+from eclipse_export.families.spec import MIN_IMAGE_PSNR_DB
+from eclipse_export.metrics.parity import ParityReport, compare, psnr
+from eclipse_export.runtime.bundle import Bundle
+from eclipse_export.runtime.images import to_uint8
+from eclipse_export.runtime.pipeline import Generation, Pipeline
+
+# Stage outputs after the sampling loop: bounded by cosine + image PSNR (Tolerance.chained).
+CHAINED = ("unet.latents", "movq.image")
+
+# Stage outputs compared, in chain order (names as in Generation.intermediates).
+STAGES = (
+    "text_encoder.text_embeds",
+    "text_encoder.text_hidden_states",
+    "prior.image_embeds",
+    "prior.negative_image_embeds",
+    "unet.noise_pred_step0",
+    "unet.latents",
+    "movq.image",
+)
+
+
+def reference_for(bundle: Bundle, device: str = "cpu", keep_loaded: bool = False):
+    """The PyTorch reference rebuilt from the bundle's recorded source (weights checked)."""
+    from eclipse_export.export.sources import source_from_manifest
+    from eclipse_export.verify.reference import ReferencePipeline
+
+    manifest = bundle.manifest
+    weights = {name: entry.get("weights_sha256") for name, entry in manifest["components"].items()}
+    return ReferencePipeline(source_from_manifest(manifest["source"]), bundle.path("tokenizer/tokenizer.json").parent,
+                             bundle.json("scheduler_config.json"), expected_weights=weights, device=device,
+                             keep_loaded=keep_loaded)
+
+
+def parity_report(outputs: dict, images, reference: dict, precision: str, timings: dict | None = None,
+                  ref_timings: dict | None = None) -> ParityReport:
+    """Stage outputs + 8-bit images of a run vs the reference's stage outputs."""
+    timings, ref_timings = timings or {}, ref_timings or {}
+    report = ParityReport(precision=precision, min_image_psnr_db=MIN_IMAGE_PSNR_DB[precision])
+    for stage in STAGES:
+        component = stage.split(".")[0]
+        tol = COMPONENTS[component].tolerance(precision)
+        if stage in CHAINED:
+            tol = tol.chained()
+        m = compare(stage, outputs[stage], reference[stage], tol)
+        # latency belongs to a component, so report it on its last row only
+        last = stage == [s for s in STAGES if s.startswith(component + ".")][-1]
+        if last:
+            m = type(m)(**{**m.__dict__, "seconds": timings.get(component),
+                           "ref_seconds": ref_timings.get(component)})
+        report.stages.append(m)
+    report.image_psnr_db = psnr(images, to_uint8(reference["movq.image"]))
+    return report
+
+
+def compare_with_reference(pipeline: Pipeline, generation: Generation, device: str = "cpu") -> tuple[ParityReport, dict]:
+    """Run the reference on the generation's request and noises; returns (report, reference timings)."""
+    reference = reference_for(pipeline.bundle, device)
+    outputs, timings = reference.run(generation.request, generation.noises)
+    report = parity_report(generation.intermediates, generation.images, outputs, pipeline.bundle.precision,
+                           generation.timings, timings)
+    del reference, outputs
+    gc.collect()
+    return report, timings

@@ -115,9 +115,9 @@ def test_every_driver_wrapper_against_a_driver_without_a_device(stub_driver):  #
         assert got == "ok" if expected == "ok" else (got.startswith("error: ") and expected in got), (name, got)
     # every function pointer CudaDriver declares is resolved (an unresolved one would be a null
     # call), and every one resolved is called by the backend's CUDA code
-    declared = set(re.findall(r"decltype\(&::(cu\w+)\) \w+ = nullptr;", (ROOT / "cpp/src/cuda_driver.hpp").read_text()))
+    declared = set(re.findall(r"decltype\(&::(cu\w+)\) \w+ = nullptr;", (ROOT / "cpp/src/cuda/cuda_driver.hpp").read_text()))
     assert declared == set(out["entry_points"])
-    sources = "".join((ROOT / "cpp/src" / f).read_text() for f in ("cuda_driver.cpp", "cuda_stream.cpp"))
+    sources = "".join((ROOT / "cpp/src/cuda" / f).read_text() for f in ("cuda_driver.cpp", "cuda_stream.cpp"))
     unused = [e for e in out["entry_points"] if not re.search(rf"\b{e[2:]}\(", sources)]
     assert not unused, unused
 

@@ -15,10 +15,10 @@
 
 #include <nlohmann/json.hpp>
 
-#include "cuda_stream.hpp"
-#include "nvrtc.hpp"
+#include "cuda/cuda_stream.hpp"
+#include "cuda/nvrtc.hpp"
 #ifdef ECLIPSE_WITH_TENSORRT
-#include "tensorrt_api.hpp"
+#include "backends/tensorrt_api.hpp"
 #endif
 
 using namespace eclipse::core;

@@ -13,12 +13,12 @@
 #include <vector>
 
 #include "check.hpp"
-#include "bundle.hpp"
+#include "core/bundle.hpp"
 #include "eclipse/eclipse.h"
-#include "noise.hpp"
-#include "npy.hpp"
-#include "pipeline.hpp"
-#include "scheduler.hpp"
+#include "core/noise.hpp"
+#include "core/npy.hpp"
+#include "core/pipeline.hpp"
+#include "core/scheduler.hpp"
 
 namespace fs = std::filesystem;
 using namespace eclipse::core;

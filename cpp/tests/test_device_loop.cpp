@@ -16,8 +16,8 @@
 #include <vector>
 
 #include "check.hpp"
-#include "device_loop.hpp"
-#include "scheduler.hpp"
+#include "backends/device_loop.hpp"
+#include "core/scheduler.hpp"
 
 using namespace eclipse::core;
 using namespace eclipse::test;

@@ -10,7 +10,7 @@
 #include <filesystem>
 #include <vector>
 
-#include "pipeline.hpp"
+#include "core/pipeline.hpp"
 
 namespace eclipse::core {
 

@@ -1,4 +1,4 @@
-#include "device_loop.hpp"
+#include "backends/device_loop.hpp"
 
 #include <algorithm>
 

@@ -1,6 +1,6 @@
-#include "cuda_stream.hpp"
+#include "cuda/cuda_stream.hpp"
 
-#include "common.hpp"
+#include "core/common.hpp"
 
 namespace eclipse::core {
 

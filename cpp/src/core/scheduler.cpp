@@ -1,10 +1,10 @@
-#include "scheduler.hpp"
+#include "core/scheduler.hpp"
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 
-#include "common.hpp"
+#include "core/common.hpp"
 
 using nlohmann::json;
 

@@ -1,4 +1,4 @@
-#include "bundle.hpp"
+#include "core/bundle.hpp"
 
 #include <openssl/evp.h>
 
@@ -6,7 +6,7 @@
 #include <fstream>
 #include <vector>
 
-#include "common.hpp"
+#include "core/common.hpp"
 
 namespace fs = std::filesystem;
 using nlohmann::json;

@@ -2,7 +2,7 @@
 // a Python test serves the graphs from ONNX Runtime's Python package through ctypes).
 #include <cstring>
 
-#include "backend.hpp"
+#include "core/backend.hpp"
 
 namespace eclipse::core {
 namespace {

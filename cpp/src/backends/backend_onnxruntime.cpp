@@ -4,7 +4,7 @@
 // the apps using other backends run where ONNX Runtime is not installed, and one build works
 // with any ONNX Runtime at least as new as its headers (the onnxruntime wheel's library, whose
 // file name differs from its soname, included).
-#include "backend.hpp"
+#include "core/backend.hpp"
 
 #ifdef ECLIPSE_WITH_ONNXRUNTIME
 

@@ -1,8 +1,8 @@
-#include "npy.hpp"
+#include "core/npy.hpp"
 
 #include <cstring>
 
-#include "common.hpp"
+#include "core/common.hpp"
 
 namespace eclipse::core {
 namespace {

@@ -11,7 +11,7 @@
 //    once into a CUDA graph and replayed (TensorRT) or TensorRT-RTX's own graph strategy.
 //  - Low-memory mode: an engine is deserialized when its stage starts and freed when it ends
 //    (stage_done), so at most one is resident per generation.
-#include "backend.hpp"
+#include "core/backend.hpp"
 
 #ifdef ECLIPSE_WITH_TENSORRT
 
@@ -19,8 +19,8 @@
 #include <map>
 #include <mutex>
 
-#include "cuda_stream.hpp"
-#include "tensorrt_api.hpp"
+#include "cuda/cuda_stream.hpp"
+#include "backends/tensorrt_api.hpp"
 
 #ifndef ECLIPSE_NVRTC_DEFAULT_LIBRARY
 #define ECLIPSE_NVRTC_DEFAULT_LIBRARY ""  // libnvrtc.so.<driver's CUDA major>, then older

@@ -17,7 +17,7 @@
 #include <string>
 #include <vector>
 
-#include "common.hpp"
+#include "core/common.hpp"
 
 namespace eclipse::core {
 

@@ -23,8 +23,8 @@
 #include <string>
 #include <vector>
 
-#include "bundle.hpp"
-#include "common.hpp"
+#include "core/bundle.hpp"
+#include "core/common.hpp"
 
 namespace eclipse::core {
 

@@ -1,4 +1,4 @@
-#include "nvrtc.hpp"
+#include "cuda/nvrtc.hpp"
 
 #include <dlfcn.h>
 
@@ -6,7 +6,7 @@
 #include <map>
 #include <mutex>
 
-#include "common.hpp"
+#include "core/common.hpp"
 
 namespace eclipse::core {
 namespace {

@@ -19,7 +19,7 @@
 #include <string>
 #include <vector>
 
-#include "device_loop.hpp"
+#include "backends/device_loop.hpp"
 
 namespace eclipse::core {
 

@@ -1,4 +1,4 @@
-#include "pipeline.hpp"
+#include "core/pipeline.hpp"
 
 #include <algorithm>
 #include <chrono>
@@ -6,8 +6,8 @@
 #include <cstdio>
 #include <cstring>
 
-#include "noise.hpp"
-#include "scheduler.hpp"
+#include "core/noise.hpp"
+#include "core/scheduler.hpp"
 
 using nlohmann::json;
 

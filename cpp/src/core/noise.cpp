@@ -1,4 +1,4 @@
-#include "noise.hpp"
+#include "core/noise.hpp"
 
 #include <cmath>
 

@@ -1,4 +1,4 @@
-#include "tensorrt_api.hpp"
+#include "backends/tensorrt_api.hpp"
 
 #include <dlfcn.h>
 
@@ -6,7 +6,7 @@
 #include <fstream>
 #include <map>
 
-#include "common.hpp"
+#include "core/common.hpp"
 
 #define ECLIPSE_STRINGIFY_(x) #x
 #define ECLIPSE_STRINGIFY(x) ECLIPSE_STRINGIFY_(x)

@@ -1,11 +1,11 @@
-#include "cuda_driver.hpp"
+#include "cuda/cuda_driver.hpp"
 
 #include <dlfcn.h>
 
 #include <map>
 #include <mutex>
 
-#include "common.hpp"
+#include "core/common.hpp"
 
 // member, symbol name as cuGetProcAddress knows it (base name, no _v2 / _ptsz suffix)
 #define ECLIPSE_CUDA_ENTRY_POINTS(X)                                                                   \

@@ -10,10 +10,10 @@
 #include <string>
 #include <vector>
 
-#include "backend.hpp"
-#include "bundle.hpp"
-#include "npy.hpp"
-#include "tokenizer.hpp"
+#include "core/backend.hpp"
+#include "core/bundle.hpp"
+#include "core/npy.hpp"
+#include "core/tokenizer.hpp"
 
 namespace eclipse::core {
 

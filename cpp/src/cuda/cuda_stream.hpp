@@ -5,9 +5,9 @@
 
 #include <memory>
 
-#include "cuda_driver.hpp"
-#include "device_loop.hpp"
-#include "nvrtc.hpp"
+#include "cuda/cuda_driver.hpp"
+#include "backends/device_loop.hpp"
+#include "cuda/nvrtc.hpp"
 
 namespace eclipse::core {
 

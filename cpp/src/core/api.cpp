@@ -7,10 +7,10 @@
 #include <mutex>
 #include <new>
 
-#include "backend.hpp"
-#include "noise.hpp"
-#include "pipeline.hpp"
-#include "scheduler.hpp"
+#include "core/backend.hpp"
+#include "core/noise.hpp"
+#include "core/pipeline.hpp"
+#include "core/scheduler.hpp"
 
 struct eclipse_backend {
     std::shared_ptr<eclipse::core::Backend> impl;

@@ -1,4 +1,4 @@
-#include "tokenizer.hpp"
+#include "core/tokenizer.hpp"
 
 #include <utf8proc.h>
 
@@ -6,7 +6,7 @@
 #include <cstdlib>
 #include <memory>
 
-#include "common.hpp"
+#include "core/common.hpp"
 
 using nlohmann::json;
 

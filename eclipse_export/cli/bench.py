@@ -245,3 +245,7 @@ def profile_main(argv: Sequence[str]) -> int:
     (args.out / "profile.md").write_text(text)
     print(text)
     return 0
+
+
+if __name__ == "__main__":  # python -m eclipse_export.cli.bench
+    entry()

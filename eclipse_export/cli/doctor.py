@@ -249,3 +249,7 @@ def entry() -> None:
 
     sys.exit(_run(main, None))
 
+
+
+if __name__ == "__main__":  # python -m eclipse_export.cli.doctor
+    entry()

@@ -188,3 +188,7 @@ def _build_options(args):
 
 def export_entry() -> None:
     sys.exit(_run(export_main, None))
+
+
+if __name__ == "__main__":  # python -m eclipse_export.cli.export
+    export_entry()

@@ -135,3 +135,7 @@ def generate_main(argv=None) -> int:
 
 def generate_entry() -> None:
     sys.exit(_run(generate_main, None))
+
+
+if __name__ == "__main__":  # python -m eclipse_export.cli.generate
+    generate_entry()

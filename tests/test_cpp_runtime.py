@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from eclipse_export.export.calibration_prompts import load_prompts
-from eclipse_export.runtime.bundle import BundleError, file_entry, open_bundle
+from eclipse_export.runtime.bundle import FORMAT_VERSION, BundleError, file_entry, open_bundle
 from eclipse_export.runtime.noise import (
     STREAM_LATENTS,
     STREAM_PRIOR,
@@ -375,7 +375,11 @@ def _damage(case: str, root: Path, outside: Path) -> None:
     elif case == "altered":
         _replace_with_copy(prior, data[:1000] + bytes([data[1000] ^ 1]) + data[1001:])
     elif case == "newer format":
-        _edit_manifest(root, lambda m: m.update(format_version=2))
+        _edit_manifest(root, lambda m: m.update(format_version=FORMAT_VERSION + 1))
+    elif case == "unknown family":
+        _edit_manifest(root, lambda m: m.update(family="stable-cascade"))
+    elif case == "step graph outside":
+        _edit_manifest(root, lambda m: m["step_graphs"].update(cfg="../outside/step.onnx"))
     elif case == "not a bundle":
         _edit_manifest(root, lambda m: m.update(format="something-else"))
     elif case == "no manifest":
@@ -412,6 +416,9 @@ REFUSALS = {
     "symlinked directory out": "tokenizer/tokenizer.json resolves outside the bundle",
     "unlisted file": "required file \"scheduler_config.json\" is not one of the manifest's files",
     "graph outside": "components.prior.graph \"../outside/prior.onnx\" is not one of the manifest's files",
+    "unknown family": "model family 'stable-cascade' is not known to this version of eclipse-export \\(it knows "
+                      "kandinsky22\\)",
+    "step graph outside": "step_graphs.cfg \"../outside/step.onnx\" is not one of the manifest's files",
 }
 
 

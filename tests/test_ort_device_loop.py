@@ -2,7 +2,8 @@
 
 No GPU here: the same loop code runs on ONNX Runtime's CPU provider with IO binding (what
 differs on a GPU is where ONNX Runtime allocates the OrtValues and the providers' graph option).
-The step graph is written without the `onnx` package; `onnx` (export extra) checks its bytes.
+The step graph is written into the bundle at export time (export/step_graph.py) and loaded from
+it, hash-verified like every file; bundles of format 1 (none in them) run the loop on the host.
 """
 
 from __future__ import annotations
@@ -22,42 +23,28 @@ from eclipse_export.runtime.backends.ort_errors import ort_error_line
 from eclipse_export.runtime.bundle import open_bundle
 from eclipse_export.runtime.pipeline import Pipeline
 from eclipse_export.runtime.schedulers import StepCoefficients, apply_step
-from eclipse_export.runtime.step_graph import PARAMS, guided_step_model, step_params
+from eclipse_export.export.step_graph import FILES, guided_step_model
+from eclipse_export.runtime.backends.ort_device_loop import PARAMS, step_params
 
 
-def _helper_model(cfg: bool):
-    """The same graph written with onnx.helper: the reference for the hand-written bytes."""
-    onnx = pytest.importorskip("onnx")
-    from onnx import TensorProto, helper, numpy_helper
-
-    m = onnx.load_from_string(guided_step_model(cfg))  # node list to rebuild, field by field
-    nodes = [helper.make_node(n.op_type, list(n.input), list(n.output), name=n.name or None,
-                              **{a.name: helper.get_attribute_value(a) for a in n.attribute}) for n in m.graph.node]
-    lat = ["B", "C", "H", "W"]
-    pb = "2*B" if cfg else "B"
-    f = TensorProto.FLOAT
-    graph = helper.make_graph(
-        nodes, "guided_step_cfg" if cfg else "guided_step",
-        [helper.make_tensor_value_info("noise_pred", f, [pb, *lat[1:]]), helper.make_tensor_value_info("latents", f, lat),
-         helper.make_tensor_value_info("step_noise", f, ["N", *lat]),
-         helper.make_tensor_value_info("params", f, [len(PARAMS)])],
-        [helper.make_tensor_value_info("latents_next", f, lat),
-         helper.make_tensor_value_info("sample_next", f, [pb, *lat[1:]])],
-        [numpy_helper.from_array(np.array(i, np.int64), f"i_{i}") for i in range(len(PARAMS))])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8,
-                             producer_name="eclipse-export")
+def _step_bytes(cfg: bool) -> bytes:
+    return guided_step_model(cfg).SerializeToString()
 
 
-@pytest.mark.parametrize("cfg", [True, False])
-def test_step_graph_bytes_are_valid_onnx(cfg):
-    onnx = pytest.importorskip("onnx")
-    data = guided_step_model(cfg)
-    model = onnx.load_from_string(data)
-    onnx.checker.check_model(model, full_check=True)  # incl. shape inference of every node
-    assert model == _helper_model(cfg)
-    assert data == _helper_model(cfg).SerializeToString()
-    ops = [n.op_type for n in model.graph.node]
-    assert ("Split" in ops) == cfg and ops.count("Clip") == 1
+def test_bundles_carry_their_step_graphs(tiny_bundle):
+    """Export writes both step graphs into the bundle, listed (so size/hash-verified) under
+    `step_graphs`; each is the graph export/step_graph.py builds, and valid ONNX."""
+    import onnx
+
+    bundle = open_bundle(tiny_bundle)
+    assert bundle.manifest["step_graphs"] == FILES
+    for kind, rel in FILES.items():
+        assert rel in bundle.manifest["files"]
+        model = onnx.load(str(bundle.step_graph_path(kind)))
+        onnx.checker.check_model(model, full_check=True)  # incl. shape inference of every node
+        assert model.SerializeToString() == _step_bytes(kind == "cfg")
+        ops = [n.op_type for n in model.graph.node]
+        assert ("Split" in ops) == (kind == "cfg") and ops.count("Clip") == 1
 
 
 @pytest.mark.parametrize("cfg", [True, False])
@@ -68,7 +55,7 @@ def test_step_graph_is_apply_step_bit_for_bit(cfg):
 
     from eclipse_export.runtime import guidance
 
-    session = ort.InferenceSession(guided_step_model(cfg), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(_step_bytes(cfg), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     b, shape = 2, (2, 4, 6, 10)
     for k in (StepCoefficients(0.31, 0.95, 1.0, 0.52, 0.47, 0.0, 0.11),   # DDPM-like, clipped
@@ -202,7 +189,7 @@ def _cuda_reason() -> str | None:
         return "onnxruntime-gpu is not installed"
     try:
         OnnxRuntimeBackend(["cuda"])  # preloads NVIDIA's pip CUDA libraries where they are
-        s = ort.InferenceSession(guided_step_model(False), providers=["CUDAExecutionProvider"], enable_fallback=0)
+        s = ort.InferenceSession(_step_bytes(False), providers=["CUDAExecutionProvider"], enable_fallback=0)
     except Exception as e:
         return f"no CUDA session here: {ort_error_line(e)[:160]}"
     return None if s.get_providers()[0] == "CUDAExecutionProvider" else "ONNX Runtime fell back to the CPU"
@@ -217,7 +204,7 @@ def test_step_graph_on_cuda_is_apply_step(cfg):
 
     from eclipse_export.runtime import guidance
 
-    s = ort.InferenceSession(guided_step_model(cfg), providers=["CUDAExecutionProvider"], enable_fallback=0)
+    s = ort.InferenceSession(_step_bytes(cfg), providers=["CUDAExecutionProvider"], enable_fallback=0)
     rng = np.random.default_rng(1)
     shape = (2, 4, 32, 32)
     x = (3 * rng.standard_normal(shape)).astype(np.float32)

@@ -27,14 +27,14 @@ import numpy as np
 from eclipse_export import __version__
 from eclipse_export.export.onnx_io import link_or_copy, save_external
 from eclipse_export.export.sources import (
-    COMPONENT_NAMES,
     StackSource,
     state_dict_sha256,
 )
-from eclipse_export.families.kandinsky22.components import COMPONENTS
+from eclipse_export.export.step_graph import write_step_graphs
+from eclipse_export.families import Family
 from eclipse_export.families.spec import ComponentSpec
 from eclipse_export.metrics.parity import ParityError, ParityReport, compare_outputs
-from eclipse_export.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, file_entry
+from eclipse_export.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, family_name, file_entry
 from eclipse_export.util.memory import fmt_bytes, peak_rss_bytes, reset_peak_rss
 from eclipse_export.util.progress import heartbeat
 
@@ -170,7 +170,7 @@ def export_component(source: StackSource, component: str, workdir: Path, options
     """Export one component into `workdir`; returns its manifest entry."""
     from eclipse_export.export.graphs import run_torch, wrap
 
-    spec = COMPONENTS[component]
+    spec = source.family.components[component]
     dims = source.dims()
     reset_peak_rss()
     t0 = time.perf_counter()
@@ -311,11 +311,12 @@ def export_bundle(source: StackSource, out: Path, options: ExportOptions = Expor
     try:
         with heartbeat(log) as log:
             components = {}
-            for i, name in enumerate(COMPONENT_NAMES, 1):
-                log(f"[{i}/{len(COMPONENT_NAMES) + 1}] {name}")
+            names = list(source.family.components)
+            for i, name in enumerate(names, 1):
+                log(f"[{i}/{len(names) + 1}] {name}")
                 components[name] = export_component(source, name, work, options, log)
 
-            log(f"[{len(COMPONENT_NAMES) + 1}/{len(COMPONENT_NAMES) + 1}] tokenizer, scheduler, negative image embedding")
+            log(f"[{len(names) + 1}/{len(names) + 1}] tokenizer, scheduler, negative image embedding")
             tokenizer_source = source.write_tokenizer(work / "tokenizer")
             (work / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2, sort_keys=True))
             negative = source.negative_image_embeds()
@@ -324,17 +325,19 @@ def export_bundle(source: StackSource, out: Path, options: ExportOptions = Expor
             np.save(work / "negative_image_embeds.npy", negative)
 
             if TARGETS[options.target] == "int8":
-                _quantize_bundle(work, components, dims, source, options, log)
+                _quantize_bundle(work, source.family, components, dims, source, options, log)
             files = [f for c in components.values() for f in c["files"]]
             engines = {}
             if build is not None:
-                engines = _build_engines(work, components, dims, build, options.engine_cache, log)
+                engines = _build_engines(work, source.family, components, dims, build, options.engine_cache, log)
                 files += [e["file"] for e in engines.values()]
-            files += ["scheduler_config.json", "negative_image_embeds.npy"]
+            step_graphs = write_step_graphs(work)
+            files += ["scheduler_config.json", "negative_image_embeds.npy", *step_graphs.values()]
             files += sorted(str(p.relative_to(work)) for p in (work / "tokenizer").rglob("*") if p.is_file())
             manifest = {
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION,
+                "family": source.family.name,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "target": options.target,
                 "precision": TARGETS[options.target],
@@ -343,6 +346,7 @@ def export_bundle(source: StackSource, out: Path, options: ExportOptions = Expor
                 "tokenizer": tokenizer_source,
                 "components": components,
                 "engines": engines,
+                "step_graphs": step_graphs,
                 "files": {rel: file_entry(work, rel) for rel in files},
                 "tools": _tool_versions(),
                 "export_seconds": round(time.perf_counter() - started, 1),
@@ -355,7 +359,8 @@ def export_bundle(source: StackSource, out: Path, options: ExportOptions = Expor
     return out
 
 
-def _quantize_bundle(work: Path, components: dict, dims: dict, source, options: ExportOptions, log: Log) -> None:
+def _quantize_bundle(work: Path, family: Family, components: dict, dims: dict, source, options: ExportOptions,
+                     log: Log) -> None:
     """Calibrate on the FP32 chain, quantize the chosen components in place, check each against
     its FP32 graph on held-out validation prompts (the INT8 tolerance), and record it all."""
     from eclipse_export.export.calibrate import CaptureOptions, capture, iter_feeds
@@ -404,7 +409,7 @@ def _quantize_bundle(work: Path, components: dict, dims: dict, source, options: 
 
     for name in chosen:
         entry = components[name]
-        spec = COMPONENTS[name]
+        spec = family.components[name]
         external = len(entry["files"]) > 1
         fp32_path = work / entry["graph"]
         int8_path = work / f"{name}.int8.onnx"
@@ -460,10 +465,15 @@ def build_engines_for_bundle(src: Path, out: Path, target: str, build, engine_ca
     from eclipse_export.export.engines import BuildOptions, EngineBuildError, preflight
     from eclipse_export.runtime.bundle import open_bundle
 
-    derivable = set(ENGINE_TARGETS) | {t for t, p in TARGETS.items() if p == "int8"}
-    if target not in derivable:
-        raise ExportError(f"--from-bundle makes engines or INT8 graphs: target must be one of {', '.join(sorted(derivable))}")
     bundle = open_bundle(src)
+    # the bundle's own ONNX target again: the same graphs re-packaged in the current format (adds
+    # what older exports lack, e.g. the step graphs of format 2)
+    repackage = target == bundle.manifest.get("target") and target not in ENGINE_TARGETS
+    derivable = set(ENGINE_TARGETS) | {t for t, p in TARGETS.items() if p == "int8"}
+    if target not in derivable and not repackage:
+        raise ExportError(f"--from-bundle makes engines or INT8 graphs (target one of {', '.join(sorted(derivable))}), "
+                          f"or re-packages a bundle in the current format (its own target, here "
+                          f"{bundle.manifest.get('target')})")
     want = TARGETS[target]
     quantize = want == "int8" and bundle.precision == "fp32"
     if target in ENGINE_TARGETS and want == "int8" and not quantize:
@@ -507,13 +517,19 @@ def build_engines_for_bundle(src: Path, out: Path, target: str, build, engine_ca
             manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("engines/")}
             if quantize:
                 options = ExportOptions(target=target, int8=int8)
-                _quantize_bundle(work, manifest["components"], manifest["dims"], None, options, log)
+                fp32_files = {f for c in manifest["components"].values() for f in c["files"]}
+                _quantize_bundle(work, bundle.family, manifest["components"], manifest["dims"], None, options, log)
                 graph_files = [f for c in manifest["components"].values() for f in c["files"]]
-                others = [k for k in manifest["files"] if not k.endswith((".onnx", ".onnx.data"))]
+                others = [k for k in manifest["files"] if k not in fp32_files]
                 manifest["files"] = {rel: file_entry(work, rel) for rel in graph_files + others}
+            if not manifest.get("step_graphs"):  # a bundle of format 1
+                manifest["step_graphs"] = write_step_graphs(work)
+                manifest["files"].update({rel: file_entry(work, rel) for rel in manifest["step_graphs"].values()})
+            manifest.update(format_version=FORMAT_VERSION, family=family_name(bundle.manifest))
             engines = {}
             if target in ENGINE_TARGETS:
-                engines = _build_engines(work, manifest["components"], manifest["dims"], build, engine_cache, log)
+                engines = _build_engines(work, bundle.family, manifest["components"], manifest["dims"], build, engine_cache,
+                                         log)
                 manifest["files"].update({e["file"]: file_entry(work, e["file"]) for e in engines.values()})
             manifest.update(target=target, precision=want, engines=engines, derived_from=str(src),
                             derive_seconds=round(time.perf_counter() - started, 1))
@@ -548,7 +564,8 @@ def non_standard_ops(graph: Path) -> list[str]:
     return sorted({f"{n.domain}.{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")})
 
 
-def _build_engines(work: Path, components: dict, dims: dict, build, cache: Path | None, log: Log) -> dict:
+def _build_engines(work: Path, family: Family, components: dict, dims: dict, build, cache: Path | None,
+                   log: Log) -> dict:
     """One engine per component, one at a time (peak memory matters on Jetson)."""
     from eclipse_export.export.engines import EngineBuildError, build_engine
 
@@ -564,7 +581,7 @@ def _build_engines(work: Path, components: dict, dims: dict, build, cache: Path 
             onnx_sha = hashlib.sha256((onnx_sha + file_entry(work, extra)["sha256"]).encode()).hexdigest()
         try:
             reset_peak_rss()
-            engines[name] = build_engine(graph, COMPONENTS[name], dims, entry["precision"], onnx_sha, build,
+            engines[name] = build_engine(graph, family.components[name], dims, entry["precision"], onnx_sha, build,
                                          work, cache, log)
             engines[name]["peak_rss_bytes"] = peak_rss_bytes()
         except EngineBuildError as e:

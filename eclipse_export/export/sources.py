@@ -16,10 +16,11 @@ import numpy as np
 import torch
 
 from eclipse_export.export.prior import EclipsePrior
+from eclipse_export.families.kandinsky22 import FAMILY as KANDINSKY22
 from eclipse_export.families.kandinsky22 import presets
 from eclipse_export.families.kandinsky22.components import stack_dims
 
-COMPONENT_NAMES = ("text_encoder", "prior", "unet", "movq")
+COMPONENT_NAMES = tuple(KANDINSKY22.components)
 
 
 class SourceError(RuntimeError):
@@ -110,6 +111,7 @@ class StackSource:
 
     name: str
     configs: dict
+    family = KANDINSKY22  # the sources here export ECLIPSE + Kandinsky 2.2 stacks
 
     def dims(self) -> dict[str, int]:
         return stack_dims(self.configs)

@@ -73,6 +73,8 @@ class ComponentSpec:
     fp16_keep_fp32: tuple[str, ...] = ()
     # most batch rows the pipeline sends per prompt (engine profiles: 1..max prompts x this)
     rows_per_prompt: int = 1
+    # called once per sampler step (backends may keep its loop on the device)
+    denoiser: bool = False
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property

@@ -17,16 +17,20 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from eclipse_export.families import DEFAULT_FAMILY, Family, UnknownFamily, get_family
+
 FORMAT = "eclipse-export-bundle"
-FORMAT_VERSION = 1
+# 2: the manifest names its model family ("family") and may carry the ONNX Runtime device loop's
+# step graphs ("step_graphs"). Format 1 bundles (no family: all ECLIPSE + Kandinsky 2.2, no step
+# graphs) are still read.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
-# What the runtime reads from a manifest, and so what open_bundle checks.
-COMPONENT_NAMES = ("text_encoder", "prior", "unet", "movq")
+# What the runtime reads from a manifest, and so what open_bundle checks. The components, dims
+# and files a bundle must have come from its family (families/).
 PRECISIONS = ("fp32", "fp16", "int8")
 ENGINE_FLAVOURS = ("tensorrt", "tensorrt-rtx")
-DIM_NAMES = ("T", "D", "E", "C", "S")
-# Files the pipeline opens by name (tokenizer_config.json is read when the bundle lists it).
-REQUIRED_FILES = ("scheduler_config.json", "negative_image_embeds.npy", "tokenizer/tokenizer.json")
+# the guided scheduler step as ONNX graphs, with and without classifier-free guidance
+STEP_GRAPH_KINDS = ("cfg", "plain")
 # Far above any real stack (bigG: D = E = 1280, T = 77) and small enough that arrays sized from
 # them cannot exhaust memory before a graph refuses them.
 MAX_DIM = 1 << 16
@@ -60,6 +64,16 @@ class Bundle:
     @property
     def precision(self) -> str:
         return self.manifest["precision"]
+
+    @property
+    def family(self) -> Family:
+        return get_family(family_name(self.manifest))
+
+    def step_graph_path(self, kind: str) -> Path | None:
+        """The ONNX Runtime device loop's step graph of `kind` (cfg / plain); None in bundles
+        exported before step graphs were written into them (format 1)."""
+        rel = (self.manifest.get("step_graphs") or {}).get(kind)
+        return self.path(rel) if rel is not None else None
 
     @property
     def dims(self) -> dict[str, int]:
@@ -122,6 +136,10 @@ def open_bundle(root: str | Path, verify_hashes: bool = True) -> Bundle:
             "upgrade eclipse-export, or re-export the bundle with this version"
         )
 
+    try:
+        get_family(family_name(manifest))
+    except UnknownFamily as e:
+        raise BundleError(f"{root}: {e}; upgrade eclipse-export, or re-export the bundle with this version") from None
     problems = manifest_problems(manifest)
     if problems:  # structure first: a malformed entry must not be followed to the file system
         raise BundleError(f"{root / MANIFEST} is invalid: " + "; ".join(problems) + f"; {_hint(root)}")
@@ -152,9 +170,18 @@ def unsafe_path_reason(rel) -> str | None:
     return None
 
 
+def family_name(m: dict):
+    """The manifest's model family (format 1 manifests carry none: Kandinsky 2.2)."""
+    return m.get("family", DEFAULT_FAMILY) if m.get("format_version") == 1 else m.get("family")
+
+
 def manifest_problems(m: dict) -> list[str]:
     """Everything wrong with the manifest's structure: types, required keys, paths, ranges."""
     problems: list[str] = []
+    try:
+        family = get_family(family_name(m))
+    except UnknownFamily as e:
+        return [str(e)]
     files = m.get("files")
     if not isinstance(files, dict) or not files:
         return ["'files' must be a non-empty object"]
@@ -174,7 +201,7 @@ def manifest_problems(m: dict) -> list[str]:
         if unsafe_path_reason(rel) or rel not in files:
             problems.append(f"{where} {rel!r} is not one of the manifest's files")
 
-    for rel in REQUIRED_FILES:
+    for rel in family.required_files:
         listed("required file", rel)
     if m.get("precision") not in PRECISIONS:
         problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {m.get('precision')!r}")
@@ -182,13 +209,13 @@ def manifest_problems(m: dict) -> list[str]:
     if not isinstance(dims, dict):
         problems.append("'dims' must be an object")
     else:
-        for k in DIM_NAMES:
+        for k in family.dim_names:
             if not (_is_int(dims.get(k)) and 1 <= dims[k] <= MAX_DIM):
                 problems.append(f"dims.{k} must be an integer in 1..{MAX_DIM}, got {dims.get(k)!r}")
     components = m.get("components")
-    if not isinstance(components, dict) or set(components) != set(COMPONENT_NAMES):
+    if not isinstance(components, dict) or set(components) != set(family.components):
         got = sorted(components) if isinstance(components, dict) else components
-        problems.append(f"'components' must name exactly {', '.join(COMPONENT_NAMES)}, got {got!r}")
+        problems.append(f"'components' must name exactly {', '.join(family.components)}, got {got!r}")
     else:
         for name, c in components.items():
             if not isinstance(c, dict):
@@ -206,7 +233,7 @@ def manifest_problems(m: dict) -> list[str]:
         problems.append("'engines' must be an object")
         engines = {}
     for name, e in engines.items():
-        if name not in COMPONENT_NAMES or not isinstance(e, dict):
+        if name not in family.components or not isinstance(e, dict):
             problems.append(f"engines.{name} must be an object of a known component")
             continue
         listed(f"engines.{name}.file", e.get("file"))
@@ -217,6 +244,12 @@ def manifest_problems(m: dict) -> list[str]:
         ccs = e.get("compute_capabilities")
         if not isinstance(ccs, list) or not all(isinstance(c, str) for c in ccs):
             problems.append(f"engines.{name}.compute_capabilities must be a list of strings")
+    steps = m.get("step_graphs") or {}
+    if not isinstance(steps, dict) or not set(steps) <= set(STEP_GRAPH_KINDS):
+        problems.append(f"'step_graphs' must be an object with keys among {', '.join(STEP_GRAPH_KINDS)}")
+    else:
+        for kind, rel in steps.items():
+            listed(f"step_graphs.{kind}", rel)
     return problems
 
 

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "core/common.hpp"
+#include "core/families.hpp"
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -18,12 +19,10 @@ std::string hint(const fs::path &root) { return "re-export it (eclipse-export ..
 
 [[noreturn]] void bundle_error(const std::string &message) { throw Error(ECLIPSE_ERR_BUNDLE, message); }
 
-constexpr const char *kComponentNames[] = {"text_encoder", "prior", "unet", "movq"};
+// The components, dims and files a bundle must have come from its family (core/families.hpp).
 constexpr const char *kPrecisions[] = {"fp32", "fp16", "int8"};
 constexpr const char *kEngineFlavours[] = {"tensorrt", "tensorrt-rtx"};
-constexpr const char *kDimNames[] = {"T", "D", "E", "C", "S"};
-// Files the pipeline opens by name (tokenizer_config.json is read when the bundle lists it).
-constexpr const char *kRequiredFiles[] = {"scheduler_config.json", "negative_image_embeds.npy", "tokenizer/tokenizer.json"};
+constexpr const char *kStepGraphKinds[] = {"cfg", "plain"};
 // Far above any real stack (bigG: D = E = 1280, T = 77), small enough that arrays sized from
 // them cannot exhaust memory before a graph refuses them.
 constexpr int64_t kMaxDim = int64_t{1} << 16;
@@ -67,6 +66,8 @@ bool is_sha256(const json &v) {
 // Everything wrong with the manifest's structure, as runtime/bundle.py's manifest_problems.
 std::vector<std::string> manifest_problems(const json &m) {
     std::vector<std::string> problems;
+    const Family *family = find_family(family_name(m));
+    if (!family) return {unknown_family_message(family_name(m))};
     const json files = m.value("files", json());
     if (!files.is_object() || files.empty()) return {"'files' must be a non-empty object"};
     for (const auto &[rel, entry] : files.items()) {
@@ -84,24 +85,24 @@ std::vector<std::string> manifest_problems(const json &m) {
         if (!unsafe_reason(rel).empty() || !files.contains(rel.get<std::string>()))
             problems.push_back(where + " " + rel.dump() + " is not one of the manifest's files");
     };
-    for (const char *rel : kRequiredFiles) listed("required file", rel);
+    for (const std::string &rel : family->required_files) listed("required file", rel);
     if (!one_of(m.value("precision", json()), kPrecisions))
         problems.push_back("precision must be one of fp32, fp16, int8, got " + m.value("precision", json()).dump());
     const json dims = m.value("dims", json());
     if (!dims.is_object()) {
         problems.push_back("'dims' must be an object");
     } else {
-        for (const char *k : kDimNames) {
+        for (const std::string &k : family->dim_names) {
             const json d = dims.value(k, json());
             if (!d.is_number_integer() || d.get<int64_t>() < 1 || d.get<int64_t>() > kMaxDim)
-                problems.push_back(std::string("dims.") + k + " must be an integer in 1.." + std::to_string(kMaxDim) + ", got " + d.dump());
+                problems.push_back("dims." + k + " must be an integer in 1.." + std::to_string(kMaxDim) + ", got " + d.dump());
         }
     }
     const json components = m.value("components", json());
-    bool exact = components.is_object() && components.size() == std::size(kComponentNames);
-    for (const char *name : kComponentNames) exact = exact && components.contains(name);
+    bool exact = components.is_object() && components.size() == family->components.size();
+    for (const std::string &name : family->components) exact = exact && components.contains(name);
     if (!exact) {
-        problems.push_back("'components' must name exactly text_encoder, prior, unet, movq");
+        problems.push_back("'components' must name exactly " + join(family->components, ", "));
     } else {
         for (const auto &[name, c] : components.items()) {
             if (!c.is_object()) {
@@ -128,8 +129,7 @@ std::vector<std::string> manifest_problems(const json &m) {
         engines = json::object();
     }
     for (const auto &[name, e] : engines.items()) {
-        bool known = false;
-        for (const char *n : kComponentNames) known = known || name == n;
+        const bool known = std::find(family->components.begin(), family->components.end(), name) != family->components.end();
         if (!known || !e.is_object()) {
             problems.push_back("engines." + name + " must be an object of a known component");
             continue;
@@ -143,6 +143,14 @@ std::vector<std::string> manifest_problems(const json &m) {
         if (!ccs.is_array() || !std::all_of(ccs.begin(), ccs.end(), [](const json &c) { return c.is_string(); }))
             problems.push_back("engines." + name + ".compute_capabilities must be a list of strings");
     }
+    json steps = m.value("step_graphs", json::object());
+    if (steps.is_null()) steps = json::object();
+    bool steps_ok = steps.is_object();
+    for (const auto &[kind, rel] : steps_ok ? steps.items() : json::object().items()) {
+        if (!one_of(json(kind), kStepGraphKinds)) steps_ok = false;
+        else listed("step_graphs." + kind, rel);
+    }
+    if (!steps_ok) problems.push_back("'step_graphs' must be an object with keys among cfg, plain");
     return problems;
 }
 
@@ -233,6 +241,9 @@ std::shared_ptr<const Bundle> Bundle::open(const fs::path &given, bool verify_ha
                      std::to_string(kBundleFormatVersion) +
                      "); upgrade eclipse-export, or re-export the bundle with this version");
     }
+    if (!find_family(family_name(m)))
+        bundle_error(given.string() + ": " + unknown_family_message(family_name(m)) +
+                     "; upgrade eclipse-export, or re-export the bundle with this version");
     // structure first: a malformed entry must not be followed to the file system
     if (auto problems = manifest_problems(m); !problems.empty())
         bundle_error(manifest_path.string() + " is invalid: " + join(problems) + "; " + hint(given));

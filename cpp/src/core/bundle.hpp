@@ -16,7 +16,9 @@
 namespace eclipse::core {
 
 constexpr const char *kBundleFormat = "eclipse-export-bundle";
-constexpr int kBundleFormatVersion = 1;
+// 2: the manifest names its model family and may list step graphs (read by the Python ORT
+// device loop); format 1 bundles are still read (core/families.hpp)
+constexpr int kBundleFormatVersion = 2;
 
 class Bundle {
 public:

@@ -14,7 +14,6 @@ using nlohmann::json;
 namespace eclipse::core {
 namespace {
 
-constexpr const char *kComponents[] = {"text_encoder", "prior", "unet", "movq"};
 constexpr int32_t kMinSize = 64, kMaxSize = 2048, kSizeMultiple = 64;
 
 double seconds_since(std::chrono::steady_clock::time_point t0) {
@@ -175,6 +174,11 @@ std::shared_ptr<const BundleData> BundleData::open(const std::string &path, bool
     auto data = std::make_shared<BundleData>();
     data->bundle = Bundle::open(path, verify_hashes);
     const Bundle &b = *data->bundle;
+    // Bundle::open refused families this library does not know; the chain below is Kandinsky 2.2's
+    data->family = find_family(family_name(b.manifest()));
+    if (!data->family || data->family->name != "kandinsky22")
+        throw Error(ECLIPSE_ERR_BUNDLE, path + ": this library has no chain for model family '" +
+                                            family_name(b.manifest()) + "'");
     const json config = b.listed("tokenizer/tokenizer_config.json") ? b.read_json("tokenizer/tokenizer_config.json") : json();
     data->tokenizer = std::make_unique<ClipTokenizer>(b.read_json("tokenizer/tokenizer.json"), config);
     data->scheduler_config = b.read_json("scheduler_config.json");
@@ -198,7 +202,7 @@ std::shared_ptr<const Context> Context::create(std::shared_ptr<const BundleData>
     const Bundle &b = *ctx->data->bundle;
     const json engines = b.manifest().value("engines", json::object());
     ctx->backend->preflight(b);
-    for (const char *name : kComponents) {
+    for (const std::string &name : ctx->data->family->components) {
         const json &c = b.component(name);
         ComponentFiles files{name, b.path(c.at("graph").get<std::string>()), nullptr};
         for (const auto &rel : c.value("files", json::array())) b.path(rel.get<std::string>());  // listed + inside

@@ -12,6 +12,7 @@
 
 #include "core/backend.hpp"
 #include "core/bundle.hpp"
+#include "core/families.hpp"
 #include "core/npy.hpp"
 #include "core/tokenizer.hpp"
 
@@ -19,6 +20,7 @@ namespace eclipse::core {
 
 struct BundleData {
     std::shared_ptr<const Bundle> bundle;
+    const Family *family;  // core/families.hpp: the bundle's components in chain order
     std::unique_ptr<ClipTokenizer> tokenizer;
     nlohmann::json scheduler_config;
     std::vector<float> negative_image_embeds;  // (D): CLIP image embedding of a zeros image

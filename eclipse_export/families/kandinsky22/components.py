@@ -125,6 +125,7 @@ UNET = ComponentSpec(
     # the UNet's FP16 error (tiny preset: step-0 cosine 0.99997 -> 0.9999993, see decisions.md).
     fp16_keep_fp32=NORMS + ("Sin", "Cos"),
     rows_per_prompt=2,  # classifier-free guidance: [negative, positive]
+    denoiser=True,
     notes=("~5 GB of fp32 weights at full size: exported with ONNX external data",
            "FP16: the timestep embedding's Sin/Cos and their argument are computed in FP32"),
 )

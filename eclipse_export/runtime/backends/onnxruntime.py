@@ -229,10 +229,19 @@ class OnnxRuntimeBackend:
 
     def load(self, spec: ComponentSpec, bundle: Bundle) -> OrtSession:
         path = bundle.graph_path(spec.name)
-        # the UNet of a CUDA-graph device loop is made for its first request's shapes, not here
+        if spec.denoiser and self.device_loop and bundle.step_graph_path("cfg") is None:
+            # bundles of format 1 carry no step graphs: the loop runs on the host, correct but with
+            # the latents crossing to the host every step
+            self.device_loop = False
+            self.notes.append(f"{bundle.root} has no step graphs (exported before format 2): the UNet loop runs on "
+                              f"the host; add them with eclipse-export --from-bundle {bundle.root} --target "
+                              f"{bundle.manifest.get('target', 'onnx')} --out NEW")
+        # the denoiser of a CUDA-graph device loop is made for its first request's shapes, not here
         # (its load time then adds to OrtSession.load_seconds at the first generation)
-        lazy = spec.name == "unet" and self.device_loop and self.cuda_graphs
-        return OrtSession(spec, lambda static: self._make_session(spec, path, bundle, static), eager=not lazy)
+        lazy = spec.denoiser and self.device_loop and self.cuda_graphs
+        session = OrtSession(spec, lambda static: self._make_session(spec, path, bundle, static), eager=not lazy)
+        session.bundle = bundle  # the device loop reads the bundle's step graphs
+        return session
 
     # the device loop ---------------------------------------------------------------------
     def denoise(self, unet: OrtSession, latents: np.ndarray, image_embeds: np.ndarray, scheduler,

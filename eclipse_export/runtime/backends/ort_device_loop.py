@@ -1,7 +1,7 @@
 """The UNet loop on ONNX Runtime's device: the latents stay where the UNet runs.
 
 Per step, on the device:  UNet(sample, timestep, image_embeds) -> noise_pred, then the guided
-step graph (runtime/step_graph.py) (noise_pred, latents, all steps' noises, params) ->
+step graph (export/step_graph.py, a file of the bundle) (noise_pred, latents, all steps' noises, params) ->
 next latents + next UNet sample. Every tensor is an OrtValue bound with IO binding; nothing the
 loop computes comes back to the host until the final latents.
 
@@ -32,15 +32,23 @@ import numpy as np
 
 from eclipse_export.runtime.backends.base import BackendError
 from eclipse_export.runtime.backends.ort_errors import ort_error_line
+from eclipse_export.runtime.schedulers import StepCoefficients
 
 if TYPE_CHECKING:  # the ORT backend creates this loop; only its types are needed here
     from eclipse_export.runtime.backends.onnxruntime import (
         OnnxRuntimeBackend,
         OrtSession,
     )
-from eclipse_export.runtime.step_graph import guided_step_model, step_params
 
 F32 = np.float32
+
+# The step graph's `params` input, in order (export/step_graph.py builds the graph that reads it).
+PARAMS = ("scale", "a", "b", "clip", "c_x0", "c_x", "c_eps", "std", "noise_index")
+
+
+def step_params(k: StepCoefficients, guidance_scale: float | None, noise_index: int) -> np.ndarray:
+    """The `params` input of one step (guidance_scale None: no CFG, the graph ignores it)."""
+    return np.array([guidance_scale or 1.0, *k.astuple(), noise_index], dtype=np.float32)
 
 
 @dataclass
@@ -63,13 +71,14 @@ class OrtDeviceLoop:
     def __init__(self, backend: OnnxRuntimeBackend):
         self.backend = backend
         self.ort = backend._ort
-        self._step_sessions: dict[bool, object] = {}
+        self._step_sessions: dict[str, object] = {}  # by step graph file
         self._buffers: _Buffers | None = None
         self.graph_fallback: str | None = None
 
     # sessions ----------------------------------------------------------------------------
-    def _step_session(self, cfg: bool):
-        if cfg not in self._step_sessions:
+    def _step_session(self, graph):
+        key = str(graph)
+        if key not in self._step_sessions:
             ort, b = self.ort, self.backend
             opts = ort.SessionOptions()
             opts.log_severity_level = 3
@@ -82,11 +91,11 @@ class OrtDeviceLoop:
                 providers = None
             options = [{"device_id": str(b.device_id)}] if providers == ["CUDAExecutionProvider"] else None
             try:
-                self._step_sessions[cfg] = ort.InferenceSession(guided_step_model(cfg), opts, providers=providers,
+                self._step_sessions[key] = ort.InferenceSession(key, opts, providers=providers,
                                                                 provider_options=options, enable_fallback=0)
             except Exception as e:
                 raise BackendError(f"ONNX Runtime could not create the guided-step graph: {ort_error_line(e)}") from None
-        return self._step_sessions[cfg]
+        return self._step_sessions[key]
 
     def _unet_session(self, unet: OrtSession, shapes: dict):
         b = self.backend
@@ -181,7 +190,9 @@ class OrtDeviceLoop:
             self._buffers = None
         session = self._unet_session(unet, shapes)
         buf = self._buffers_for(session, key, shapes, latents.shape)
-        step = self._step_session(cfg)
+        # the bundle's own hash-verified step graph (the backend runs the loop on the host for a
+        # bundle that has none, see OnnxRuntimeBackend.load)
+        step = self._step_session(unet.bundle.step_graph_path("cfg" if cfg else "plain"))
 
         buf.image_embeds.update_inplace(np.ascontiguousarray(image_embeds, F32))
         buf.sample.update_inplace(sample0)

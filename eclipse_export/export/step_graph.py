@@ -1,0 +1,97 @@
+"""Classifier-free guidance + one scheduler step as a tiny ONNX graph, written into every bundle.
+
+ONNX Runtime's device loop (runtime/backends/ort_device_loop.py) runs it on the UNet's execution
+provider so the latents never leave the device between steps. It is the ONNX statement of what
+runtime/backends/kernels/guided_step.cu computes for the TensorRT backend, driven by the same
+`StepCoefficients`: guidance eps = u + s * (c - u), then
+
+    x0   = clip((x - b * eps) / a, -clip, clip)
+    prev = c_x0 * x0 + c_x * x + c_eps * eps + std * noise
+
+in float32, in `schedulers.apply_step`'s operation order (tests hold the two to bit equality on
+ONNX Runtime's CPU provider). Every per-step number is an input, so one graph serves every step
+of every scheduler:
+
+    params (9,) float32 = [guidance scale, a, b, clip, c_x0, c_x, c_eps, std, noise index]
+
+(runtime/backends/ort_device_loop.py: PARAMS, step_params). The noise index selects this step's
+variance noise from all steps' noises, uploaded once before the loop; it rides in the float vector
+(exact up to 2**24) so a step costs one tiny upload. Outputs: the next latents and the next UNet
+input (the latents twice under CFG).
+
+Written at export time with the `onnx` package (the export side has it; the edge runtime does
+not need it) and listed in the manifest like every other file, so the runtime loads a
+hash-verified graph instead of building one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from eclipse_export.runtime.backends.ort_device_loop import PARAMS
+
+INPUTS = ("noise_pred", "latents", "step_noise", "params")
+OUTPUTS = ("latents_next", "sample_next")
+# file names in the bundle, per kind (runtime/bundle.py STEP_GRAPH_KINDS)
+FILES = {"cfg": "guided_step_cfg.onnx", "plain": "guided_step.onnx"}
+# opset 17: Split takes its sizes as an input (absent: equal halves); every op here is in ONNX
+# Runtime's CUDA and CPU providers at this opset
+OPSET = 17
+
+
+def guided_step_model(cfg: bool) -> onnx.ModelProto:
+    """The step graph; shapes stay symbolic (B, C, H, W, N steps of noise)."""
+    lat = ["B", "C", "H", "W"]
+    pred_batch = "2*B" if cfg else "B"  # symbolic name only; the Split below halves it
+    nodes = []
+    inits = [numpy_helper.from_array(np.array(i, np.int64), f"i_{i}") for i in range(len(PARAMS))]
+    for i, name in enumerate(PARAMS):
+        nodes.append(helper.make_node("Gather", ["params", f"i_{i}"], [name], name=f"get_{name}", axis=0))
+    nodes.append(helper.make_node("Cast", ["noise_index"], ["noise_index_i64"], to=TensorProto.INT64))
+    nodes.append(helper.make_node("Gather", ["step_noise", "noise_index_i64"], ["noise"], axis=0))
+    if cfg:  # noise_pred = [uncond; cond] along the batch
+        nodes += [helper.make_node("Split", ["noise_pred"], ["uncond", "cond"], axis=0),
+                  helper.make_node("Sub", ["cond", "uncond"], ["diff"]),
+                  helper.make_node("Mul", ["scale", "diff"], ["scaled"]),
+                  helper.make_node("Add", ["uncond", "scaled"], ["eps"])]
+    else:
+        nodes.append(helper.make_node("Identity", ["noise_pred"], ["eps"]))
+    nodes += [
+        helper.make_node("Mul", ["b", "eps"], ["b_eps"]),
+        helper.make_node("Sub", ["latents", "b_eps"], ["x_minus"]),
+        helper.make_node("Div", ["x_minus", "a"], ["x0_raw"]),
+        helper.make_node("Neg", ["clip"], ["neg_clip"]),
+        helper.make_node("Clip", ["x0_raw", "neg_clip", "clip"], ["x0"]),
+        helper.make_node("Mul", ["c_x0", "x0"], ["t_x0"]),
+        helper.make_node("Mul", ["c_x", "latents"], ["t_x"]),
+        helper.make_node("Mul", ["c_eps", "eps"], ["t_eps"]),
+        helper.make_node("Add", ["t_x0", "t_x"], ["s1"]),
+        helper.make_node("Add", ["s1", "t_eps"], ["s2"]),
+        helper.make_node("Mul", ["std", "noise"], ["t_noise"]),
+        helper.make_node("Add", ["s2", "t_noise"], ["latents_next"]),
+        helper.make_node("Concat", ["latents_next", "latents_next"], ["sample_next"], axis=0) if cfg
+        else helper.make_node("Identity", ["latents_next"], ["sample_next"]),
+    ]
+    f32 = TensorProto.FLOAT
+    inputs = [helper.make_tensor_value_info("noise_pred", f32, [pred_batch, *lat[1:]]),
+              helper.make_tensor_value_info("latents", f32, lat),
+              helper.make_tensor_value_info("step_noise", f32, ["N", *lat]),
+              helper.make_tensor_value_info("params", f32, [len(PARAMS)])]
+    outputs = [helper.make_tensor_value_info("latents_next", f32, lat),
+               helper.make_tensor_value_info("sample_next", f32, [pred_batch, *lat[1:]])]
+    graph = helper.make_graph(nodes, "guided_step_cfg" if cfg else "guided_step", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="eclipse-export")
+    model.ir_version = 8  # readable by ONNX Runtime >= 1.14
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def write_step_graphs(directory: Path) -> dict[str, str]:
+    """Write both step graphs into a bundle directory; returns the manifest's `step_graphs`."""
+    for kind, name in FILES.items():
+        onnx.save(guided_step_model(kind == "cfg"), Path(directory) / name)
+    return dict(FILES)

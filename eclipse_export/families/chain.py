@@ -1,0 +1,49 @@
+"""A model family as data: its components (specs) and the chain that connects them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from eclipse_export.families.spec import ComponentSpec
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One graph call of the chain. `inputs` maps each graph input to the value that feeds it:
+    "component.output" for another stage's output, or a name the family's driver provides
+    ("tokens.input_ids", "noise.prior", "loop.sample", ...). A `loop` stage is the denoiser,
+    called once per sampler step by the driver."""
+
+    component: str
+    inputs: Mapping[str, str]
+    loop: bool = False
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # the manifest's "family"
+    title: str
+    components: Mapping[str, ComponentSpec]  # in chain order
+    chain: tuple[Stage, ...]
+    # the static dims every bundle of the family records (see the components' shape symbols)
+    dim_names: tuple[str, ...]
+    # files the driver opens by name, besides the graphs (the manifest must list them)
+    required_files: tuple[str, ...]
+    presets: tuple[str, ...]
+    # default image size of the chain (height, width)
+    default_size: tuple[int, int] = (512, 512)
+
+    def __post_init__(self):
+        names = [s.component for s in self.chain]
+        if names != list(self.components):
+            raise ValueError(f"{self.name}: the chain calls {names}, the components are {list(self.components)}")
+        for stage in self.chain:
+            spec = self.components[stage.component]
+            if set(stage.inputs) != set(spec.input_names):
+                raise ValueError(f"{self.name}.{stage.component}: the chain feeds {sorted(stage.inputs)}, "
+                                 f"the graph takes {sorted(spec.input_names)}")
+
+    @property
+    def loop_stage(self) -> Stage:
+        return next(s for s in self.chain if s.loop)

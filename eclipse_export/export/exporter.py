@@ -393,7 +393,8 @@ def _quantize_bundle(work: Path, family: Family, components: dict, dims: dict, s
     reset_peak_rss()
     t0 = time.perf_counter()
     written = [str(p.relative_to(work)) for p in work.rglob("*") if p.is_file()]
-    provisional = trusted_bundle(work, {"dims": dims, "components": components, "precision": "fp32"}, written)
+    provisional = trusted_bundle(work, {"format_version": FORMAT_VERSION, "family": family.name, "dims": dims,
+                                          "components": components, "precision": "fp32"}, written)
     pipeline = Pipeline(provisional, OnnxRuntimeBackend())
     log(f"  calibration: {len(calib)} prompts, {capture_opts.height}x{capture_opts.width}, "
         f"{capture_opts.unet_steps_per_prompt} of {capture_opts.steps} UNet steps each -> {cache}")

@@ -10,7 +10,7 @@ gets wrong on our graphs, all seen here on the tiny preset:
 - the converter keeps a blocked node FP32 by casting its inputs up and its output back down to
   FP16, also between two blocked nodes: a chain "kept FP32" is still rounded to FP16 at every
   link. `collapse_round_trips` lets FP32 consumers read the FP32 value itself.
-Which ops stay FP32 is decided per component in specs.py (fp16_keep_fp32).
+Which ops stay FP32 is decided per component in the family's component specs (families/, fp16_keep_fp32).
 """
 
 from __future__ import annotations

@@ -265,7 +265,7 @@ class OnnxRuntimeBackend:
 
 def declared_input_shapes(spec: ComponentSpec) -> dict[str, list]:
     """Input name -> shape as the exported graph declares it: the spec's symbol on each dynamic
-    axis (export.py names the graph's free dimensions after them), -1 on fixed axes. Read from
+    axis (export/exporter.py names the graph's free dimensions after them), -1 on fixed axes. Read from
     the spec, not from a throwaway CPU session of the graph (full-size UNet: 4.2 s and 1.2 GiB
     more host memory, measured, before every static session)."""
     return {t.name: [t.dynamic_axes().get(axis, -1) for axis in range(len(t.shape))] for t in spec.inputs}

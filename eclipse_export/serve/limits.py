@@ -176,11 +176,14 @@ def validate_item(limits: ServeLimits, prompt, negative_prompt=None, seed=None, 
         raise RequestError(f"GUIDANCE {guidance} is outside 0..100")
     size = {}
     for name, value in (("HEIGHT", height), ("WIDTH", width)):
-        value = limits.default_size if value is None else _int(value, name, limits.min_size, limits.max_size)
+        if limits.static_size and value is not None and _int(value, name, 0, 1 << 31) != limits.static_size[len(size)]:
+            h, w = limits.static_size
+            raise RequestError(f"this model serves {h}x{w} images only (its engines are static)")
+        if value is None:
+            value = limits.static_size[len(size)] if limits.static_size else limits.default_size
+        else:
+            value = _int(value, name, limits.min_size, limits.max_size)
         if value % SIZE_MULTIPLE:
             raise RequestError(f"{name} {value} is not a multiple of {SIZE_MULTIPLE}")
         size[name] = value
-    if limits.static_size and (size["HEIGHT"], size["WIDTH"]) != limits.static_size:
-        h, w = limits.static_size
-        raise RequestError(f"this model serves {h}x{w} images only (its engines are static)")
     return Item(prompt, negative, seed, steps, guidance, size["HEIGHT"], size["WIDTH"])

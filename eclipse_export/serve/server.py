@@ -23,7 +23,6 @@ Facts this module handles (measured, see docs/decisions.md "Serving"):
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -67,6 +66,7 @@ class ModelPython:
     version: str  # "3.11"
     libdir: Path | None  # where its libpython is, when it has a shared one
     numpy: str | None
+    pytriton: Path | None  # the nvidia-pytriton wheel's package folder in that environment
 
     @staticmethod
     def probe(executable: str | Path | None = None) -> "ModelPython":
@@ -74,21 +74,24 @@ class ModelPython:
         script = ("import sys, sysconfig, os, json\n"
                   "d, l = sysconfig.get_config_var('LIBDIR'), sysconfig.get_config_var('LDLIBRARY')\n"
                   "try:\n    import numpy; n = numpy.__version__\nexcept ImportError:\n    n = None\n"
+                  "import importlib.util as u\ns = u.find_spec('pytriton')\n"  # found, not imported
+                  "t = list(s.submodule_search_locations)[0] if s and s.submodule_search_locations else None\n"
                   "print(json.dumps({'v': '%d.%d' % sys.version_info[:2], "
-                  "'lib': d if d and l and os.path.exists(os.path.join(d, l)) else None, 'numpy': n}))")
+                  "'lib': d if d and l and os.path.exists(os.path.join(d, l)) else None, 'numpy': n, 't': t}))")
         try:
             out = subprocess.run([str(executable), "-c", script], capture_output=True, text=True, timeout=60, check=True)
             info = json.loads(out.stdout.strip().splitlines()[-1])
         except (OSError, subprocess.SubprocessError, ValueError, IndexError) as e:
             raise ServerError(f"--python {executable}: cannot run it ({e})") from None
-        return ModelPython(executable, info["v"], Path(info["lib"]) if info["lib"] else None, info["numpy"])
+        return ModelPython(executable, info["v"], Path(info["lib"]) if info["lib"] else None, info["numpy"],
+                           Path(info["t"]) if info["t"] else None)
 
 
 def _pytriton_install(python: ModelPython) -> TritonInstall | None:
-    spec = importlib.util.find_spec("pytriton")  # locates the wheel without importing it
-    if spec is None or not spec.submodule_search_locations:
+    # the wheel installed with the models' environment (`pip install eclipse-export[serve]`)
+    if python.pytriton is None:
         return None
-    root = Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
+    root = python.pytriton / "tritonserver"
     binary = root / "bin" / "tritonserver"
     stub = root / "python_backend_stubs" / python.version / "triton_python_backend_stub"
     if not binary.is_file():

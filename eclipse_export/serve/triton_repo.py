@@ -87,7 +87,10 @@ def _eclipse_config(options: TritonRepoOptions, limits: ServeLimits, kind: str, 
         f'  {{ name: "WIDTH" data_type: TYPE_INT32 dims: [1]{optional} }}',
         "]",
         'output [ { name: "IMAGE" data_type: TYPE_UINT8 dims: [-1, -1, 3] } ]',
-        f"dynamic_batching {{ max_queue_delay_microseconds: {int(options.queue_delay_ms * 1000)} }}",
+        # stages: no batching here; each request runs in its own instance, and the stage models'
+        # batchers merge the concurrent requests' graph calls (across guidance, negative prompts)
+        f"dynamic_batching {{ max_queue_delay_microseconds: {int(options.queue_delay_ms * 1000)} }}"
+        if options.layout == "single" else "",
         _instance_group(options, kind, instances),
         f'parameters [ {{ key: "bundle" value: {{ string_value: {_pbtxt_string(BUNDLE_DIR)} }} }} ]',
     ]

@@ -51,7 +51,7 @@ def serve_main(argv=None) -> int:
                               grpc_port=args.grpc_port, metrics_port=args.metrics_port, log=sys.stderr,
                               python=args.python)
     except ServerError as e:
-        raise UserError(f"{e}; or run it in NVIDIA's container: eclipse-serve --repository {args.repository} --docker") from None
+        raise UserError(str(e)) from None
     _log(f"starting tritonserver ({server.install.origin}: {server.install.binary}) on {args.repository}")
     stop = threading.Event()
     # Ctrl-C and SIGTERM (_run turns it into KeyboardInterrupt) both end in server.stop()

@@ -197,8 +197,9 @@ class TritonServer:
         self.python = ModelPython.probe(python)
         self.install = install or find_tritonserver(python=self.python)
         if self.install is None:
-            raise ServerError("no tritonserver found: pip install nvidia-pytriton (the server in a wheel), install "
-                              "Triton, or run NVIDIA's container (eclipse-serve --docker prints the line)")
+            raise ServerError(f"no tritonserver found for {self.python.executable}: pip install 'eclipse-export[serve]' "
+                              "(the server in the nvidia-pytriton wheel), pass --tritonserver, or run NVIDIA's "
+                              "container (eclipse-serve --docker prints the line)")
         self.host = host
         self.http_port = http_port or free_port(host)
         self.grpc_port = grpc_port or free_port(host)

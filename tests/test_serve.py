@@ -103,9 +103,14 @@ def _stub_rss(server: TritonServer) -> int:
 
 
 def test_repository_layout(tiny_bundle, tmp_path):
+    single = (_repo(tiny_bundle, tmp_path / "single", "single") / "eclipse" / "config.pbtxt").read_text()
+    assert "max_batch_size: 4" in single and "dynamic_batching" in single and "count: 1 kind: KIND_CPU" in single
     repo = _repo(tiny_bundle, tmp_path / "repo", "stages")
     config = (repo / "eclipse" / "config.pbtxt").read_text()
-    assert "max_batch_size: 4" in config and "KIND_CPU" in config and "dynamic_batching" in config
+    # the BLS model: one request per instance, as many instances as a batch holds; the stage
+    # models batch
+    assert "max_batch_size: 4" in config and "count: 4 kind: KIND_CPU" in config and "dynamic_batching" not in config
+    assert "dynamic_batching" in (repo / "eclipse_unet" / "config.pbtxt").read_text()
     assert 'string_value: "eclipse/bundle"' in config
     for name in ("PROMPT", "NEGATIVE_PROMPT", "SEED", "STEPS", "GUIDANCE", "HEIGHT", "WIDTH", "IMAGE"):
         assert f'name: "{name}"' in config
@@ -119,6 +124,26 @@ def test_repository_layout(tiny_bundle, tmp_path):
 
     with pytest.raises(RepositoryError, match="exists"):
         _repo(tiny_bundle, repo, "single")
+
+
+def test_stages_with_tritons_own_backends(tiny_bundle, tmp_path):
+    """Where the server has them (NVIDIA's containers; not the wheel): the graphs as onnxruntime
+    models. Written and checked here; served only where such a server is."""
+    from eclipse_export.serve.triton_repo import RepositoryError
+
+    repo = write_repository(tiny_bundle, tmp_path / "repo", TritonRepoOptions(layout="stages", stage_backend="onnxruntime"),
+                            log=lambda m: None)
+    unet = repo / "eclipse_unet"
+    config = (unet / "config.pbtxt").read_text()
+    assert 'backend: "onnxruntime"' in config and "max_batch_size: 0" in config
+    assert 'name: "timestep" data_type: TYPE_FP32 dims: [1]' in config
+    assert (unet / "1" / "model.onnx").stat().st_ino == (tiny_bundle / "unet.onnx").stat().st_ino
+    assert json.loads((repo / "eclipse" / "serve.json").read_text())["stage_batching"] is False
+    with pytest.raises(RepositoryError, match="tensorrt backend loads TensorRT engines"):
+        write_repository(tiny_bundle, tmp_path / "trt", TritonRepoOptions(layout="stages", stage_backend="tensorrt"))
+    with pytest.raises(RepositoryError, match="stages only"):
+        write_repository(tiny_bundle, tmp_path / "x", TritonRepoOptions(stage_backend="onnxruntime"))
+    assert not (tmp_path / "trt").exists() and not (tmp_path / "x").exists()
 
 
 def test_cli_writes_repository_without_torch(tiny_bundle, tmp_path):

@@ -60,6 +60,9 @@ def export_parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("triton target (--from-bundle B --target triton --out REPO)")
     t.add_argument("--triton-layout", default="single",
                    help="single (one model runs the chain) or stages (the four graphs as models, the loop in a BLS model)")
+    t.add_argument("--triton-stage-backend", default="python",
+                   help="stages layout: python (default; batches across requests), onnxruntime or tensorrt "
+                        "(Triton's own backends, in NVIDIA's containers; no batching)")
     t.add_argument("--triton-kind", default="auto", help="instance kind: auto (gpu for engine bundles), cpu or gpu")
     t.add_argument("--triton-instances", type=int, default=1, help="model instances (per GPU with gpu; default 1)")
     t.add_argument("--triton-max-batch", type=int, default=4,
@@ -158,7 +161,8 @@ def _triton_main(args) -> int:
                              default_steps=args.serve_default_steps).checked()
         options = TritonRepoOptions(layout=args.triton_layout, kind=args.triton_kind, instances=args.triton_instances,
                                     limits=limits, queue_delay_ms=args.triton_queue_delay_ms,
-                                    bundle_mode=args.triton_bundle, threads=args.serve_threads,
+                                    bundle_mode=args.triton_bundle, stage_backend=args.triton_stage_backend,
+                                    threads=args.serve_threads,
                                     overwrite=args.overwrite)
         out = write_repository(args.from_bundle, args.out, options, log=_log)
     except (RepositoryError, ValueError) as e:

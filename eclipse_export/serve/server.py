@@ -176,7 +176,9 @@ def package_root() -> Path:
     return Path(eclipse_export.__file__).resolve().parent.parent
 
 
-def _child_signals() -> None:  # runs in the child between fork and exec
+def _child_signals() -> None:
+    # runs in the child between fork and exec (only signal calls: safe there even if the
+    # launcher has threads)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
@@ -204,7 +206,7 @@ class TritonServer:
         self.http_port = http_port or free_port(host)
         self.grpc_port = grpc_port or free_port(host)
         self.metrics_port = metrics_port or free_port(host)
-        self.log = log or open(os.devnull, "w")
+        self.log = log if log is not None else subprocess.DEVNULL  # a file for the server's log
         self.extra_args = tuple(extra_args)
         self.exit_timeout_s = exit_timeout_s
         # the Python backend's shared-memory regions get this prefix: stop() checks none is left

@@ -33,6 +33,12 @@ BUNDLE_DIR = f"{MODEL}/bundle"
 LAYOUTS = ("single", "stages")
 KINDS = ("auto", "cpu", "gpu")
 BUNDLE_MODES = ("link", "copy", "symlink")
+# stage models (--triton-layout stages): Python-backend models over this package's backends (the
+# only kind the nvidia-pytriton wheel's server loads; they batch across requests), or Triton's own
+# onnxruntime / tensorrt backends where the server has them (NVIDIA's containers). Those run the
+# graph as exported: its UNet takes one timestep per call, so they get no batching
+# (max_batch_size 0) and no merging of steps across requests.
+STAGE_BACKENDS = ("python", "onnxruntime", "tensorrt")
 STAGE_PREFIX = f"{MODEL}_"
 _TRITON_TYPES = {"float32": "TYPE_FP32", "int32": "TYPE_INT32", "int64": "TYPE_INT64", "float16": "TYPE_FP16"}
 
@@ -52,6 +58,7 @@ class TritonRepoOptions:
     # generation takes seconds, so waiting 50 ms for company costs ~1 % and fills batches.
     queue_delay_ms: float = 50.0
     bundle_mode: str = "link"
+    stage_backend: str = "python"
     threads: int | None = None  # ONNX Runtime intra-op threads per instance (None: its default)
     warmup: bool = True
     overwrite: bool = False
@@ -105,10 +112,10 @@ def _stage_config(component: str, dims: dict, limits: ServeLimits, options: Trit
         if t.dtype not in _TRITON_TYPES:
             raise RepositoryError(f"{component}.{t.name}: dtype {t.dtype} has no Triton type here")
         if t.shape[0] == "B":
-            shape = [d if isinstance(d, int) else (dims[d] if d in dims else -1) for d in t.shape[1:]]
+            shape = [d if isinstance(d, int) else dims.get(d, -1) for d in t.shape[1:]]
         else:  # a per-call input (the UNet's timestep): one value per batch row on the wire
             shape = list(t.shape)
-        shape = [int(s) if _static(s, dims) else -1 for s in shape]
+        shape = [int(s) if isinstance(s, int) and s >= 0 else -1 for s in shape]
         return f'  {{ name: "{t.name}" data_type: {_TRITON_TYPES[t.dtype]} dims: [{", ".join(str(s) for s in shape)}] }}'
 
     lines = [
@@ -125,8 +132,44 @@ def _stage_config(component: str, dims: dict, limits: ServeLimits, options: Trit
     return "\n".join(lines) + "\n"
 
 
-def _static(s, dims) -> bool:
-    return isinstance(s, int) and s >= 0
+def _native_stage_config(component: str, options: TritonRepoOptions, kind: str) -> str:
+    spec = COMPONENTS[component]
+
+    def tensor(t) -> str:
+        shape = [s if isinstance(s, int) else -1 for s in t.shape]  # full shapes: no batching here
+        return f'  {{ name: "{t.name}" data_type: {_TRITON_TYPES[t.dtype]} dims: [{", ".join(str(s) for s in shape)}] }}'
+
+    backend = options.stage_backend
+    lines = [
+        f'name: "{stage_model(component)}"',
+        f'backend: "{backend}"',
+        f'default_model_filename: "{"model.onnx" if backend == "onnxruntime" else "model.plan"}"',
+        "max_batch_size: 0",
+        "input [", ",\n".join(tensor(t) for t in spec.inputs), "]",
+        "output [", ",\n".join(tensor(t) for t in spec.outputs), "]",
+        _instance_group(options, kind, 1),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _place_native(bundle: Path, manifest: dict, component: str, version_dir: Path, backend: str) -> None:
+    """The graph (and its external data, under the names the graph refers to) or the engine."""
+    if backend == "tensorrt":
+        _link_or_copy(bundle / manifest["engines"][component]["file"], version_dir / "model.plan")
+        return
+    entry = manifest["components"][component]
+    for rel in entry["files"]:
+        name = "model.onnx" if rel == entry["graph"] else Path(rel).name
+        _link_or_copy(bundle / rel, version_dir / name)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+            raise
+        shutil.copy2(src, dst)
 
 
 def _model_py(module: str) -> str:
@@ -140,17 +183,10 @@ def _place_bundle(src: Path, dst: Path, mode: str) -> None:
         dst.symlink_to(src.resolve(), target_is_directory=True)
         return
 
-    def link_or_copy(s, d):
-        if mode == "link":
-            try:
-                os.link(s, d)  # no extra space for a bundle of many GiB
-                return d
-            except OSError as e:
-                if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
-                    raise
-        return shutil.copy2(s, d)
+    def place(s, d):  # hard links: no extra space for a bundle of many GiB
+        return _link_or_copy(Path(s), Path(d)) if mode == "link" else shutil.copy2(s, d)
 
-    shutil.copytree(src, dst, copy_function=link_or_copy, ignore=shutil.ignore_patterns(".ort-cache"))
+    shutil.copytree(src, dst, copy_function=place, ignore=shutil.ignore_patterns(".ort-cache"))
 
 
 def write_repository(bundle: Path, out: Path, options: TritonRepoOptions = TritonRepoOptions(), log=print) -> Path:
@@ -161,6 +197,10 @@ def write_repository(bundle: Path, out: Path, options: TritonRepoOptions = Trito
         raise RepositoryError(f"unknown instance kind {options.kind!r} (choose from {', '.join(KINDS)})")
     if options.bundle_mode not in BUNDLE_MODES:
         raise RepositoryError(f"unknown bundle mode {options.bundle_mode!r} (choose from {', '.join(BUNDLE_MODES)})")
+    if options.stage_backend not in STAGE_BACKENDS:
+        raise RepositoryError(f"unknown stage backend {options.stage_backend!r} (choose from {', '.join(STAGE_BACKENDS)})")
+    if options.stage_backend != "python" and options.layout != "stages":
+        raise RepositoryError("a stage backend applies to --triton-layout stages only")
     if options.instances < 1:
         raise RepositoryError("instances must be >= 1")
     if options.queue_delay_ms < 0:
@@ -174,6 +214,12 @@ def write_repository(bundle: Path, out: Path, options: TritonRepoOptions = Trito
     kind = options.kind if options.kind != "auto" else ("gpu" if backend != "onnxruntime" else "cpu")
     if backend != "onnxruntime" and kind == "cpu":
         raise RepositoryError(f"{bundle} holds {backend} engines: they run on a GPU (KIND_GPU), not KIND_CPU")
+    if options.stage_backend == "tensorrt" and backend != "tensorrt":
+        raise RepositoryError(f"Triton's tensorrt backend loads TensorRT engines (--target trt-fp16 / trt-int8); {bundle} "
+                              f"runs on {backend}: use --triton-stage-backend python or onnxruntime")
+    if options.stage_backend == "onnxruntime" and backend != "onnxruntime":
+        raise RepositoryError(f"{bundle} holds {backend} engines; the onnxruntime stage backend would run its ONNX "
+                              "graphs instead: use an ONNX bundle, or --triton-stage-backend tensorrt")
     limits = limits_for_bundle(opened.manifest, options.limits)
     out = Path(out)
     if out.exists() and not options.overwrite:
@@ -213,10 +259,15 @@ def _write(bundle: Path, manifest: dict, work: Path, options: TritonRepoOptions,
     instances = options.instances
     if options.layout == "stages":
         serve["stage_models"] = {c: stage_model(c) for c in COMPONENTS}
+        serve["stage_batching"] = options.stage_backend == "python"
         instances = max(options.instances, limits.max_batch)
         for component in COMPONENTS:
             stage = work / stage_model(component)
             (stage / "1").mkdir(parents=True)
+            if options.stage_backend != "python":
+                (stage / "config.pbtxt").write_text(_native_stage_config(component, options, kind))
+                _place_native(work / BUNDLE_DIR, manifest, component, stage / "1", options.stage_backend)
+                continue
             (stage / "config.pbtxt").write_text(_stage_config(component, manifest["dims"], limits, options, kind))
             (stage / "1" / "model.py").write_text(_model_py("stage"))
             (stage / "serve.json").write_text(json.dumps({"component": component, "threads": options.threads}, indent=1))

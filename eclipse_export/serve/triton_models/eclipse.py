@@ -59,7 +59,7 @@ class TritonPythonModel:
         if serve.get("layout") == "stages":
             from eclipse_export.serve.triton_models.remote import RemoteBackend
 
-            backend = RemoteBackend(serve["stage_models"])
+            backend = RemoteBackend(serve["stage_models"], serve.get("stage_batching", True))
         self.generator = Generator(bundle_path(args, config), ServeLimits.from_json(serve["limits"]), device,
                                    device_id, serve.get("threads"), backend=backend)
         if serve.get("warmup"):  # sessions, arenas, execution contexts set up before the first user waits

@@ -18,16 +18,17 @@ PER_CALL = "timestep"  # inputs with one value per call, sent as one value per b
 
 
 class RemoteSession:
-    def __init__(self, spec: ComponentSpec, model: str):
+    def __init__(self, spec: ComponentSpec, model: str, batching: bool = True):
         self.spec = spec
         self.model = model
+        self.batching = batching  # False: Triton's own backends run the graph's shapes as they are
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         feed = checked_inputs(self.spec, inputs)
         rows = next(len(v) for k, v in feed.items() if k != PER_CALL)
         tensors = []
         for name, value in feed.items():
-            if name == PER_CALL:
+            if name == PER_CALL and self.batching:
                 value = np.repeat(value.reshape(1, -1), rows, axis=0)
             tensors.append(pb_utils.Tensor(name, value))
         request = pb_utils.InferenceRequest(model_name=self.model, inputs=tensors,
@@ -41,11 +42,12 @@ class RemoteSession:
 class RemoteBackend:
     name = "triton-bls"
 
-    def __init__(self, models: Mapping[str, str]):
+    def __init__(self, models: Mapping[str, str], batching: bool = True):
         self.models = dict(models)  # component -> model name in the repository
+        self.batching = batching
 
     def load(self, spec: ComponentSpec, bundle: Bundle) -> RemoteSession:
-        return RemoteSession(spec, self.models[spec.name])
+        return RemoteSession(spec, self.models[spec.name], self.batching)
 
     def describe(self) -> dict:
         return {"backend": self.name, "models": self.models}

@@ -168,6 +168,35 @@ def test_http_and_grpc_give_the_pipelines_pixels(single, reference):
         assert np.array_equal(image, reference[3]), protocol
 
 
+def test_a_request_of_several_rows(single, reference):
+    """Rows of one request are prompts of their own (each with its seed); mixed sizes are refused."""
+    import tritonclient.http as http
+    from tritonclient.utils import InferenceServerException
+
+    def request(heights):
+        rows = len(heights)
+        values = [("PROMPT", np.array([[b"a red cube"]] * rows, dtype=object), "BYTES"),
+                  ("SEED", np.arange(rows, dtype=np.uint64).reshape(rows, 1), "UINT64"),
+                  ("STEPS", np.full((rows, 1), STEPS, np.int32), "INT32"),
+                  ("HEIGHT", np.array(heights, np.int32).reshape(rows, 1), "INT32")]
+        inputs = []
+        for name, array, dtype in values:
+            inputs.append(http.InferInput(name, list(array.shape), dtype))
+            inputs[-1].set_data_from_numpy(array)
+        client = http.InferenceServerClient(single.http_url)
+        try:
+            return client.infer("eclipse", inputs).as_numpy("IMAGE")
+        finally:
+            client.close()
+
+    images = request([SIZE] * 3)
+    assert images.shape == (3, SIZE, SIZE, 3)
+    for seed in range(3):
+        assert np.array_equal(images[seed], reference[seed])
+    with pytest.raises(InferenceServerException, match="same HEIGHT and WIDTH"):
+        request([SIZE, 2 * SIZE])
+
+
 def test_bad_requests_are_refused_and_the_model_keeps_serving(single, reference):
     from tritonclient.utils import InferenceServerException
 

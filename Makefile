@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROMPT ?= a red cube on a blue sphere
 
-.PHONY: demo test install clean cc-present cpp cpp-asan cpp-ort cpp-trt cpp-trt-rtx cpp-deps
+.PHONY: demo test test-serve install clean cc-present cpp cpp-asan cpp-ort cpp-trt cpp-trt-rtx cpp-deps
 
 # C/C++ runtime (cpp/): the Debian/Ubuntu packages it builds with (JetPack ships the same);
 # installed with apt when missing, saying so.
@@ -52,6 +52,21 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Serving environment (README "Serving"): the tritonserver inside the nvidia-pytriton wheel runs its
+# Python-backend models with this interpreter's environment, and that Triton (2.51) needs numpy < 2,
+# which the shared .venv (numpy 2) cannot have; Ray Serve lives here too. No torch.
+SERVE_VENV := .venv-serve
+SERVE_STAMP := $(SERVE_VENV)/.installed
+$(SERVE_STAMP): pyproject.toml
+	$(PY) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/pip install --upgrade pip
+	$(SERVE_VENV)/bin/pip install -e ".[serve,ray]"
+	touch $(SERVE_STAMP)
+
+# the serving tests alone: a real tritonserver and a local Ray cluster on 127.0.0.1 (a few minutes)
+test-serve: $(STAMP) $(SERVE_STAMP)
+	ECLIPSE_SERVE_PYTHON=$(SERVE_VENV)/bin/python $(BIN)/python -m pytest -q tests/test_serve.py tests/test_serve_ray.py tests/test_serve_limits.py
 
 demo: $(STAMP)
 	$(BIN)/eclipse-export --preset tiny --target onnx --out engines/tiny-onnx --overwrite
@@ -111,12 +126,12 @@ cpp-trt-rtx: cpp-deps $(STAMP)
 
 # C++ tests (plain and sanitized), then the Python suite (which checks the C++ chain against the
 # Python runtime through build/cpp, and again through build/cpp-asan)
-test: $(STAMP) cc-present cpp cpp-asan
+test: $(STAMP) $(SERVE_STAMP) cc-present cpp cpp-asan
 	ctest --test-dir $(CPP_BUILD) --output-on-failure
 	ctest --test-dir $(CPP_ASAN) --output-on-failure
 	# the package's layers (pyproject.toml [tool.importlinter], docs/architecture.md)
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q
+	ECLIPSE_SERVE_PYTHON=$(SERVE_VENV)/bin/python $(BIN)/python -m pytest -q
 
 clean:
 	rm -rf engines/tiny-onnx out.png

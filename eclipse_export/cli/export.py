@@ -19,7 +19,8 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny", help=f"model source: {', '.join(ALL_PRESETS)} (default: tiny)")
     p.add_argument("--target", default="onnx",
                    help="onnx (fp32), onnx-fp16, onnx-int8, trt-rtx-fp16 (TensorRT-RTX engines), "
-                        "trt-fp16 or trt-int8 (TensorRT 10.3+/11 engines)")
+                        "trt-fp16 or trt-int8 (TensorRT 10.3+/11 engines); triton (with --from-bundle: a Triton "
+                        "Inference Server model repository serving the bundle)")
     p.add_argument("--out", type=Path, help="bundle directory (default: engines/<preset>-<target>)")
     p.add_argument("--from-bundle", type=Path, metavar="DIR",
                    help="derive from an existing bundle instead of exporting: trt-* engines from its graphs, "
@@ -56,6 +57,24 @@ def export_parser() -> argparse.ArgumentParser:
                                         "or tensorrt (trt-int8's; with onnx-int8: the TensorRT-shaped graph on ONNX Runtime)")
     q.add_argument("--calibration-cache", type=Path, default=Path("engines/.calibration"),
                    help="captured calibration inputs, reused and resumed across exports (default engines/.calibration)")
+    t = p.add_argument_group("triton target (--from-bundle B --target triton --out REPO)")
+    t.add_argument("--triton-layout", default="single",
+                   help="single (one model runs the chain) or stages (the four graphs as models, the loop in a BLS model)")
+    t.add_argument("--triton-stage-backend", default="python",
+                   help="stages layout: python (default; batches across requests), onnxruntime or tensorrt "
+                        "(Triton's own backends, in NVIDIA's containers; no batching)")
+    t.add_argument("--triton-kind", default="auto", help="instance kind: auto (gpu for engine bundles), cpu or gpu")
+    t.add_argument("--triton-instances", type=int, default=1, help="model instances (per GPU with gpu; default 1)")
+    t.add_argument("--triton-max-batch", type=int, default=4,
+                   help="most prompts the dynamic batcher puts in one execution (default 4; engines: at most their profile's)")
+    t.add_argument("--triton-queue-delay-ms", type=float, default=50.0, help="dynamic batcher wait for a fuller batch (default 50)")
+    t.add_argument("--triton-bundle", default="link",
+                   help="how the bundle goes into the repository: link (hard links, else a copy; default), copy, symlink")
+    t.add_argument("--serve-max-steps", type=int, default=100, help="most sampling steps a request may ask for (default 100)")
+    t.add_argument("--serve-max-size", type=int, default=1024, help="largest image side a request may ask for (default 1024)")
+    t.add_argument("--serve-default-size", type=int, default=512, help="image side when a request gives none (default 512)")
+    t.add_argument("--serve-default-steps", type=int, default=50, help="steps when a request gives none (default 50)")
+    t.add_argument("--serve-threads", type=int, help="ONNX Runtime threads per instance (default: its own choice)")
     g = p.add_argument_group("real checkpoints (--preset kandinsky22): hub ids or local directories")
     g.add_argument("--prior", help="ECLIPSE prior (default: ECLIPSE-Community/ECLIPSE_KandinskyV22_Prior)")
     g.add_argument("--text-encoder", help="CLIP bigG text encoder + tokenizer (default: laion/CLIP-ViT-bigG-14-laion2B-39B-b160k)")
@@ -67,6 +86,8 @@ def export_parser() -> argparse.ArgumentParser:
 
 def export_main(argv=None) -> int:
     args = export_parser().parse_args(argv)
+    if args.target == "triton":  # serving needs no torch: nothing from export/ is imported
+        return _triton_main(args)
     from eclipse_export.export.exporter import (
         DEFAULT_OPSET,
         EXPORTERS,
@@ -118,6 +139,34 @@ def export_main(argv=None) -> int:
     _log(f"exporting preset {args.preset} -> {out} ({args.target})")
     source = make_source(args.preset, seed=args.seed, locations=locations, allow_pickle=args.allow_pickle)
     export_bundle(source, out, options, log=_log)
+    print(out)
+    return 0
+
+
+def _triton_main(args) -> int:
+    from eclipse_export.serve.limits import ServeLimits
+    from eclipse_export.serve.triton_repo import RepositoryError, TritonRepoOptions, write_repository
+
+    if args.from_bundle is None or args.out is None:
+        raise UserError("--target triton takes --from-bundle (the bundle to serve) and --out (the repository to write)")
+    for flag, value in (("--triton-instances", args.triton_instances), ("--triton-max-batch", args.triton_max_batch),
+                        ("--serve-max-steps", args.serve_max_steps), ("--serve-default-steps", args.serve_default_steps)):
+        if value < 1:
+            raise UserError(f"{flag} must be >= 1")
+    if args.serve_threads is not None and args.serve_threads < 1:
+        raise UserError("--serve-threads must be >= 1")
+    try:
+        limits = ServeLimits(max_batch=args.triton_max_batch, max_steps=args.serve_max_steps,
+                             max_size=args.serve_max_size, default_size=args.serve_default_size,
+                             default_steps=args.serve_default_steps).checked()
+        options = TritonRepoOptions(layout=args.triton_layout, kind=args.triton_kind, instances=args.triton_instances,
+                                    limits=limits, queue_delay_ms=args.triton_queue_delay_ms,
+                                    bundle_mode=args.triton_bundle, stage_backend=args.triton_stage_backend,
+                                    threads=args.serve_threads,
+                                    overwrite=args.overwrite)
+        out = write_repository(args.from_bundle, args.out, options, log=_log)
+    except (RepositoryError, ValueError) as e:
+        raise UserError(str(e)) from None
     print(out)
     return 0
 

@@ -25,6 +25,13 @@ from eclipse_export.runtime.bundle import open_bundle
 from eclipse_export.runtime.pipeline import Request
 
 
+SUBCOMMANDS = """subcommands (each with its own --help):
+  eclipse-bench --bundle B --out DIR    time and check every target (this command)
+  eclipse-bench profile --bundle B ...  ONNX Runtime's profile per op type against this CPU's peak
+  eclipse-bench memory --bundle B ...   peak host memory of each target, each in its own process
+  eclipse-bench compare A.json B.json   two results.json side by side"""
+
+
 def _baseline_bundles(chosen: list[str] | None, bundles: list[Path]) -> tuple[str, ...]:
     from eclipse_export.util.errors import UserError
 
@@ -58,7 +65,8 @@ def main(argv=None) -> int:
             raise UserError(f"cannot read results: {e}") from None
         print(compare_results(a, b))
         return 0
-    p = ArgumentParser(prog="eclipse-bench", description="Time and check every target on the same prompt and noises.")
+    p = ArgumentParser(prog="eclipse-bench", description="Time and check every target on the same prompt and noises.",
+                       usage="eclipse-bench [profile | memory | compare] [options]", epilog=SUBCOMMANDS)
     p.add_argument("--bundle", type=Path, action="append", required=True)
     p.add_argument("--out", type=Path, required=True, help="results directory")
     p.add_argument("--height", type=int, default=256)

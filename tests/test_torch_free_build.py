@@ -11,6 +11,8 @@ import importlib.util
 import json
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -113,9 +115,6 @@ def test_a_missing_onnx_package_names_the_edge_build_extra(tiny_fp16_bundle, tmp
 
 def test_the_edge_build_extra_is_declared():
     """The extra the errors name exists and holds onnx but no torch-side package."""
-    import tomllib
-    from pathlib import Path
-
     extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     names = {dep.split(">")[0].split("=")[0].split("[")[0].strip() for dep in extras["edge-build"]}
     assert "onnx" in names and not names & set(TORCH_SIDE)

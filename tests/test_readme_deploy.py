@@ -130,3 +130,18 @@ def test_blocks_that_need_a_device_parse_and_say_why_they_are_skipped(index, lan
     reason = skip_reason(tag)
     if reason:
         pytest.skip(reason)
+
+
+def _github_slug(heading: str) -> str:
+    """GitHub's heading anchor: lower case, punctuation dropped (hyphens and underscores kept),
+    spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_the_contents_list_and_in_page_links_point_at_headings():
+    text = README.read_text()
+    body = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)  # no headings inside code
+    anchors = {_github_slug(h) for h in re.findall(r"^#{1,6} (.+)$", body, re.M)}
+    links = set(re.findall(r"\]\(#([^)]+)\)", text))
+    assert len(links) >= 10, links  # the contents list
+    assert links <= anchors, sorted(links - anchors)

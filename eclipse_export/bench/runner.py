@@ -83,11 +83,13 @@ def requested_provider_sets(names) -> tuple[tuple[str, ...], ...]:
 
 def engine_max_batch(manifest: dict) -> int | None:
     """Most prompts per request the bundle's engines take (their optimisation profile); None: no engines."""
-    from eclipse_export.families.kandinsky22.components import COMPONENTS
+    from eclipse_export.families import DEFAULT_FAMILY, get_family
+    from eclipse_export.runtime.bundle import family_name
 
+    components = get_family(family_name(manifest) or DEFAULT_FAMILY).components if manifest.get("engines") else {}
     most = None
     for name, engine in (manifest.get("engines") or {}).items():
-        rows = COMPONENTS[name].rows_per_prompt if name in COMPONENTS else 1
+        rows = components[name].rows_per_prompt if name in components else 1
         for _lo, _opt, hi in (engine.get("profile") or {}).values():
             prompts = hi[0] // rows
             most = prompts if most is None else min(most, prompts)

@@ -24,13 +24,13 @@ TARGET_HELP = {
 
 
 def export_parser() -> argparse.ArgumentParser:
-    from eclipse_export.families.kandinsky22.presets import ALL_PRESETS
+    from eclipse_export.families import all_presets
 
     p = ArgumentParser(prog="eclipse-export", description=(
         "Export ECLIPSE prior + CLIP bigG text encoder + Kandinsky 2.2 decoder to an ONNX bundle, or build "
         "engines / INT8 graphs from a shipped bundle (--from-bundle: no torch needed)."),
         epilog="targets:\n" + "\n".join(f"  {t:<13} {h}" for t, h in TARGET_HELP.items()))
-    p.add_argument("--preset", default="tiny", choices=ALL_PRESETS,
+    p.add_argument("--preset", default="tiny", choices=all_presets(),
                    help="model source: tiny and full-random are random weights (tests, measurements), "
                         "kandinsky22 the real checkpoints")
     p.add_argument("--target", default="onnx", choices=tuple(TARGET_HELP), help="what to build (see the list below)")

@@ -33,16 +33,18 @@ class Block(importlib.abc.MetaPathFinder):
         return None
 
 sys.meta_path.insert(0, Block())
-sys.argv = ["eclipse-export"] + json.loads(sys.argv[2])
-runpy.run_module("eclipse_export.cli.export", run_name="__main__")
+module = sys.argv[3] if len(sys.argv) > 3 else "eclipse_export.cli.export"
+sys.argv = ["eclipse-tool"] + json.loads(sys.argv[2])
+runpy.run_module(module, run_name="__main__")
 """
 
 BUILD = ["--workspace-mib", "8192"]  # the spec's full latent range on the tiny graphs (see test_engines)
 
 
-def export_without_torch(argv: list[str], also_blocked: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def export_without_torch(argv: list[str], also_blocked: tuple[str, ...] = (),
+                         module: str = "eclipse_export.cli.export") -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(TORCH_SIDE + list(also_blocked)),
-                           json.dumps([str(a) for a in argv])], capture_output=True, text=True, timeout=600)
+                           json.dumps([str(a) for a in argv]), module], capture_output=True, text=True, timeout=600)
 
 
 def one_error_line(done: subprocess.CompletedProcess) -> str:
@@ -118,3 +120,15 @@ def test_the_edge_build_extra_is_declared():
     extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     names = {dep.split(">")[0].split("=")[0].split("[")[0].strip() for dep in extras["edge-build"]}
     assert "onnx" in names and not names & set(TORCH_SIDE)
+
+
+def test_bench_runs_on_the_edge_runtime_alone(tiny_bundle, tmp_path):
+    """eclipse-bench on a device: neither torch nor onnx. It says there is no reference (parity
+    n/a) and no FLOP count, and times the targets."""
+    done = export_without_torch(["--bundle", tiny_bundle, "--out", tmp_path / "r", "--height", "64", "--width", "64",
+                                 "--steps", "1", "--runs", "1", "--warmup", "0", "--batch", "1", "--targets", "onnx@cpu"],
+                                also_blocked=("onnx",), module="eclipse_export.cli.bench")
+    assert done.returncode == 0, done.stderr
+    assert "torch is not installed" in done.stderr and "FLOPs not counted" in done.stderr
+    row = next(line for line in done.stdout.splitlines() if line.startswith("onnx@cpu/b1"))
+    assert row.split()[-2:] == ["n/a", "n/a"]

@@ -165,7 +165,11 @@ def main(argv=None) -> int:
     import importlib.util
 
     with_torch = not args.no_torch
-    if with_torch and importlib.util.find_spec("torch") is None:
+    try:
+        has_torch = importlib.util.find_spec("torch") is not None  # without importing it (seconds)
+    except ImportError:  # a broken or blocked install counts as none
+        has_torch = False
+    if with_torch and not has_torch:
         # a device: the edge runtime without the export extras. Timings only; parity reads n/a
         log("torch is not installed: no PyTorch reference in this run (parity columns: n/a)")
         with_torch = False

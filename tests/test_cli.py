@@ -102,8 +102,8 @@ def test_generate_writes_png_and_prints_latency(capsys, tiny_bundle, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--preset", "huge"], "unknown preset"),
-    (["--target", "trt-fp99"], "unknown target"),
+    (["--preset", "huge"], "invalid choice: .huge."),
+    (["--target", "trt-fp99"], "invalid choice: .trt-fp99."),
     (["--exporter", "magic"], "unknown exporter"),
     (["--preset", "tiny", "--prior", "/x"], "kandinsky22 only"),
     (["--preset", "kandinsky22", "--prior", "/definitely/not/here"], "not a directory|cannot download"),

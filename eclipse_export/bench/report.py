@@ -34,24 +34,50 @@ def write_json(path: Path, data: dict) -> None:
 
 
 
-def table(results: dict) -> str:
-    w = max([28] + [len(k) + 2 for k in results["targets"]])
-    head = f"{'target/batch':<{w}}" + "".join(f"{s + ' p50 ms':>18}" for s in STAGES) + \
-        f"{'step p50 ms':>13}{'total p50 s':>13}{'img/s':>8}{'load s':>8}{'peak GiB':>10}{'cos min':>10}{'PSNR dB':>9}"
+def _parity_cells(e: dict) -> tuple[str, str]:
+    """(worst stage cosine, image PSNR) against torch-fp32: "ref" for the reference itself, "n/a"
+    where no reference ran (--no-torch, or a machine without torch)."""
+    parity = e.get("parity")
+    if parity is None:
+        return ("ref", "ref") if e["target"] == "torch-fp32" else ("n/a", "n/a")
+    psnr = parity["image_psnr_db"]
+    return f"{min(s['cosine'] for s in parity['stages']):.6f}", "inf" if psnr == "inf" else f"{psnr:.1f}"
+
+
+# column -> (header, width, cell); the table's columns, chosen with eclipse-bench --columns
+COLUMNS = {
+    **{s: (f"{s} p50 ms", 18, (lambda s: lambda e: f"{e['latency'][s]['p50'] * 1e3:.1f}")(s)) for s in STAGES},
+    "step": ("step p50 ms", 13, lambda e: f"{e['latency']['unet_per_step']['p50'] * 1e3:.1f}"),
+    "total": ("total p50 s", 13, lambda e: f"{e['latency']['total']['p50']:.3f}"),
+    "img/s": ("img/s", 8, lambda e: f"{e['latency']['images_per_second']:.2f}"),
+    "load": ("load s", 8, lambda e: f"{e['load_seconds']:.2f}"),
+    "peak": ("peak GiB", 10, lambda e: f"{(e['peak_host_bytes'] or 0) / 2**30:.2f}"),
+    "cos": ("cos min", 10, lambda e: _parity_cells(e)[0]),
+    "psnr": ("PSNR dB", 9, lambda e: _parity_cells(e)[1]),
+}
+# what fits an 80-column terminal (a board's serial console): the full table is ~170 wide
+COMPACT_COLUMNS = ("step", "total", "peak", "cos", "psnr")
+
+
+def table(results: dict, columns: tuple[str, ...] | None = None, width: int | None = None) -> str:
+    """The results table. columns None: all of them, or COMPACT_COLUMNS when the full table is
+    wider than `width` (the terminal's); long skip reasons wrap at `width`."""
+    import textwrap
+
+    keys = list(results["targets"])
+    w = max([14] + [len(k) + 2 for k in keys])
+    if columns is None:
+        columns = tuple(COLUMNS)
+        if width is not None and w + sum(COLUMNS[c][1] for c in columns) > width:
+            columns = COMPACT_COLUMNS
+    head = f"{'target/batch':<{w}}" + "".join(f"{COLUMNS[c][0]:>{COLUMNS[c][1]}}" for c in columns)
     rows = [head, "-" * len(head)]
     for key, e in results["targets"].items():
         if "skipped" in e:
-            rows.append(f"{key:<{w}}skipped: {e['skipped']}")
+            text = f"{key:<{w}}skipped: {e['skipped']}"
+            rows += textwrap.wrap(text, width, subsequent_indent=" " * (w + 2)) if width else [text]
             continue
-        lat = e["latency"]
-        parity = e.get("parity")
-        cos = f"{min(s['cosine'] for s in parity['stages']):.6f}" if parity else "ref"
-        psnr = parity["image_psnr_db"] if parity else None
-        psnr_s = "ref" if parity is None else ("inf" if psnr == "inf" else f"{psnr:.1f}")
-        rows.append(f"{key:<{w}}" + "".join(f"{lat[s]['p50'] * 1e3:>18.1f}" for s in STAGES) +
-                    f"{lat['unet_per_step']['p50'] * 1e3:>13.1f}{lat['total']['p50']:>13.3f}"
-                    f"{lat['images_per_second']:>8.2f}{e['load_seconds']:>8.2f}"
-                    f"{(e['peak_host_bytes'] or 0) / 2**30:>10.2f}{cos:>10}{psnr_s:>9}")
+        rows.append(f"{key:<{w}}" + "".join(f"{COLUMNS[c][2](e):>{COLUMNS[c][1]}}" for c in columns))
     return "\n".join(rows)
 
 
@@ -67,6 +93,15 @@ def ratios(results: dict, base: str = "torch-fp32") -> list[str]:
     return lines
 
 
+def _load_note(env: dict) -> str:
+    """The shared-cores caveat, only when the 1-minute load was above the core count."""
+    loads = [x[0] for x in (env.get("loadavg_at_start"), env.get("loadavg_at_end")) if x]
+    cores = env.get("cpu_count")
+    if cores and loads and max(loads) > cores:
+        return " (above the core count: other work shared the cores, so compare ratios within the run)"
+    return ""
+
+
 def markdown(results: dict) -> str:
     env = results["environment"]
     out = ["# eclipse-bench results", "",
@@ -76,7 +111,7 @@ def markdown(results: dict) -> str:
            f"- request: {json.dumps({k: results['config'][k] for k in ('height', 'width', 'steps', 'guidance', 'runs', 'warmup')})}",
            f"- complete: {results['complete']}",
            f"- load average (1/5/15 min) at start {env.get('loadavg_at_start')}, at end {env.get('loadavg_at_end')}"
-           " (above the core count: other work shared the cores, so compare ratios within the run)", "",
+           + _load_note(env), "",
            "```", table(results), "```", ""]
     out += ["Speed-up of each target over torch-fp32 (p50, same inputs, same run):", ""]
     out += [f"- {line}" for line in ratios(results)] or ["- (no torch-fp32 baseline in this run)"]

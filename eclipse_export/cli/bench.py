@@ -12,6 +12,8 @@ from pathlib import Path
 from eclipse_export.bench import ort_profile
 from eclipse_export.bench.environment import environment
 from eclipse_export.bench.report import (
+    COLUMNS,
+    COMPACT_COLUMNS,
     chart,
     compare_results,
     markdown,
@@ -20,9 +22,23 @@ from eclipse_export.bench.report import (
     table,
     write_json,
 )
-from eclipse_export.bench.runner import BenchConfig, _cuda_available, run_bench
+from eclipse_export.bench.runner import (
+    BenchConfig,
+    TargetSelectionError,
+    _cuda_available,
+    default_batches,
+    requested_provider_sets,
+    run_bench,
+)
 from eclipse_export.runtime.bundle import open_bundle
 from eclipse_export.runtime.pipeline import Request
+
+
+SUBCOMMANDS = """subcommands (each with its own --help):
+  eclipse-bench --bundle B --out DIR    time and check every target (this command)
+  eclipse-bench profile --bundle B ...  ONNX Runtime's profile per op type against this CPU's peak
+  eclipse-bench memory --bundle B ...   peak host memory of each target, each in its own process
+  eclipse-bench compare A.json B.json   two results.json side by side"""
 
 
 def _baseline_bundles(chosen: list[str] | None, bundles: list[Path]) -> tuple[str, ...]:
@@ -58,16 +74,30 @@ def main(argv=None) -> int:
             raise UserError(f"cannot read results: {e}") from None
         print(compare_results(a, b))
         return 0
-    p = ArgumentParser(prog="eclipse-bench", description="Time and check every target on the same prompt and noises.")
-    p.add_argument("--bundle", type=Path, action="append", required=True)
+    p = ArgumentParser(prog="eclipse-bench", description="Time and check every target on the same prompt and noises.",
+                       usage="eclipse-bench [profile | memory | compare] [options]", epilog=SUBCOMMANDS)
+    p.add_argument("--bundle", type=Path, action="append", required=True,
+                   help="bundle directory, repeatable (bundles of the same model: one reference, one set of noises)")
     p.add_argument("--out", type=Path, required=True, help="results directory")
-    p.add_argument("--height", type=int, default=256)
-    p.add_argument("--width", type=int, default=256)
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--guidance", type=float, default=4.0)
-    p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--batch", type=int, action="append", help="batch sizes (default: 1 and 2)")
+    p.add_argument("--targets", metavar="T1,T2",
+                   help="only these targets, as named in the table: e.g. trt-fp16 (an engine bundle's engines, "
+                        "without its ONNX graphs), onnx-fp16@cuda (ONNX Runtime with those providers, "
+                        "tensorrt+cuda for a list), torch-fp16; torch-fp32 runs whenever torch is there "
+                        "(the parity reference). A named target that cannot run here fails the run "
+                        "(default: every target this machine can run)")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 1 when any target is skipped, not only the ones named by --targets")
+    p.add_argument("--height", type=int, default=BenchConfig.height, help="image height in pixels")
+    p.add_argument("--width", type=int, default=BenchConfig.width, help="image width in pixels")
+    p.add_argument("--steps", type=int, default=BenchConfig.steps, help="sampling steps per generation")
+    p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance (CFG) scale")
+    p.add_argument("--runs", type=int, default=5, help="timed runs per target (the table shows their p50)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (CUDA graph capture, JIT, caches)")
+    p.add_argument("--batch", type=int, action="append",
+                   help="batch size, repeatable (default: 1 and 2, no more than the engines' profile takes)")
+    p.add_argument("--columns", metavar="C1,C2",
+                   help=f"table columns, from {', '.join(COLUMNS)} (default: all, or {','.join(COMPACT_COLUMNS)} "
+                        "when the terminal is narrower than the full table; results.md has them all)")
     p.add_argument("--provider", action="append", help="ONNX Runtime providers (default: cpu)")
     p.add_argument("--provider-set", action="append", metavar="P1,P2",
                    help="one ONNX Runtime target per set, repeatable (e.g. --provider-set cuda "
@@ -75,7 +105,7 @@ def main(argv=None) -> int:
     p.add_argument("--gpu-variants", action="store_true",
                    help="also time GPU targets without CUDA graphs, ONNX Runtime GPU targets with the host loop, "
                         "and TensorRT targets in --low-memory mode")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: its own choice)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch targets (no parity then)")
     p.add_argument("--baseline-session", nargs="?", action="append", const="*", metavar="BUNDLE",
                    help="also run the ONNX Runtime target of BUNDLE (default: of every bundle) with ORT's default CPU "
@@ -110,32 +140,63 @@ def main(argv=None) -> int:
                                                              args.quality_count))
         except PromptFileError as e:
             raise UserError(str(e)) from None
+    requested = tuple(t.strip() for t in (args.targets or "").split(",") if t.strip())
+    columns = None
+    if args.columns:
+        columns = tuple(c.strip() for c in args.columns.split(",") if c.strip())
+        unknown = [c for c in columns if c not in COLUMNS]
+        if unknown or not columns:
+            raise UserError(f"--columns: unknown {', '.join(unknown) or '(none given)'} (choose from {', '.join(COLUMNS)})")
+    provider_sets = tuple(tuple(x for x in s.split(",") if x) for s in args.provider_set or ())
+    if requested and requested_provider_sets(requested):
+        # the ONNX Runtime targets named by --targets, next to what --provider(-set) asked for
+        base = provider_sets or (tuple(args.provider or ("cpu",)),)
+        provider_sets = base + tuple(s for s in requested_provider_sets(requested) if s not in base)
     config = BenchConfig(height=args.height, width=args.width, steps=args.steps, guidance=args.guidance,
-                         warmup=args.warmup, runs=args.runs, batches=tuple(args.batch or (1, 2)),
+                         warmup=args.warmup, runs=args.runs, batches=tuple(args.batch or default_batches(args.bundle)),
                          threads=args.threads, providers=tuple(args.provider or ("cpu",)),
-                         provider_sets=tuple(tuple(x for x in s.split(",") if x) for s in args.provider_set or ()),
+                         provider_sets=provider_sets, targets=requested,
                          gpu_variants=args.gpu_variants,
                          torch_device="cuda" if _cuda_available() else "cpu", peak_tflops=args.peak_tflops,
                          quality_prompts=quality,
                          baseline_session=_baseline_bundles(args.baseline_session, args.bundle))
     Request.make(config.prompt, None, config.height, config.width, config.steps, config.guidance, 0)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    import importlib.util
+
+    with_torch = not args.no_torch
     try:
-        results = run_bench(args.bundle, args.out, config, with_torch=not args.no_torch, log=log)
+        has_torch = importlib.util.find_spec("torch") is not None  # without importing it (seconds)
+    except ImportError:  # a broken or blocked install counts as none
+        has_torch = False
+    if with_torch and not has_torch:
+        # a device: the edge runtime without the export extras. Timings only; parity reads n/a
+        log("torch is not installed: no PyTorch reference in this run (parity columns: n/a)")
+        with_torch = False
+    try:
+        results = run_bench(args.bundle, args.out, config, with_torch=with_torch, log=log)
+    except TargetSelectionError as e:
+        raise UserError(str(e)) from None
     except KeyboardInterrupt:
         log(f"interrupted: partial results in {args.out / 'results.json'}")
         return 130
-    print(table(results))
+    import shutil
+
+    print(table(results, columns, shutil.get_terminal_size().columns if sys.stdout.isatty() else None))
     for line in ratios(results) + quality_markdown(results):
         print(line)
     (args.out / "results.md").write_text(markdown(results))
     if chart(results, args.out / "chart.png"):
         log(f"wrote {args.out / 'chart.png'}")
     log(f"wrote {args.out / 'results.json'} and results.md")
+    skipped = [k for k, e in results["targets"].items() if "skipped" in e
+               and (args.strict or e["target"].split("[")[0] in requested or e["target"] in requested)]
+    if skipped:
+        log(f"{'--strict: ' if args.strict else ''}requested target(s) skipped: {', '.join(skipped)} "
+            "(the reasons are in the table)")
     if results["failures"]:
         log("parity failures: " + " | ".join(results["failures"]))
-        return 1
-    return 0
+    return 1 if results["failures"] or skipped else 0
 
 
 def memory_main(argv) -> int:

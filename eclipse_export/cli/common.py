@@ -15,10 +15,39 @@ EXIT_USAGE, EXIT_PARITY, EXIT_INTERRUPTED = 2, 1, 130
 
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """`--help` shows every option's default, once: appended where the help text does not
+    already state it (argparse's ArgumentDefaultsHelpFormatter would repeat it), and not for
+    flags, unset options or positionals."""
+
+    def _fill_text(self, text, width, indent):
+        # a description or epilog with line breaks is laid out already (lists of subcommands, targets)
+        if "\n" in text:
+            return "\n".join(indent + line for line in text.splitlines())
+        return super()._fill_text(text, width, indent)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or default in (None, False, argparse.SUPPRESS) or not action.option_strings
+                or isinstance(action, (argparse._VersionAction, argparse._HelpAction))):
+            return text
+        if isinstance(default, (list, tuple)):
+            default = ", ".join(map(str, default))
+        return f"{text} (default: {default})".lstrip()
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's own errors (bad int, unknown choice, missing flag) become UserError, so every
     user mistake ends the same way: one `error:` line and exit status 2 (argparse would print
-    the usage block first)."""
+    the usage block first). Every tool answers `--version` and shows its defaults in `--help`."""
+
+    def __init__(self, *args, **kwargs):
+        from eclipse_export import __version__
+
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.add_argument("--version", action="version", version=f"{self.prog.split()[0]} {__version__}")
 
     def error(self, message):
         raise UserError(f"{message} (see {self.prog} --help)")
@@ -36,14 +65,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from eclipse_export.runtime.schedulers import SchedulerConfigError
 
     types: list[type[BaseException]] = [UserError, BackendError, BundleError, GenerationError, SchedulerConfigError]
-    try:  # export-time modules need torch; the edge runtime may not have it
-        from eclipse_export.export.exporter import ExportError
-        from eclipse_export.export.sources import SourceError
-        from eclipse_export.export.tokenizer_files import TokenizerFilesError
-
-        types += [ExportError, SourceError, TokenizerFilesError]
-    except ImportError:
-        pass
+    # one by one: sources needs torch, the others do not, and a device without torch still
+    # reports a failed engine build (ExportError) as one line
+    for module, name in (("eclipse_export.export.exporter", "ExportError"),
+                         ("eclipse_export.export.sources", "SourceError"),
+                         ("eclipse_export.export.tokenizer_files", "TokenizerFilesError")):
+        try:
+            types.append(getattr(__import__(module, fromlist=[name]), name))
+        except ImportError:
+            pass
     return tuple(types)
 
 

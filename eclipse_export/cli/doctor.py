@@ -229,7 +229,9 @@ def render(report: Report) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="eclipse-doctor", description=(
+    from eclipse_export.cli.common import ArgumentParser
+
+    p = ArgumentParser(prog="eclipse-doctor", description=(
         "What this machine can build and run (GPU, driver, CUDA, TensorRT, TensorRT-RTX, ONNX Runtime, NVRTC), "
         "and whether a bundle's engines fit it; each missing piece with the command that installs it."))
     p.add_argument("--bundle", type=Path, help="also check this bundle against this machine")

@@ -13,18 +13,28 @@ from pathlib import Path
 from eclipse_export.cli.common import ArgumentParser, _log, _run
 from eclipse_export.util.errors import UserError
 
+DEFAULTS = {"height": 512, "width": 512, "steps": 50, "guidance": 4.0}
+
 
 def generate_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="eclipse-generate", description="Generate an image with an exported bundle.")
-    p.add_argument("--bundle", type=Path, required=True, help="bundle directory made by eclipse-export")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--height", type=int, default=512)
-    p.add_argument("--width", type=int, default=512)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (<= 1: off)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scheduler", choices=("ddpm", "ddim"), default=None, help="default: the bundle's")
+    # request fields default to None here: --from-png fills what the command line leaves out
+    p.add_argument("--bundle", type=Path, help="bundle directory made by eclipse-export (with --from-png: default "
+                                               "the PNG's bundle path)")
+    p.add_argument("--prompt", help="what to draw (required unless --from-png; may be empty: unconditional)")
+    p.add_argument("--negative-prompt", default=None,
+                   help="what to steer away from; leave the flag out to use the bundle's zero-image embedding, "
+                        "as the official ECLIPSE code does (\"\" runs the prior on the empty string)")
+    p.add_argument("--height", type=int, help=f"pixels, a multiple of 64 (default: {DEFAULTS['height']})")
+    p.add_argument("--width", type=int, help=f"pixels, a multiple of 64 (default: {DEFAULTS['width']})")
+    p.add_argument("--steps", type=int, help=f"sampling steps (default: {DEFAULTS['steps']})")
+    p.add_argument("--guidance", type=float,
+                   help=f"classifier-free guidance (CFG) scale; <= 1 turns it off (default: {DEFAULTS['guidance']})")
+    p.add_argument("--seed", type=int, help="0..2^64-1; the same seed gives the same image (default: random, "
+                                            "printed, and stored in the PNG)")
+    p.add_argument("--scheduler", choices=("ddpm", "ddim"), default=None, help="(default: the bundle's)")
+    p.add_argument("--from-png", type=Path, metavar="FILE",
+                   help="repeat the request stored in a PNG written by eclipse-generate (flags given override it)")
     p.add_argument("--out", type=Path, default=Path("out.png"), help="PNG file to write (default: out.png)")
     p.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt", "tensorrt-rtx"), default="auto",
                    help="auto (default): the bundle's engines if it has any, else ONNX Runtime")
@@ -64,11 +74,43 @@ def _stage_line(timings: dict) -> str:
     return "  ".join(f"{k} {timings[k] * 1000:.1f} ms" for k in keys if k in timings)
 
 
+def _request_fields(args) -> dict:
+    """The request from the flags, completed from --from-png's stored request, then defaults."""
+    stored = {}
+    if args.from_png is not None:
+        from eclipse_export.runtime.images import read_png_request
+
+        try:
+            stored = read_png_request(args.from_png)
+        except (OSError, ValueError) as e:
+            raise UserError(f"--from-png {args.from_png}: {e}") from None
+        if stored is None:
+            raise UserError(f"--from-png {args.from_png}: the file holds no eclipse-generate request "
+                            "(written by another program, or its metadata was stripped)")
+    fields = {}
+    for key in ("prompt", "negative_prompt", "height", "width", "steps", "guidance", "seed", "scheduler"):
+        given = getattr(args, key)
+        fields[key] = given if given is not None else stored.get(key, DEFAULTS.get(key))
+    bundle = args.bundle
+    if bundle is None and isinstance(stored.get("bundle"), dict) and stored["bundle"].get("path"):
+        bundle = Path(stored["bundle"]["path"])
+    if bundle is None:
+        raise UserError("--bundle is required (or --from-png FILE, whose request names its bundle)")
+    if fields["prompt"] is None:
+        raise UserError("--prompt is required (or --from-png FILE)")
+    fields["bundle"] = bundle
+    fields["stored_bundle"] = stored.get("bundle")
+    return fields
+
+
 def generate_main(argv=None) -> int:
     args = generate_parser().parse_args(argv)
+    from eclipse_export import __version__
     from eclipse_export.runtime.backends.factory import make_backend
+    from eclipse_export.runtime.bundle import MANIFEST, sha256_file
     from eclipse_export.runtime.images import save_png
     from eclipse_export.runtime.pipeline import Pipeline, Request
+    from eclipse_export.util.progress import StepProgress
 
     if args.threads is not None and args.threads < 1:
         raise UserError("--threads must be >= 1")
@@ -77,16 +119,23 @@ def generate_main(argv=None) -> int:
     _check_writable(args.out, "output")
     if args.report:
         _check_writable(args.report, "report")
+    fields = _request_fields(args)
+    seed_given = fields["seed"] is not None
+    if not seed_given:
+        import secrets
+
+        fields["seed"] = secrets.randbelow(2**32)  # short enough to type back in
     # Validate the request before loading anything.
-    req, warnings = Request.make(args.prompt, args.negative_prompt, args.height, args.width, args.steps,
-                                 args.guidance, args.seed, args.scheduler)
+    req, warnings = Request.make(fields["prompt"], fields["negative_prompt"], fields["height"], fields["width"],
+                                 fields["steps"], fields["guidance"], fields["seed"], fields["scheduler"])
+    bundle_dir = fields["bundle"]
     backend_name = args.backend
     if backend_name == "auto":
         from eclipse_export.runtime.backends.factory import backend_for_bundle
         from eclipse_export.runtime.bundle import BundleError, open_bundle
 
         try:
-            backend_name = backend_for_bundle(open_bundle(args.bundle, verify_hashes=False).manifest)
+            backend_name = backend_for_bundle(open_bundle(bundle_dir, verify_hashes=False).manifest)
         except BundleError:
             backend_name = "onnxruntime"  # Pipeline.from_bundle below reports what is wrong with it
     backend = make_backend(backend_name, providers=args.provider or ["cpu"], threads=args.threads,
@@ -94,23 +143,32 @@ def generate_main(argv=None) -> int:
                            runtime_cache_dir=_user_cache() / "rtx-runtime-cache",
                            device_loop=False if args.host_loop else None)
     t0 = time.perf_counter()
-    pipeline = Pipeline.from_bundle(args.bundle, backend, verify_hashes=not args.skip_hash_check)
-    _log(f"loaded {args.bundle} ({pipeline.bundle.precision}, {backend.name}) in {time.perf_counter() - t0:.2f} s")
-
-    def progress(i, n):
-        if i == n or i % max(1, n // 10) == 0:
-            _log(f"  step {i}/{n}")
+    pipeline = Pipeline.from_bundle(bundle_dir, backend, verify_hashes=not args.skip_hash_check)
+    _log(f"loaded {bundle_dir} ({pipeline.bundle.precision}, {backend.name}) in {time.perf_counter() - t0:.2f} s")
+    manifest_sha = sha256_file(pipeline.bundle.root / MANIFEST)
+    stored_bundle = fields["stored_bundle"]
+    if isinstance(stored_bundle, dict) and stored_bundle.get("manifest_sha256") not in (None, manifest_sha):
+        warnings.append(f"{args.from_png} was made with another bundle ({stored_bundle.get('target')}, manifest "
+                        f"{str(stored_bundle.get('manifest_sha256'))[:12]}): the image may differ")
+    _log(f"seed {req.seed}" + ("" if seed_given else f" (random; --seed {req.seed} repeats this image)"))
+    scheduler = type(pipeline.make_scheduler(req.scheduler)).__name__.removesuffix("Scheduler").lower()
+    request = {"prompt": req.prompts[0], "negative_prompt": req.negative_prompt, "seed": req.seed,
+               "height": req.height, "width": req.width, "steps": req.steps, "guidance": req.guidance_scale,
+               "scheduler": scheduler, "backend": backend.name, "version": __version__,
+               "bundle": {"path": str(bundle_dir), "target": pipeline.bundle.manifest.get("target"),
+                          "manifest_sha256": manifest_sha}}
 
     try:
-        gen = pipeline.run(req, record=args.compare_reference, progress=progress, warnings=warnings)
+        gen = pipeline.run(req, record=args.compare_reference, progress=StepProgress(sys.stderr),
+                           warnings=warnings)
     finally:
         pipeline.close()  # TensorRT-RTX keeps the kernels it compiled (runtime cache)
     for w in gen.warnings:
         _log(f"warning: {w}")
-    save_png(gen.images[0], args.out)
+    save_png(gen.images[0], args.out, request=request)
     _log(f"wrote {args.out}")
     _log("latency: " + _stage_line(gen.timings))
-    report_json = {"bundle": str(args.bundle), "backend": backend.describe(), "timings": gen.timings,
+    report_json = {"bundle": str(bundle_dir), "request": request, "backend": backend.describe(), "timings": gen.timings,
                    "load_seconds": pipeline.load_seconds, "warnings": gen.warnings}
 
     parity = None

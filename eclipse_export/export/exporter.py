@@ -26,11 +26,6 @@ import numpy as np
 
 from eclipse_export import __version__
 from eclipse_export.export.onnx_io import link_or_copy, save_external
-from eclipse_export.export.sources import (
-    StackSource,
-    state_dict_sha256,
-)
-from eclipse_export.export.step_graph import write_step_graphs
 from eclipse_export.families import Family
 from eclipse_export.families.spec import ComponentSpec
 from eclipse_export.metrics.parity import ParityError, ParityReport, compare_outputs
@@ -40,6 +35,11 @@ from eclipse_export.util.progress import heartbeat
 
 if TYPE_CHECKING:
     from eclipse_export.export.engines import BuildOptions
+    from eclipse_export.export.sources import StackSource
+
+# No torch at import time: --from-bundle (engines, INT8 graphs from a shipped bundle) runs on a
+# device that has the edge runtime, onnx and TensorRT but no torch (tests/test_torch_free_build.py).
+# Only export_component, which really exports from PyTorch, imports the torch side.
 
 EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_OPSET = 17
@@ -62,6 +62,19 @@ ENGINE_TARGETS = {"trt-fp16": "tensorrt", "trt-rtx-fp16": "tensorrt-rtx", "trt-i
 
 class ExportError(RuntimeError):
     """Export failed for a reason the user can act on."""
+
+
+# What building from a shipped bundle adds to the edge runtime (pyproject's `edge-build` extra):
+# onnx reads the graphs (ops TensorRT cannot parse, Q/DQ rewriting); torch is never needed there.
+EDGE_BUILD_EXTRA = "pip install 'eclipse-export[edge-build]' (the onnx package; no torch)"
+
+
+def require_onnx(what: str) -> None:
+    """One actionable line, before any work, where the onnx package is missing."""
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise ExportError(f"{what} needs the onnx package: {EDGE_BUILD_EXTRA}") from None
 
 
 @dataclass(frozen=True)
@@ -169,6 +182,7 @@ def _check_shapes(spec: ComponentSpec, dims: dict) -> list[dict]:
 def export_component(source: StackSource, component: str, workdir: Path, options: ExportOptions, log: Log) -> dict:
     """Export one component into `workdir`; returns its manifest entry."""
     from eclipse_export.export.graphs import run_torch, wrap
+    from eclipse_export.export.sources import state_dict_sha256
 
     spec = source.family.components[component]
     dims = source.dims()
@@ -331,6 +345,8 @@ def export_bundle(source: StackSource, out: Path, options: ExportOptions = Expor
             if build is not None:
                 engines = _build_engines(work, source.family, components, dims, build, options.engine_cache, log)
                 files += [e["file"] for e in engines.values()]
+            from eclipse_export.export.step_graph import write_step_graphs  # onnx: not at import time
+
             step_graphs = write_step_graphs(work)
             files += ["scheduler_config.json", "negative_image_embeds.npy", *step_graphs.values()]
             files += sorted(str(p.relative_to(work)) for p in (work / "tokenizer").rglob("*") if p.is_file())
@@ -475,6 +491,7 @@ def build_engines_for_bundle(src: Path, out: Path, target: str, build, engine_ca
         raise ExportError(f"--from-bundle makes engines or INT8 graphs (target one of {', '.join(sorted(derivable))}), "
                           f"or re-packages a bundle in the current format (its own target, here "
                           f"{bundle.manifest.get('target')})")
+    require_onnx(f"--from-bundle --target {target}")
     want = TARGETS[target]
     quantize = want == "int8" and bundle.precision == "fp32"
     if target in ENGINE_TARGETS and want == "int8" and not quantize:
@@ -524,6 +541,8 @@ def build_engines_for_bundle(src: Path, out: Path, target: str, build, engine_ca
                 others = [k for k in manifest["files"] if k not in fp32_files]
                 manifest["files"] = {rel: file_entry(work, rel) for rel in graph_files + others}
             if not manifest.get("step_graphs"):  # a bundle of format 1
+                from eclipse_export.export.step_graph import write_step_graphs
+
                 manifest["step_graphs"] = write_step_graphs(work)
                 manifest["files"].update({rel: file_entry(work, rel) for rel in manifest["step_graphs"].values()})
             manifest.update(format_version=FORMAT_VERSION, family=family_name(bundle.manifest))

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 
 from eclipse_export.runtime.backends.base import Backend
-from eclipse_export.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from eclipse_export.runtime.bundle import Bundle, BundleError, open_bundle
 from eclipse_export.runtime.chains import driver_for
 from eclipse_export.runtime.noise import Noises
@@ -61,7 +60,15 @@ class Pipeline:
     @classmethod
     def from_bundle(cls, path: str | Path, backend: Backend | None = None, verify_hashes: bool = True,
                     largest_first: bool = True) -> "Pipeline":
-        return cls(open_bundle(path, verify_hashes=verify_hashes), backend or OnnxRuntimeBackend(), largest_first)
+        """backend None: the one the bundle calls for (backend_for_bundle, as `eclipse-generate
+        --backend auto`): TensorRT / TensorRT-RTX for an engine bundle, never its ONNX graphs on
+        ONNX Runtime's CPU provider behind the caller's back; ONNX Runtime (CPU) otherwise."""
+        bundle = open_bundle(path, verify_hashes=verify_hashes)
+        if backend is None:
+            from eclipse_export.runtime.backends.factory import backend_for_bundle, make_backend
+
+            backend = make_backend(backend_for_bundle(bundle.manifest))
+        return cls(bundle, backend, largest_first)
 
     # what the family's driver loaded, for callers that inspect a pipeline (bench, compare, C++ parity)
     @property

@@ -56,3 +56,38 @@ def heartbeat(log: Log, every: float | None = None, detail: Callable[[], str] | 
     finally:
         stop.set()
         thread.join()
+
+
+class StepProgress:
+    """Sampling progress as one updating line (`unet  12/20 [####      ] 3.41 step/s, 2.3 s left`)
+    on a terminal, tqdm-style, and as a few plain lines (every ~10 %) when the stream is not a
+    terminal (logs, CI, pipes), where carriage returns would pile up. Hand-written: the edge
+    runtime does not depend on tqdm. Call it as the pipeline's progress(i, n) callback."""
+
+    WIDTH = 20
+
+    def __init__(self, stream, label: str = "unet", tty: bool | None = None):
+        self.stream = stream
+        self.label = label
+        self.tty = stream.isatty() if tty is None else tty
+        self.started: float | None = None
+        self.last_len = 0
+
+    def __call__(self, i: int, n: int) -> None:
+        now = time.monotonic()
+        if self.started is None or i <= 1:
+            self.started = now  # after the first step: warm-up (CUDA graph capture, JIT) is not speed
+        elapsed = now - self.started
+        rate = (i - 1) / elapsed if i > 1 and elapsed > 0 else None  # step 1 starts the clock
+        if self.tty:
+            done = self.WIDTH * i // max(n, 1)
+            bar = "#" * done + " " * (self.WIDTH - done)
+            speed = f" {rate:.2f} step/s, {(n - i) / rate:.1f} s left" if rate else ""
+            line = f"{self.label} {i:>{len(str(n))}}/{n} [{bar}]{speed}"
+            self.stream.write("\r" + line + " " * max(0, self.last_len - len(line)) + ("\n" if i == n else ""))
+            self.last_len = len(line)
+            self.stream.flush()
+        elif i == n or i % max(1, n // 10) == 0:
+            speed = f" ({rate:.2f} step/s)" if rate else ""
+            self.stream.write(f"  {self.label} step {i}/{n}{speed}\n")
+            self.stream.flush()

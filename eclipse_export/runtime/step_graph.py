@@ -5,7 +5,7 @@ so the latents never leave the device between steps. It is the ONNX statement of
 runtime/backends/cuda.py's fused kernel computes for the TensorRT backend, driven by the same
 `StepCoefficients`: guidance eps = u + s * (c - u), then
 
-    x0   = clip((x - b * eps) / a, -clip, clip)
+    x0   = clamp((x - b * eps) / a, -clip, clip)   (Less/Greater + Where: no Clip, see below)
     prev = c_x0 * x0 + c_x * x + c_eps * eps + std * noise
 
 in float32, in `schedulers.apply_step`'s operation order (tests hold the two to bit equality on
@@ -58,8 +58,15 @@ def guided_step_model(cfg: bool) -> bytes:
         Node("Mul", ["b", "eps"], ["b_eps"]),
         Node("Sub", ["latents", "b_eps"], ["x_minus"]),
         Node("Div", ["x_minus", "a"], ["x0_raw"]),
+        # the clamp by comparisons, not Clip: ONNX Runtime's CUDA Clip wants min/max in host
+        # memory, so bounds computed on the device cost a device->host copy every step. Less /
+        # Greater + Where are the kernel's `x0 < -clip ? -clip : (x0 > clip ? clip : x0)`: NaN
+        # fails both tests and stays NaN (as np.clip), clip = +inf clamps nothing
         Node("Neg", ["clip"], ["neg_clip"]),
-        Node("Clip", ["x0_raw", "neg_clip", "clip"], ["x0"]),
+        Node("Less", ["x0_raw", "neg_clip"], ["below"]),
+        Node("Where", ["below", "neg_clip", "x0_raw"], ["x0_low"]),
+        Node("Greater", ["x0_low", "clip"], ["above"]),
+        Node("Where", ["above", "clip", "x0_low"], ["x0"]),
         Node("Mul", ["c_x0", "x0"], ["t_x0"]),
         Node("Mul", ["c_x", "latents"], ["t_x"]),
         Node("Mul", ["c_eps", "eps"], ["t_eps"]),

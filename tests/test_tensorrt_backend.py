@@ -477,3 +477,84 @@ def test_real_engines_on_the_gpu_match_onnx_runtime(tmp_path):
     for key in ("text_encoder.text_embeds", "prior.image_embeds", "unet.noise_pred_step0", "unet.latents"):
         stage = compare(key, got.intermediates[key], ref.intermediates[key], COMPONENTS["unet"].tolerance("fp16"))
         assert stage.ok, stage
+
+
+def test_the_device_loop_checks_the_dtype_of_every_unet_input_and_output(bundle_dir):
+    """Issue 18 #9: the loop writes float32 bytes into every UNet tensor (timestep and embeddings
+    too), so an engine with any other I/O type is refused before anything is bound."""
+    backend = fake_backend(bundle_dir)
+    pipe = Pipeline.from_bundle(bundle_dir, backend)
+    unet = pipe.sessions["unet"]
+    unet.load()
+    unet.dtypes["timestep"] = np.dtype(np.int64)
+    with pytest.raises(BackendError, match=r"float32 UNet I/O, the engine has \{'timestep': 'int64'\}"):
+        pipe.generate("a cat", height=64, width=64, steps=2, seed=1)
+    assert not unet.buffers  # refused before any buffer
+
+
+class FakeRtxCache:
+    def __init__(self, refuse: bool):
+        self.refuse, self.data = refuse, None
+
+    def deserialize(self, data):
+        self.data = data
+        return not self.refuse
+
+    def serialize(self):
+        return b"jit kernels"
+
+
+class FakeRtxConfig:
+    def __init__(self, refuse_file: bool, refuse_set: bool):
+        self.refuse_file, self.refuse_set, self.cache, self.made = refuse_file, refuse_set, None, 0
+
+    def create_runtime_cache(self):
+        self.made += 1
+        return FakeRtxCache(self.refuse_file and self.made == 1)
+
+    def set_runtime_cache(self, cache):
+        self.cache = cache
+        return not self.refuse_set
+
+
+@pytest.mark.parametrize("refuse", ["nothing", "file", "set"])
+def test_tensorrt_rtx_runtime_config_lives_with_its_context_and_cache_results_are_checked(bundle_dir, tmp_path,
+                                                                                        monkeypatch, refuse):
+    """Issue 18 #8: the IRuntimeConfig was a local dropped after the context was made (the
+    context refers to it); deserialize / set_runtime_cache results were ignored."""
+    import gc
+    import weakref
+
+    from eclipse_export.runtime.bundle import open_bundle
+
+    configs = []
+
+    def create_runtime_config(self):
+        configs.append(FakeRtxConfig(refuse == "file", refuse == "set"))
+        return configs[-1]
+
+    monkeypatch.setattr(FakeEngine, "create_runtime_config", create_runtime_config, raising=False)
+    monkeypatch.setattr(FakeEngine, "create_execution_context",
+                        lambda self, config=None: FakeContext(self.cuda, self.session, [n for n, _, _ in self.io]))
+    backend = fake_backend(bundle_dir)
+    backend.flavour = "tensorrt-rtx"
+    backend.runtime_cache_dir = tmp_path / "rtcache"
+    backend.runtime_cache_dir.mkdir()
+    (backend.runtime_cache_dir / "unet.rtcache").write_bytes(b"from another version")
+    session = backend.load(COMPONENTS["unet"], open_bundle(bundle_dir))
+    alive = weakref.ref(configs[0])
+    configs.clear()
+    gc.collect()
+    assert alive() is not None and session.runtime_config is alive()
+    warnings = backend.drain_warnings()
+    if refuse == "nothing":
+        assert warnings == [] and session.runtime_cache.data == b"from another version"
+        assert alive().cache is session.runtime_cache
+    elif refuse == "file":
+        assert "refused the runtime cache" in warnings[0]
+        assert session.runtime_cache.data is None and alive().cache is session.runtime_cache  # a fresh one
+    else:
+        assert "runtime cache not usable" in warnings[0] and session.runtime_cache is None
+    session.release()
+    gc.collect()
+    assert alive() is None and session.context is None and session.engine is None

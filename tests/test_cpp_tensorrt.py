@@ -33,7 +33,8 @@ from eclipse_export.runtime.backends.cuda import compile_kernel, kernel_source
 from tests.test_cuda_api import ARCHS, CtypesNvrtc, _nvrtc_library, stub_driver  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECK = ROOT / "build" / "cpp" / "eclipse-cuda-check"
+# ECLIPSE_CUDA_CHECK: the binary carried to a GPU machine, where no build folder travels (bench/gpu)
+CHECK = Path(os.environ.get("ECLIPSE_CUDA_CHECK") or ROOT / "build" / "cpp" / "eclipse-cuda-check")
 RTX_BUILD = ROOT / "build" / "cpp-trt-rtx"
 
 

@@ -422,7 +422,9 @@ def test_a_captured_cuda_graph_replayed_n_times_equals_n_launches(cuda):
         cuda.h2d(p, pred)
         cuda.h2d(lat, x)
         cuda.h2d(nz, noise)
-        launch = lambda: cuda.guided_step(p, lat, nz, smp, n, True, 4.0, k.astuple())  # noqa: E731
+        def launch(p=p, lat=lat, nz=nz, smp=smp):
+            cuda.guided_step(p, lat, nz, smp, n, True, 4.0, k.astuple())
+
         if mode == "graph":
             cuda.begin_capture()
             launch()

@@ -296,3 +296,29 @@ def test_tensorrt_rtx_exports_only_where_the_gpu_is_a_target(tmp_path, monkeypat
             assert result["bundles"]["trt-rtx-fp16"]["status"].startswith("skipped: not supported")
         else:
             assert exported[-1][1][:2] == ("--compute-capability", "SM120")
+
+
+def test_the_window_command_stages_installs_runs_and_collects(transfer, tmp_path, monkeypatch):
+    """The last remote call of a window: its part staged, the payload installed, the plan's steps
+    run in what is left of the window (start and earlier calls deducted), the results in $OUT."""
+    out, manifest, big = transfer
+    monkeypatch.setenv("ECLIPSE_GPU_STAGE", str(tmp_path / "stage"))
+    monkeypatch.setenv("OUT", str(tmp_path / "OUT"))
+    budgets = []
+
+    def step(stage, out_dir, timeout):
+        budgets.append(timeout)
+        return {"ok": True}
+
+    monkeypatch.setattr(gpu_verify, "STEPS", {"env": (step, 1), "gpu-tests": (step, 1)})
+    monkeypatch.setattr(gpu_verify, "PLANS", {"window1": ("env", "gpu-tests")})
+    parts = [out / "parts" / p["file"] for p in manifest["parts"]]
+    for part in parts[:-1]:
+        assert gpu_verify.main(["stage", str(out / "manifest.json"), str(part)]) == 0
+    assert gpu_verify.main(["window", "1", str(out / "manifest.json"), str(parts[-1])]) == 0
+    assert (tmp_path / "stage" / "site" / "fakepkg" / "big.so").read_bytes() == big
+    w = gpu_verify.WINDOW
+    left = w["limit_s"] - w["start_s"] - (len(parts) - 1) * w["stage_call_s"] - w["collect_s"]
+    assert len(budgets) == 2 and left - 30 < budgets[0] + 10 <= left
+    summary = (tmp_path / "OUT" / "summary.md").read_text()
+    assert "## env: done" in summary and "## gpu-tests: done" in summary

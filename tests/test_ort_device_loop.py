@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -279,7 +280,7 @@ def test_the_step_graph_on_cuda_copies_nothing_to_the_host(tmp_path, cfg):
         io.bind_output(name, "cuda")
     for _ in range(5):
         s.run_with_iobinding(io)
-    events = json.loads(open(s.end_profiling()).read())
+    events = json.loads(Path(s.end_profiling()).read_text())
     nodes = [e for e in events if e.get("cat") == "Node"]
     ops = {e.get("args", {}).get("op_name") for e in nodes}
     assert nodes and "Where" in ops, sorted(filter(None, ops))  # the profile has the step's nodes

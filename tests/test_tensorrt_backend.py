@@ -578,7 +578,7 @@ UNET_IO = (("sample", True), ("timestep", True), ("image_embeds", True), ("noise
 
 def _host_unet(sample, t, embeds):
     """The stand-in UNet's function in numpy: noise_pred[r, i] = 0.1 s + 1e-4 t + 0.05 e[r, i % D]."""
-    rows, per_row, d = sample.shape[0], sample[0].size, embeds.shape[1]
+    per_row, d = sample[0].size, embeds.shape[1]
     e = embeds[:, np.arange(per_row) % d].reshape(sample.shape)
     return np.float32(0.1) * sample + np.float32(1e-4) * np.float32(t) + np.float32(0.05) * e
 
@@ -617,11 +617,11 @@ class KernelContext:
 
 class KernelEngine:
     def __init__(self, cuda):
-        from eclipse_export.runtime.backends.cuda import compile_kernel
+        from eclipse_export.runtime.backends.cuda import _ok, compile_kernel
 
         self.cuda = cuda
-        kind, image = compile_kernel(cuda.nvrtc, KERNEL_UNET, "kernel_unet", cuda.info().sm)
-        self.module = cuda.driver.cuModuleLoadData(image)[1]
+        _, image = compile_kernel(cuda.nvrtc, KERNEL_UNET, "kernel_unet", cuda.info().sm)
+        self.module = _ok(cuda.driver.cuModuleLoadData(image), "cuModuleLoadData(kernel_unet)")
         self.function = cuda._function(self.module, "kernel_unet")
         self.num_io_tensors = len(UNET_IO)
         self.contexts = []

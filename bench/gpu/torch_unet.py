@@ -2,13 +2,13 @@
 eager and torch.compile, on the same GPU, next to eclipse-bench's ONNX Runtime CUDA figures.
 
     python bench/gpu/torch_unet.py --preset full-random --height 512 --width 512 --out DIR
-        [--ort-results DIR/results.json] [--onnx BUNDLE/unet.onnx] [--compile-timeout 240]
+        [--ort-results DIR/results.json] [--bundle FP16_BUNDLE] [--compile-timeout 240]
 
 Per variant: the UNet step at the CFG batch (2 x batch), median of --runs timed with CUDA events
 after --warmup calls, peak device memory (torch.cuda.max_memory_allocated, reset per variant).
 The GPU's FP16 peak is MEASURED here (a large FP16 matmul, the best of a few runs), not taken
 from a data sheet; % of peak = UNet FLOPs (counted on the exported graph by bench/flops.py when
---onnx is given) / step time / that peak. torch.compile runs in a child process with its own
+--bundle is given) / step time / that peak. torch.compile runs in a child process with its own
 time limit: a compile that does not finish is reported as such, never waited for.
 Writes DIR/torch_unet.json and DIR/torch_unet.md (with our UNet step from --ort-results and the
 ratio to diffusers FP16 eager: the issue's goal is >= 1.2x).
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--ort-results", type=Path, help="eclipse-bench's results.json of the same size (our UNet step)")
-    p.add_argument("--onnx", type=Path, help="the exported UNet graph, for its FLOPs")
+    p.add_argument("--bundle", type=Path, help="the exported bundle, for its UNet graph's FLOPs")
     p.add_argument("--compile-timeout", type=float, default=240.0)
     p.add_argument("--child", choices=["eager", "compile"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -127,11 +127,12 @@ def main(argv=None) -> int:
 
     out["gpu"] = torch.cuda.get_device_name(0)
     out["fp16_peak_tflops_measured"] = round(fp16_peak_tflops(), 1)
-    if args.onnx and args.onnx.is_file():
+    if args.bundle and (args.bundle / "manifest.json").is_file():
         from eclipse_export.bench.flops import graph_flops
+        from eclipse_export.runtime.bundle import open_bundle
 
         _, sample, embeds = _inputs(args.preset, args.height, args.width, args.batch)
-        out["unet_flops"] = graph_flops(args.onnx, {"sample": tuple(sample.shape), "timestep": (1,),
+        out["unet_flops"] = graph_flops(open_bundle(args.bundle).graph_path("unet"), {"sample": tuple(sample.shape), "timestep": (1,),
                                                     "image_embeds": tuple(embeds.shape)})
     ours = None
     if args.ort_results and args.ort_results.is_file():

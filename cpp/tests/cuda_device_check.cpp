@@ -210,9 +210,9 @@ int run_device_check(int argc, char **argv) {
     gpu.driver = CudaDriver::open();
     void *lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
     auto get_current = reinterpret_cast<CUresult (*)(CUcontext *)>(dlsym(lib, "cuCtxGetCurrent"));
-    CUcontext before = nullptr;
-    get_current(&before);
-    gpu.device = gpu.driver->device(0);
+    gpu.device = gpu.driver->device(0);  // cuInit: the context queries answer from here on
+    CUcontext before = reinterpret_cast<CUcontext>(uintptr_t{1});
+    gpu.driver->check(get_current(&before), "cuCtxGetCurrent");
     const int cuda_major = gpu.driver->driver_version() / 1000;
     gpu.nvrtc = Nvrtc::open("", cuda_major);
     gpu.context = gpu.driver->retain_primary_context(0);

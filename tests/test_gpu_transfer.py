@@ -322,3 +322,16 @@ def test_the_window_command_stages_installs_runs_and_collects(transfer, tmp_path
     assert len(budgets) == 2 and left - 30 < budgets[0] + 10 <= left
     summary = (tmp_path / "OUT" / "summary.md").read_text()
     assert "## env: done" in summary and "## gpu-tests: done" in summary
+
+
+def test_the_gpu_test_files_import_where_tensorrt_is_not_installed():
+    """Issue 18 #2: the H200 has no TensorRT(-RTX); test_cpp_tensorrt.py imported tensorrt_rtx_libs
+    at import time, so none of its tests (the C++ device check included) could even be collected."""
+    import subprocess
+
+    code = ("import sys\n"
+            "for name in ('tensorrt_rtx_libs', 'tensorrt_rtx', 'tensorrt'):\n"
+            "    sys.modules[name] = None  # as if not installed\n"
+            "import tests.test_cpp_tensorrt, tests.test_tensorrt_backend, tests.test_cuda_api, tests.test_ort_device_loop\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=gpu_verify.REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -569,7 +569,8 @@ def step_torch_full(stage: Path, out: Path, timeout: float) -> dict:
 STEPS = {
     "env": (step_env, 30),
     "gpu-tests": (step_gpu_tests, 150),
-    "export-tiny": (_exports("tiny", ("onnx", "onnx-fp16", "trt-rtx-fp16")), 60),
+    # --no-parity-check: the per-component ORT-vs-PyTorch check runs in CI; bench-tiny checks parity
+    "export-tiny": (_exports("tiny", ("onnx", "onnx-fp16", "trt-rtx-fp16"), ("--no-parity-check",)), 90),
     "bench-tiny": (_bench("tiny", ("onnx", "onnx-fp16", "trt-rtx-fp16"),
                           ["--gpu-variants", "--runs", "5", "--warmup", "2", "--batch", "1", "--batch", "2"]), 90),
     "export-full": (_exports("full-random", ("onnx-fp16",), ("--no-parity-check",)), 180),

@@ -58,6 +58,7 @@ PACKAGES = [
     ("zipp>=3.20", "zipp"),                    # importlib_metadata needs it
     ("onnxconverter-common==1.16.0", None),   # --target onnx-fp16
     ("open_clip_torch==3.3.0", None),         # the CLIP BPE merges file of the random presets
+    ("pillow==12.0.0", "pillow"),               # the runtime's images (kept where the image has Pillow 12)
     ("pytest==9.2.0", "pytest"),               # the GPU tests (the image has no pytest)
     ("pluggy==1.7.0", "pluggy"),
     ("iniconfig==2.3.1", "iniconfig"),
@@ -107,10 +108,18 @@ def dist_name(wheel: Path) -> str:
     return wheel.name.split("-")[0].lower().replace("_", "-")
 
 
-def slim(wheel: Path, payload: Path, min_bytes: int, threads: int = 1) -> dict:
-    """Copy a wheel into the payload, its members over min_bytes as separate xz streams."""
+def slim(wheel: Path, payload: Path, min_bytes: int, threads: int = 1, preset: str = "9e",
+         cache: Path | None = None) -> dict:
+    """Copy a wheel into the payload, its members over min_bytes as separate xz streams. cache:
+    a folder of earlier xz streams by the member's RECORD sha256 and the preset (xz -9e of ONNX
+    Runtime's CUDA provider takes tens of minutes on a busy machine; a re-run after a change of
+    the small packages reuses it)."""
     with zipfile.ZipFile(wheel) as z:
         big = [i for i in z.infolist() if i.file_size >= min_bytes]
+        # before the slim copy: writestr() below rewrites the shared ZipInfo offsets, after which
+        # this archive can no longer read its members
+        record = next(n for n in z.namelist() if n.endswith(".dist-info/RECORD"))
+        hashes = dict(line.rsplit(",", 2)[:2] for line in z.read(record).decode().splitlines() if line.count(",") >= 2)
         entry = {"wheel": wheel.name, "sha256": sha256_file(wheel), "bytes": wheel.stat().st_size, "members": []}
         if not big:
             shutil.copy2(wheel, payload / wheel.name)
@@ -124,6 +133,15 @@ def slim(wheel: Path, payload: Path, min_bytes: int, threads: int = 1) -> dict:
         entry["file"] = slim_name
         for info in big:
             raw = payload / (Path(info.filename).name + ".raw")
+            digest = hashes.get(info.filename, "").replace("sha256=", "")
+            cached = cache / f"{digest}.{preset}.xz" if cache and digest else None
+            if cached and cached.is_file():
+                shutil.copy2(cached, raw.with_name(raw.name + ".xz"))
+                log(f"  {info.filename}: {info.file_size / 2**20:.1f} MiB -> {cached.stat().st_size / 2**20:.1f} MiB "
+                    f"(xz -{preset}, cached)")
+                entry["members"].append({"member": info.filename, "file": raw.name + ".xz", "bytes": info.file_size,
+                                         "mode": info.external_attr >> 16})
+                continue
             with z.open(info) as src, open(raw, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 22)
             t0 = time.perf_counter()
@@ -131,20 +149,25 @@ def slim(wheel: Path, payload: Path, min_bytes: int, threads: int = 1) -> dict:
             if shutil.which("xz"):
                 # -9e: these libraries are the transfer's bulk. Threads > 1 split the stream into
                 # blocks: a little larger, much faster
-                subprocess.run(["xz", "-9e", f"-T{threads}", "-f", str(raw)], check=True)
+                subprocess.run(["xz", f"-{preset}", f"-T{threads}", "-f", str(raw)], check=True)
             else:  # the same format from the standard library, one thread
-                with open(raw, "rb") as src, lzma.open(xz, "wb", preset=9 | lzma.PRESET_EXTREME) as dst:
+                level = int(preset[0]) | (lzma.PRESET_EXTREME if preset.endswith("e") else 0)
+                with open(raw, "rb") as src, lzma.open(xz, "wb", preset=level) as dst:
                     shutil.copyfileobj(src, dst, 1 << 22)
                 raw.unlink()
             log(f"  {info.filename}: {info.file_size / 2**20:.1f} MiB -> {xz.stat().st_size / 2**20:.1f} MiB "
-                f"(xz -9e, {time.perf_counter() - t0:.0f} s)")
+                f"(xz -{preset}, {time.perf_counter() - t0:.0f} s)")
+            if cached:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(xz, cached)
             entry["members"].append({"member": info.filename, "file": xz.name, "bytes": info.file_size,
                                      "mode": info.external_attr >> 16})
     return entry
 
 
 def write_transfer(out: Path, wheels: list[tuple[Path, str | None]], part_bytes: int, xz_min_bytes: int,
-                   xz_threads: int = 1, binaries: list[Path] = ()) -> dict:
+                   xz_threads: int = 1, binaries: list[Path] = (), xz_preset: str = "9e",
+                   xz_cache: Path | None = None) -> dict:
     """Slim the wheels into out/payload, add the binaries (installed into STAGE/bin), tar them, cut
     the tar into out/parts, write the manifest."""
     payload, parts_dir = out / "payload", out / "parts"
@@ -154,7 +177,7 @@ def write_transfer(out: Path, wheels: list[tuple[Path, str | None]], part_bytes:
     entries = []
     for w, skip in wheels:
         log(f"payload: {w.name} ({w.stat().st_size / 2**20:.1f} MiB)")
-        e = slim(w, payload, xz_min_bytes, xz_threads)
+        e = slim(w, payload, xz_min_bytes, xz_threads, xz_preset, xz_cache)
         e.update({"dist": dist_name(w), "skip_if_installed_major": skip})
         entries.append(e)
     bins = []
@@ -199,12 +222,12 @@ def write_transfer(out: Path, wheels: list[tuple[Path, str | None]], part_bytes:
 RECORD = Path(__file__).resolve().parent / "transfer-measured.json"
 
 
-def measured_record(manifest: dict, seconds: dict | None = None) -> dict:
+def measured_record(manifest: dict, seconds: dict | None = None, command: str = "") -> dict:
     """What the window plan's CI test holds (tests/test_gpu_transfer.py): the packages sent, the
     size of every part, each wheel before and after slimming, measured by a real run."""
     return {
         "measured": manifest["created"], "repo_commit": manifest["repo_commit"],
-        "command": "python bench/gpu/prepare.py --xz-threads 2 --record",
+        "command": command or "python bench/gpu/prepare.py --record",
         "packages": [req for req, _ in PACKAGES], "parts": [p["bytes"] for p in manifest["parts"]],
         "binaries": [b["file"] for b in manifest.get("binaries", [])],
         "wheels": [{"wheel": w["wheel"], "bytes": w["bytes"],
@@ -221,6 +244,7 @@ def main(argv=None) -> int:
     p.add_argument("--part-mib", type=float, default=MAX_PART_MIB)
     p.add_argument("--xz-min-mib", type=float, default=16.0, help="members at least this big are xz-compressed")
     p.add_argument("--xz-threads", type=int, default=1)
+    p.add_argument("--xz-preset", default="9e", help="xz preset of the big members: 9e (smallest, slow) .. 6 (~4x faster)")
     p.add_argument("--check-binary", type=Path, default=CHECK_BINARY,
                    help="eclipse-cuda-check to carry (make cpp builds it); --check-binary '' for none")
     p.add_argument("--tensorrt-rtx", action="store_true", help="also TensorRT-RTX (RTX GPUs: no SM 9.0 target)")
@@ -251,7 +275,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"error: {w.name} must never be installed on the GPU machine")
     t1 = time.perf_counter()
     manifest = write_transfer(out, wheels, int(args.part_mib * 2**20), int(args.xz_min_mib * 2**20), args.xz_threads,
-                              binaries)
+                              binaries, args.xz_preset, out / "xz-cache")
     if not args.keep_downloads:
         shutil.rmtree(downloads)
     parts = manifest["parts"]
@@ -263,7 +287,8 @@ def main(argv=None) -> int:
     print(f"manifest: {out / 'manifest.json'}")
     if args.record:
         seconds = {"downloads": round(t1 - t0), "slim_and_parts": round(time.perf_counter() - t1)}
-        RECORD.write_text(json.dumps(measured_record(manifest, seconds), indent=1) + "\n")
+        command = "python bench/gpu/prepare.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        RECORD.write_text(json.dumps(measured_record(manifest, seconds, command), indent=1) + "\n")
         print(f"wrote {RECORD}")
     if len(parts) > MAX_PARTS:
         print(f"warning: {len(parts)} parts, the window plan has {MAX_PARTS} (README: window 1)", file=sys.stderr)

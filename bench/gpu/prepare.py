@@ -3,8 +3,8 @@
 The verification machine (README.md: an H200 with Python 3.12, PyTorch on CUDA 13, transformers,
 onnx, CPU onnxruntime, cuda-bindings, NVRTC, cuDNN and cuBLAS wheels; no network) lacks only:
 onnxruntime-gpu, diffusers (+ importlib_metadata, zipp), onnxconverter-common, open_clip_torch
-(its BPE merges file only; installed --no-deps), pytest (+ pluggy, iniconfig) and the C++ CUDA
-check binary. A small package the machine has already (same major) is kept, not installed. Those go, into an
+(its BPE merges file only; installed --no-deps), Pillow, pytest (+ pluggy, iniconfig, pygments)
+and the C++ CUDA check binary. A small package the machine has already (same major) is kept, not installed. Those go, into an
 ignored folder (default bench/gpu/.transfer/):
 
     parts/part-NNN      the payload, split so each part is <= --part-mib (default 60 MiB)
@@ -60,6 +60,7 @@ PACKAGES = [
     ("open_clip_torch==3.3.0", None),         # the CLIP BPE merges file of the random presets
     ("pillow==12.0.0", "pillow"),               # the runtime's images (kept where the image has Pillow 12)
     ("pytest==9.2.0", "pytest"),               # the GPU tests (the image has no pytest)
+    ("pygments==2.19.2", "pygments"),           # pytest 9 imports it
     ("pluggy==1.7.0", "pluggy"),
     ("iniconfig==2.3.1", "iniconfig"),
 ]

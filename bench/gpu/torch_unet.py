@@ -38,11 +38,18 @@ def _inputs(preset: str, height: int, width: int, batch: int):
     return source, sample, embeds
 
 
-def _time(fn, warmup: int, runs: int) -> list[float]:
+def _time(fn, warmup: int, runs: int, device: str = "cuda") -> list[float]:
     import torch
 
     for _ in range(warmup):
         fn()
+    if device != "cuda":  # the CPU rehearsal of this script: wall time
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return times
     torch.cuda.synchronize()
     times = []
     for _ in range(runs):
@@ -55,29 +62,35 @@ def _time(fn, warmup: int, runs: int) -> list[float]:
     return times
 
 
-def measure(preset: str, height: int, width: int, batch: int, compiled: bool, warmup: int, runs: int) -> dict:
+def measure(preset: str, height: int, width: int, batch: int, compiled: bool, warmup: int, runs: int,
+            device: str = "cuda") -> dict:
     import torch
 
     from eclipse_export.export.graphs import UNetGraph
 
+    cuda = device == "cuda"
+    dtype = torch.float16 if cuda else torch.float32  # the CPU rehearsal runs FP32
     source, sample, embeds = _inputs(preset, height, width, batch)
-    unet = UNetGraph(source.load("unet")).eval().to("cuda", torch.float16)
-    sample, embeds = sample.to("cuda", torch.float16), embeds.to("cuda", torch.float16)
-    t = torch.tensor([999.0], device="cuda")
+    unet = UNetGraph(source.load("unet")).eval().to(device, dtype)
+    sample, embeds = sample.to(device, dtype), embeds.to(device, dtype)
+    t = torch.tensor([999.0], device=device)
     model = unet
     t0 = time.perf_counter()
     if compiled:
         model = torch.compile(unet)
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     with torch.inference_mode():
         model(sample, t, embeds)  # the compile happens here
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         first = time.perf_counter() - t0
-        times = _time(lambda: model(sample, t, embeds), warmup, runs)
+        times = _time(lambda: model(sample, t, embeds), warmup, runs, device)
     times.sort()
-    return {"variant": "torch.compile fp16" if compiled else "diffusers fp16 eager", "step_p50_s": times[len(times) // 2],
+    name = "torch.compile" if compiled else "diffusers eager"
+    return {"variant": f"{name} {'fp16' if cuda else 'fp32 (cpu)'}", "step_p50_s": times[len(times) // 2],
             "step_min_s": times[0], "first_call_s": round(first, 2), "runs": runs,
-            "peak_device_bytes": int(torch.cuda.max_memory_allocated()), "torch": torch.__version__}
+            "peak_device_bytes": int(torch.cuda.max_memory_allocated()) if cuda else None, "torch": torch.__version__}
 
 
 def fp16_peak_tflops() -> float:
@@ -103,18 +116,19 @@ def main(argv=None) -> int:
     p.add_argument("--ort-results", type=Path, help="eclipse-bench's results.json of the same size (our UNet step)")
     p.add_argument("--bundle", type=Path, help="the exported bundle, for its UNet graph's FLOPs")
     p.add_argument("--compile-timeout", type=float, default=240.0)
+    p.add_argument("--device", default="cuda", help="cuda; cpu only rehearses this script (FP32, wall time)")
     p.add_argument("--child", choices=["eager", "compile"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:  # one variant in this process, JSON on stdout
         print(json.dumps(measure(args.preset, args.height, args.width, args.batch, args.child == "compile",
-                                 args.warmup, args.runs)))
+                                 args.warmup, args.runs, args.device)))
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     out = {"preset": args.preset, "size": f"{args.height}x{args.width}", "batch": args.batch, "cfg": True, "variants": []}
     for child, limit in (("eager", 600.0), ("compile", args.compile_timeout)):
         cmd = [sys.executable, __file__, "--child", child, "--preset", args.preset, "--height", str(args.height),
                "--width", str(args.width), "--batch", str(args.batch), "--warmup", str(args.warmup),
-               "--runs", str(args.runs), "--out", str(args.out)]
+               "--runs", str(args.runs), "--out", str(args.out), "--device", args.device]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
             if done.returncode == 0:
@@ -125,8 +139,9 @@ def main(argv=None) -> int:
             out["variants"].append({"variant": child, "error": f"did not finish within {limit:.0f} s (compile included)"})
     import torch
 
-    out["gpu"] = torch.cuda.get_device_name(0)
-    out["fp16_peak_tflops_measured"] = round(fp16_peak_tflops(), 1)
+    on_gpu = args.device == "cuda"
+    out["gpu"] = torch.cuda.get_device_name(0) if on_gpu else "cpu (rehearsal)"
+    out["fp16_peak_tflops_measured"] = round(fp16_peak_tflops(), 1) if on_gpu else None
     if args.bundle and (args.bundle / "manifest.json").is_file():
         from eclipse_export.bench.flops import graph_flops
         from eclipse_export.runtime.bundle import open_bundle
@@ -145,7 +160,8 @@ def main(argv=None) -> int:
                     ours = cand
         if ours:
             out["variants"].insert(0, ours)
-    eager = next((v for v in out["variants"] if v.get("variant") == "diffusers fp16 eager" and "step_p50_s" in v), None)
+    eager = next((v for v in out["variants"] if v.get("variant", "").startswith("diffusers eager") and "step_p50_s" in v),
+                 None)
     lines = [f"# UNet step on {out['gpu']}: {out['size']}, batch {args.batch} with CFG", "",
              f"FP16 peak measured (8192^3 matmul): {out['fp16_peak_tflops_measured']} TFLOPS", "",
              "| variant | step p50 (ms) | vs diffusers eager | % of measured FP16 peak | peak device memory (GiB) |",
@@ -156,7 +172,7 @@ def main(argv=None) -> int:
             continue
         ratio = f"{eager['step_p50_s'] / v['step_p50_s']:.2f}x" if eager else "n/a"
         peak = (f"{100 * out['unet_flops'] / v['step_p50_s'] / (out['fp16_peak_tflops_measured'] * 1e12):.1f}"
-                if out.get("unet_flops") else "n/a")
+                if out.get("unet_flops") and out["fp16_peak_tflops_measured"] else "n/a")
         mem = f"{v['peak_device_bytes'] / 2**30:.2f}" if v.get("peak_device_bytes") else "n/a"
         lines.append(f"| {v['variant']} | {v['step_p50_s'] * 1e3:.2f} | {ratio} | {peak} | {mem} |")
     (args.out / "torch_unet.json").write_text(json.dumps(out, indent=1))

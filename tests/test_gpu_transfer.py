@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -160,9 +161,12 @@ def test_steps_resume_across_calls(tmp_path, monkeypatch, capsys):
     dest = tmp_path / "OUT"
     assert gpu_verify.main(["collect", str(dest)]) == 0
     files = sorted(p.name for p in dest.iterdir())
-    assert files == ["outputs.tar.gz", "summary.md"] and len(files) <= 8
+    page = f"unknown-gpu-{time.strftime('%Y-%m-%d')}.md"  # the results page to commit (no env step ran here)
+    assert files == sorted(["outputs.tar.gz", "summary.md", page]) and len(files) <= 8
     summary = (dest / "summary.md").read_text()
     assert "## c: failed" in summary and "- tests/x.py::test_y: boom" in summary
+    text = (dest / page).read_text()
+    assert "| c | failed |" in text and "- tests/x.py::test_z: no TensorRT" in text
 
 
 # --- issue 18: the 15-minute window -------------------------------------------------------------

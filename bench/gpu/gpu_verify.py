@@ -699,12 +699,47 @@ def cmd_collect(dest: Path) -> None:
     src = stage / "out" / "torch-full" / "torch_unet.md"
     if src.is_file():
         shutil.copy2(src, dest / "torch_unet.md")
+    name, text = results_page(state, stage)
+    (dest / name).write_text(text)
     with tarfile.open(dest / "outputs.tar.gz", "w:gz") as tar:
         if (stage / "out").is_dir():
             tar.add(stage / "out", arcname="out")
         if (stage / "state.json").is_file():
             tar.add(stage / "state.json", arcname="state.json")
     log(f"collected into {dest}: {', '.join(sorted(p.name for p in dest.iterdir()))}")
+
+
+def results_page(state: "State", stage: Path) -> tuple[str, str]:
+    """bench/gpu/results/<gpu>-<date>.md, ready to commit: what ran, what failed and was skipped
+    (with the reasons), the figures, the commands."""
+    env = state.data["steps"].get("env", {})
+    gpu = str(env.get("gpu") or "unknown-gpu")
+    slug = "".join(c if c.isalnum() else "-" for c in gpu.lower()).strip("-")
+    date = time.strftime("%Y-%m-%d")
+    lines = [f"# GPU verification on {gpu}, {date}", "",
+             "Made by `bench/gpu/gpu_verify.py collect` (bench/gpu/README.md has the plan and the commands).", "",
+             "| step | state | seconds |", "| --- | --- | ---: |"]
+    for step in ["install", *STEPS]:
+        s = state.data["steps"].get(step)
+        if s is not None:
+            lines.append(f"| {step} | {s['status']} | {s.get('seconds', '')} |")
+    for step, s in state.data["steps"].items():
+        for key in ("failed", "skipped"):
+            if s.get(key) and isinstance(s[key], list):
+                lines += ["", f"{step}, {key}:"] + [f"- {x}" for x in s[key]]
+    if env.get("ort_cuda"):
+        lines += ["", f"ONNX Runtime CUDA session: `{json.dumps(env['ort_cuda'])[:600]}`"]
+    for step, label in (("bench-tiny", "tiny"), ("bench-full", "full size")):
+        src = stage / "out" / step / "results" / "results.md"
+        if src.is_file():
+            lines += ["", f"## eclipse-bench, {label}", "", src.read_text()]
+        peak = state.data["steps"].get(step, {}).get("ours_peak_device_mib")
+        if peak:
+            lines.append(f"Peak device memory of our targets alone (nvidia-smi): {peak} MiB")
+    src = stage / "out" / "torch-full" / "torch_unet.md"
+    if src.is_file():
+        lines += ["", src.read_text()]
+    return f"{slug}-{date}.md", "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:

@@ -558,7 +558,8 @@ def step_torch_full(stage: Path, out: Path, timeout: float) -> dict:
     bundle = stage / "bundles" / "full-random-onnx-fp16"
     cmd = [sys.executable, str(HERE / "torch_unet.py"), "--preset", "full-random", "--height", "512", "--width", "512",
            "--out", str(out), "--ort-results", str(stage / "out" / "bench-full" / "results" / "results.json"),
-           "--bundle", str(bundle), "--compile-timeout", str(max(60, int(timeout * 0.6)))]
+           # each variant in its own child with its own limit, so that none outlives this step
+           "--bundle", str(bundle), "--variant-timeout", str(max(30, int(timeout * 0.4)))]
     rc = run_logged(cmd, out, "torch_unet", stage, timeout)
     result = out / "torch_unet.json"
     return {"rc": rc, "ok": rc == 0, **({"result": json.loads(result.read_text())} if result.is_file() else {})}

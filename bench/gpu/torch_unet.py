@@ -2,7 +2,7 @@
 eager and torch.compile, on the same GPU, next to eclipse-bench's ONNX Runtime CUDA figures.
 
     python bench/gpu/torch_unet.py --preset full-random --height 512 --width 512 --out DIR
-        [--ort-results DIR/results.json] [--bundle FP16_BUNDLE] [--compile-timeout 240]
+        [--ort-results DIR/results.json] [--bundle FP16_BUNDLE] [--variant-timeout 240]
 
 Per variant: the UNet step at the CFG batch (2 x batch), median of --runs timed with CUDA events
 after --warmup calls, peak device memory (torch.cuda.max_memory_allocated, reset per variant).
@@ -115,7 +115,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--ort-results", type=Path, help="eclipse-bench's results.json of the same size (our UNet step)")
     p.add_argument("--bundle", type=Path, help="the exported bundle, for its UNet graph's FLOPs")
-    p.add_argument("--compile-timeout", type=float, default=240.0)
+    p.add_argument("--variant-timeout", type=float, default=240.0,
+                   help="time limit of each variant's child process (model build, compile, runs)")
     p.add_argument("--device", default="cuda", help="cuda; cpu only rehearses this script (FP32, wall time)")
     p.add_argument("--child", choices=["eager", "compile"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -125,7 +126,7 @@ def main(argv=None) -> int:
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     out = {"preset": args.preset, "size": f"{args.height}x{args.width}", "batch": args.batch, "cfg": True, "variants": []}
-    for child, limit in (("eager", 600.0), ("compile", args.compile_timeout)):
+    for child, limit in (("eager", args.variant_timeout), ("compile", args.variant_timeout)):
         cmd = [sys.executable, __file__, "--child", child, "--preset", args.preset, "--height", str(args.height),
                "--width", str(args.width), "--batch", str(args.batch), "--warmup", str(args.warmup),
                "--runs", str(args.runs), "--out", str(args.out), "--device", args.device]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import ctypes
+import functools
 import json
 import re
 import shutil
@@ -21,6 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from eclipse_export.runtime.backends.cuda import (
@@ -29,6 +31,7 @@ from eclipse_export.runtime.backends.cuda import (
     kernel_source,
     nvrtc_architecture,
 )
+from tests.gpu_required import need
 from tests.recording import Recording
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -286,3 +289,160 @@ def test_every_cuda_bindings_call_returns_an_error_status_not_a_type_error(stub_
     # and every call in runtime/backends/cuda.py was among them
     missing = _cuda_calls_in_source() - set(report["calls"])
     assert not missing, f"cuda.bindings calls not exercised: {sorted(missing)}"
+
+
+# --- on a GPU (issue 18, 2a): the fused step through the runtime's Cuda, against numpy ----------
+
+
+@functools.cache
+def _cuda_reason() -> str | None:
+    """None where cuda-bindings reach a GPU here, else why not (the GPU window requires it)."""
+    from eclipse_export.runtime.backends.base import BackendError
+    from eclipse_export.runtime.backends.cuda import Cuda
+
+    try:
+        Cuda(0).close()
+    except BackendError as e:
+        return str(e)
+    return None
+
+
+@pytest.fixture(scope="module")
+def cuda():
+    from eclipse_export.runtime.backends.cuda import Cuda
+
+    need("cuda", _cuda_reason())
+    c = Cuda(0)
+    yield c
+    c.close()
+
+
+def _step_case(rng, n: int, cfg: bool, bad: bool):
+    x = (3 * rng.standard_normal(n)).astype(np.float32)
+    pred = rng.standard_normal((2 if cfg else 1) * n).astype(np.float32)
+    noise = rng.standard_normal(n).astype(np.float32)
+    if bad:  # NaN latents stay NaN (np.clip keeps NaN); Inf predictions clamp or blow up
+        x[3], pred[7], x[11] = np.nan, np.inf, -0.0
+    return x, pred, noise
+
+
+def _fused_step(cuda, x, pred, noise, cfg, scale, k, with_noise, step=2):
+    """One guided_step launch on device copies; returns (latents, sample_out, bad_step flag)."""
+    from eclipse_export.runtime.backends.cuda import DeviceBuffer
+
+    n = x.size
+    bufs = {name: DeviceBuffer(cuda) for name in ("x", "pred", "noise", "sample", "bad")}
+    try:
+        for name, nbytes in (("x", x.nbytes), ("pred", pred.nbytes), ("noise", noise.nbytes), ("sample", pred.nbytes),
+                             ("bad", 4)):
+            bufs[name].ensure(nbytes)
+        cuda.h2d(bufs["x"].ptr, x)
+        cuda.h2d(bufs["pred"].ptr, pred)
+        cuda.h2d(bufs["noise"].ptr, noise)
+        cuda.h2d(bufs["bad"].ptr, np.zeros(1, np.uint32))
+        cuda.guided_step(bufs["pred"].ptr, bufs["x"].ptr, bufs["noise"].ptr if with_noise else 0, bufs["sample"].ptr, n,
+                         cfg, scale, k.astuple(), bufs["bad"].ptr, step)
+        got, sample, flag = np.empty_like(x), np.empty_like(pred), np.zeros(1, np.uint32)
+        cuda.d2h(got, bufs["x"].ptr)
+        cuda.d2h(sample, bufs["sample"].ptr)
+        cuda.d2h(flag, bufs["bad"].ptr)
+        cuda.synchronize()
+        return got, sample, int(flag[0])
+    finally:
+        for b in bufs.values():
+            b.free()
+
+
+def _numpy_step(x, pred, noise, cfg, scale, k, with_noise):
+    from eclipse_export.runtime import guidance
+    from eclipse_export.runtime.schedulers import apply_step
+
+    eps = guidance.combine(pred.reshape(2, -1), scale).reshape(-1) if cfg else pred
+    with np.errstate(invalid="ignore", over="ignore"):
+        return apply_step(k, eps, x, noise if with_noise else None)
+
+
+@pytest.mark.parametrize("clip", [1.0, float("inf")], ids=["clip", "no-clip"])
+@pytest.mark.parametrize("with_noise", [True, False], ids=["noise", "no-noise"])
+@pytest.mark.parametrize("cfg", [True, False], ids=["cfg", "no-cfg"])
+@pytest.mark.parametrize("bad", [False, True], ids=["finite", "nan-inf"])
+def test_the_fused_step_on_the_gpu_is_numpy_bit_for_bit(cuda, cfg, with_noise, clip, bad):
+    """Issue 18 2a: the kernel the TensorRT backend runs, through the runtime's own Cuda class,
+    equals schedulers.apply_step after guidance.combine exactly (float32, --fmad=false); the NaN
+    flag names the step (step + 1) exactly when a result is not finite."""
+    from eclipse_export.runtime.schedulers import StepCoefficients
+
+    rng = np.random.default_rng(7)
+    x, pred, noise = _step_case(rng, 1 << 16, cfg, bad)
+    k = StepCoefficients(0.31, 0.95, clip, 0.52, 0.47, 0.02, 0.11)
+    got, sample, flag = _fused_step(cuda, x, pred, noise, cfg, 5.5 if cfg else 1.0, k, with_noise)
+    want = _numpy_step(x, pred, noise, cfg, 5.5 if cfg else 1.0, k, with_noise)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(sample[: x.size], want)
+    if cfg:
+        np.testing.assert_array_equal(sample[x.size:], want)
+    assert flag == (0 if np.isfinite(want).all() else 3)
+    if bad:
+        assert np.isnan(got[3])
+
+
+def test_the_fused_step_on_a_latent_of_64m_elements(cuda):
+    """Issue 18 2a: n >= 64 M elements (the index arithmetic is 64-bit, the grid large)."""
+    from eclipse_export.runtime.schedulers import StepCoefficients
+
+    n = 64 << 20
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(n, dtype=np.float32)
+    pred = rng.standard_normal(n, dtype=np.float32)
+    noise = rng.standard_normal(n, dtype=np.float32)
+    x[-1] = np.nan  # the last element is reached
+    k = StepCoefficients(0.72, 0.69, 1.0, 0.8, 0.1, 0.6, 0.05)
+    got, _, flag = _fused_step(cuda, x, pred, noise, False, 1.0, k, True)
+    np.testing.assert_array_equal(got, _numpy_step(x, pred, noise, False, 1.0, k, True))
+    assert flag == 3 and np.isnan(got[-1])
+
+
+def test_a_captured_cuda_graph_replayed_n_times_equals_n_launches(cuda):
+    """Issue 18 2a: the stream capture the backend uses (thread-local mode), replayed N times,
+    gives what N plain launches give, and numpy's N steps."""
+    from eclipse_export.runtime.backends.cuda import DeviceBuffer
+    from eclipse_export.runtime.schedulers import StepCoefficients
+
+    n, steps = 1 << 18, 7
+    rng = np.random.default_rng(5)
+    x, pred, noise = _step_case(rng, n, True, False)
+    k = StepCoefficients(0.9, 0.4, 1.0, 0.3, 0.6, 0.1, 0.05)
+    cuda._kernel("guided_step")  # compiled and loaded before any capture
+    results = {}
+    for mode in ("graph", "plain"):
+        bufs = [DeviceBuffer(cuda) for _ in range(4)]
+        for b, nbytes in zip(bufs, (pred.nbytes, x.nbytes, noise.nbytes, pred.nbytes)):
+            b.ensure(nbytes)
+        p, lat, nz, smp = (b.ptr for b in bufs)
+        cuda.h2d(p, pred)
+        cuda.h2d(lat, x)
+        cuda.h2d(nz, noise)
+        def launch(p=p, lat=lat, nz=nz, smp=smp):
+            cuda.guided_step(p, lat, nz, smp, n, True, 4.0, k.astuple())
+
+        if mode == "graph":
+            cuda.begin_capture()
+            launch()
+            graph = cuda.end_capture()
+            for _ in range(steps):
+                cuda.launch_graph(graph)
+            cuda.destroy_graph(graph)
+        else:
+            for _ in range(steps):
+                launch()
+        out = np.empty_like(x)
+        cuda.d2h(out, lat)
+        cuda.synchronize()
+        results[mode] = out
+        for b in bufs:
+            b.free()
+    np.testing.assert_array_equal(results["graph"], results["plain"])
+    want = x
+    for _ in range(steps):
+        want = _numpy_step(want, pred, noise, True, 4.0, k, True)
+    np.testing.assert_array_equal(results["graph"], want)

@@ -8,6 +8,10 @@ it, hash-verified like every file; bundles of format 1 (none in them) run the lo
 
 from __future__ import annotations
 
+import functools
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -25,6 +29,7 @@ from eclipse_export.runtime.pipeline import Pipeline
 from eclipse_export.runtime.schedulers import StepCoefficients, apply_step
 from eclipse_export.export.step_graph import FILES, guided_step_model
 from eclipse_export.runtime.backends.ort_device_loop import PARAMS, step_params
+from tests.gpu_required import need
 
 
 def _step_bytes(cfg: bool) -> bytes:
@@ -44,7 +49,20 @@ def test_bundles_carry_their_step_graphs(tiny_bundle):
         onnx.checker.check_model(model, full_check=True)  # incl. shape inference of every node
         assert model.SerializeToString() == _step_bytes(kind == "cfg")
         ops = [n.op_type for n in model.graph.node]
-        assert ("Split" in ops) == (kind == "cfg") and ops.count("Clip") == 1
+        assert ("Split" in ops) == (kind == "cfg") and "Where" in ops
+
+
+@pytest.mark.parametrize("cfg", [True, False])
+def test_no_clip_takes_its_bounds_from_a_runtime_tensor(cfg):
+    """Issue 18 #7: ONNX Runtime's CUDA Clip reads min/max in host memory; bounds computed from
+    the device-side params were copied device -> host on every step. Every Clip's bounds must be
+    initializers (constants ONNX Runtime keeps on the host), else no Clip at all."""
+    onnx = pytest.importorskip("onnx")
+    model = guided_step_model(cfg)
+    constants = {t.name for t in model.graph.initializer}
+    runtime_bounds = [(n.name or n.output[0], [i for i in n.input[1:] if i and i not in constants])
+                      for n in model.graph.node if n.op_type == "Clip"]
+    assert all(not bounds for _, bounds in runtime_bounds), runtime_bounds
 
 
 @pytest.mark.parametrize("cfg", [True, False])
@@ -64,6 +82,7 @@ def test_step_graph_is_apply_step_bit_for_bit(cfg):
         pred = rng.standard_normal(((2 * b if cfg else b), *shape[1:])).astype(np.float32)
         noises = rng.standard_normal((3, *shape)).astype(np.float32)
         x[0, 0, 0, 0] = np.nan
+        x[0, 0, 0, 1] = -0.0  # the comparisons keep its sign, as np.clip does
         pred[-1, 1, 2, 3] = np.inf
         latents_next, sample_next = session.run(None, {"noise_pred": pred, "latents": x, "step_noise": noises,
                                                        "params": step_params(k, 5.5 if cfg else None, 2)})
@@ -181,6 +200,7 @@ def test_tensorrt_provider_caches_live_beside_the_bundle(tiny_bundle_copy, tmp_p
     assert got.is_dir() and str(got).startswith(str(tmp_path / "xdg" / "eclipse-export" / "ort-cache"))
 
 
+@functools.cache
 def _cuda_reason() -> str | None:
     """None where ONNX Runtime's CUDA provider really runs here (needs onnxruntime-gpu and a GPU)."""
     import onnxruntime as ort
@@ -195,11 +215,11 @@ def _cuda_reason() -> str | None:
     return None if s.get_providers()[0] == "CUDAExecutionProvider" else "ONNX Runtime fell back to the CPU"
 
 
-@pytest.mark.skipif(_cuda_reason() is not None, reason=str(_cuda_reason()))
 @pytest.mark.parametrize("cfg", [True, False])
 def test_step_graph_on_cuda_is_apply_step(cfg):
     """On the GPU: the step graph through IO binding on CUDA memory gives apply_step's numbers
     (float32 element-wise kernels; NaN must stay NaN, as np.clip keeps it)."""
+    need("ort-cuda", _cuda_reason())
     import onnxruntime as ort
 
     from eclipse_export.runtime import guidance
@@ -224,11 +244,42 @@ def test_step_graph_on_cuda_is_apply_step(cfg):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.skipif(_cuda_reason() is not None, reason=str(_cuda_reason()))
+@pytest.mark.parametrize("cfg", [True, False])
+def test_the_step_graph_on_cuda_copies_nothing_to_the_host(tmp_path, cfg):
+    """Issue 18 #7, on the GPU: ONNX Runtime's profile of repeated steps (inputs and outputs bound
+    on the device) holds no Memcpy node, so no step copies anything device -> host (a CUDA Clip
+    with device-side bounds had ONNX Runtime insert a MemcpyToHost before it)."""
+    need("ort-cuda", _cuda_reason())
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(tmp_path / "step")
+    s = ort.InferenceSession(_step_bytes(cfg), opts, providers=["CUDAExecutionProvider"], enable_fallback=0)
+    shape = (1, 4, 64, 64)
+    k = StepCoefficients(0.31, 0.95, 1.0, 0.52, 0.47, 0.0, 0.11)
+    io = s.io_binding()
+    pred = np.ones(((2 if cfg else 1), *shape[1:]), np.float32)
+    for name, value in (("noise_pred", pred), ("latents", np.ones(shape, np.float32)),
+                        ("step_noise", np.ones((2, *shape), np.float32)), ("params", step_params(k, 4.0, 1))):
+        io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
+    for name in ("latents_next", "sample_next"):
+        io.bind_output(name, "cuda")
+    for _ in range(5):
+        s.run_with_iobinding(io)
+    events = json.loads(Path(s.end_profiling()).read_text())
+    nodes = [e for e in events if e.get("cat") == "Node"]
+    ops = {e.get("args", {}).get("op_name") for e in nodes}
+    assert nodes and "Where" in ops, sorted(filter(None, ops))  # the profile has the step's nodes
+    copies = sorted({e["name"] for e in nodes if "memcpy" in e.get("args", {}).get("op_name", "").lower()})
+    assert not copies, copies
+
+
 @pytest.mark.parametrize("graphs", [True, False])
 def test_cuda_device_loop_matches_the_cuda_host_loop(tiny_bundle, graphs):
     """On the GPU: the device loop (CUDA graphs on or off) against the host loop on the same
     provider; the graph variant must really use the specialised session (no fallback note)."""
+    need("ort-cuda", _cuda_reason())
     host = Pipeline.from_bundle(tiny_bundle, OnnxRuntimeBackend(["cuda"], device_loop=False))
     backend = OnnxRuntimeBackend(["cuda"], cuda_graphs=graphs)
     device = Pipeline.from_bundle(tiny_bundle, backend)

@@ -10,6 +10,7 @@ test_schedulers). The real GPU path is tested at the end and skips without a GPU
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import types
 from pathlib import Path
@@ -23,6 +24,7 @@ from eclipse_export.runtime.backends.base import BackendError
 from eclipse_export.runtime.backends.factory import make_backend
 from eclipse_export.runtime.pipeline import Pipeline
 from eclipse_export.runtime.schedulers import StepCoefficients, apply_step
+from tests.gpu_required import need
 
 
 class FakeCuda:
@@ -477,3 +479,291 @@ def test_real_engines_on_the_gpu_match_onnx_runtime(tmp_path):
     for key in ("text_encoder.text_embeds", "prior.image_embeds", "unet.noise_pred_step0", "unet.latents"):
         stage = compare(key, got.intermediates[key], ref.intermediates[key], COMPONENTS["unet"].tolerance("fp16"))
         assert stage.ok, stage
+
+
+def test_the_device_loop_checks_the_dtype_of_every_unet_input_and_output(bundle_dir):
+    """Issue 18 #9: the loop writes float32 bytes into every UNet tensor (timestep and embeddings
+    too), so an engine with any other I/O type is refused before anything is bound."""
+    backend = fake_backend(bundle_dir)
+    pipe = Pipeline.from_bundle(bundle_dir, backend)
+    unet = pipe.sessions["unet"]
+    unet.load()
+    unet.dtypes["timestep"] = np.dtype(np.int64)
+    with pytest.raises(BackendError, match=r"float32 UNet I/O, the engine has \{'timestep': 'int64'\}"):
+        pipe.generate("a cat", height=64, width=64, steps=2, seed=1)
+    assert not unet.buffers  # refused before any buffer
+
+
+class FakeRtxCache:
+    def __init__(self, refuse: bool):
+        self.refuse, self.data = refuse, None
+
+    def deserialize(self, data):
+        self.data = data
+        return not self.refuse
+
+    def serialize(self):
+        return b"jit kernels"
+
+
+class FakeRtxConfig:
+    def __init__(self, refuse_file: bool, refuse_set: bool):
+        self.refuse_file, self.refuse_set, self.cache, self.made = refuse_file, refuse_set, None, 0
+
+    def create_runtime_cache(self):
+        self.made += 1
+        return FakeRtxCache(self.refuse_file and self.made == 1)
+
+    def set_runtime_cache(self, cache):
+        self.cache = cache
+        return not self.refuse_set
+
+
+@pytest.mark.parametrize("refuse", ["nothing", "file", "set"])
+def test_tensorrt_rtx_runtime_config_lives_with_its_context_and_cache_results_are_checked(bundle_dir, tmp_path,
+                                                                                        monkeypatch, refuse):
+    """Issue 18 #8: the IRuntimeConfig was a local dropped after the context was made (the
+    context refers to it); deserialize / set_runtime_cache results were ignored."""
+    import gc
+    import weakref
+
+    from eclipse_export.runtime.bundle import open_bundle
+
+    configs = []
+
+    def create_runtime_config(self):
+        configs.append(FakeRtxConfig(refuse == "file", refuse == "set"))
+        return configs[-1]
+
+    monkeypatch.setattr(FakeEngine, "create_runtime_config", create_runtime_config, raising=False)
+    monkeypatch.setattr(FakeEngine, "create_execution_context",
+                        lambda self, config=None: FakeContext(self.cuda, self.session, [n for n, _, _ in self.io]))
+    backend = fake_backend(bundle_dir)
+    backend.flavour = "tensorrt-rtx"
+    backend.runtime_cache_dir = tmp_path / "rtcache"
+    backend.runtime_cache_dir.mkdir()
+    (backend.runtime_cache_dir / "unet.rtcache").write_bytes(b"from another version")
+    session = backend.load(COMPONENTS["unet"], open_bundle(bundle_dir))
+    alive = weakref.ref(configs[0])
+    configs.clear()
+    gc.collect()
+    assert alive() is not None and session.runtime_config is alive()
+    warnings = backend.drain_warnings()
+    if refuse == "nothing":
+        assert warnings == [] and session.runtime_cache.data == b"from another version"
+        assert alive().cache is session.runtime_cache
+    elif refuse == "file":
+        assert "refused the runtime cache" in warnings[0]
+        assert session.runtime_cache.data is None and alive().cache is session.runtime_cache  # a fresh one
+    else:
+        assert "runtime cache not usable" in warnings[0] and session.runtime_cache is None
+    session.release()
+    gc.collect()
+    assert alive() is None and session.context is None and session.engine is None
+
+
+# --- on a GPU without TensorRT (issue 18, 2b): the backend's loop with a stand-in engine -----------
+
+KERNEL_UNET = r"""
+extern "C" __global__ void kernel_unet(const float* sample, const float* t, const float* embeds, float* out,
+                                       long long rows, long long per_row, long long d) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= rows * per_row) return;
+    long long r = i / per_row, k = i % per_row;
+    out[i] = 0.1f * sample[i] + 1e-4f * t[0] + 0.05f * embeds[r * d + k % d];
+}
+"""
+UNET_IO = (("sample", True), ("timestep", True), ("image_embeds", True), ("noise_pred", False))
+
+
+def _host_unet(sample, t, embeds):
+    """The stand-in UNet's function in numpy: noise_pred[r, i] = 0.1 s + 1e-4 t + 0.05 e[r, i % D]."""
+    per_row, d = sample[0].size, embeds.shape[1]
+    e = embeds[:, np.arange(per_row) % d].reshape(sample.shape)
+    return np.float32(0.1) * sample + np.float32(1e-4) * np.float32(t) + np.float32(0.05) * e
+
+
+class KernelContext:
+    """An execution context whose enqueue does real CUDA work: one NVRTC kernel on the stream."""
+
+    def __init__(self, engine):
+        self.engine, self.shapes, self.addresses, self.executions = engine, {}, {}, 0
+
+    def set_input_shape(self, name, shape):
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def get_tensor_shape(self, name):
+        return self.shapes["sample"] if name == "noise_pred" else self.shapes[name]
+
+    def set_tensor_address(self, name, ptr):
+        self.addresses[name] = ptr
+
+    def execute_async_v3(self, stream):
+        import ctypes
+
+        cuda = self.engine.cuda
+        s, d = self.shapes["sample"], self.shapes["image_embeds"][1]
+        rows, per_row = s[0], int(np.prod(s[1:]))
+        p, ll = ctypes.c_void_p, ctypes.c_longlong
+        a = self.addresses
+        args = ((a["sample"], a["timestep"], a["image_embeds"], a["noise_pred"], rows, per_row, d),
+                (p, p, p, p, ll, ll, ll))
+        blocks = (rows * per_row + 255) // 256
+        err, = cuda.driver.cuLaunchKernel(self.engine.function, blocks, 1, 1, 256, 1, 1, 0, stream, args, 0)
+        self.executions += 1
+        return int(err) == 0
+
+
+class KernelEngine:
+    def __init__(self, cuda):
+        from eclipse_export.runtime.backends.cuda import _ok, compile_kernel
+
+        self.cuda = cuda
+        _, image = compile_kernel(cuda.nvrtc, KERNEL_UNET, "kernel_unet", cuda.info().sm)
+        self.module = _ok(cuda.driver.cuModuleLoadData(image), "cuModuleLoadData(kernel_unet)")
+        self.function = cuda._function(self.module, "kernel_unet")
+        self.num_io_tensors = len(UNET_IO)
+        self.contexts = []
+
+    def get_tensor_name(self, i):
+        return UNET_IO[i][0]
+
+    def get_tensor_dtype(self, name):
+        return np.float32
+
+    def get_tensor_mode(self, name):
+        return "in" if dict(UNET_IO)[name] else "out"
+
+    def create_execution_context(self):
+        self.contexts.append(KernelContext(self))
+        return self.contexts[-1]
+
+
+@functools.cache
+def _cuda_reason() -> str | None:
+    from eclipse_export.runtime.backends.cuda import Cuda
+
+    try:
+        Cuda(0).close()
+    except BackendError as e:
+        return str(e)
+    return None
+
+
+def kernel_backend(tmp_path, low_memory=False):
+    """The real TensorRTBackend on the real device (Cuda), TensorRT's runtime replaced by
+    KernelEngine: what runs is the backend's own binding, buffers, capture and loop."""
+    from eclipse_export.runtime.backends.cuda import Cuda
+
+    backend = tb.TensorRTBackend.__new__(tb.TensorRTBackend)
+    backend.flavour, backend.low_memory, backend.cuda_graphs = "tensorrt", low_memory, True
+    backend.runtime_cache_dir = None
+    backend.cuda = Cuda(0)
+    backend.device = backend.cuda.info()
+    backend.engines = []
+    backend.trt = types.SimpleNamespace(nptype=np.dtype, TensorIOMode=types.SimpleNamespace(INPUT="in"))
+
+    def deserialize(data):
+        backend.engines.append(KernelEngine(backend.cuda))
+        return backend.engines[-1]
+
+    backend.runtime = types.SimpleNamespace(deserialize_cuda_engine=deserialize)
+    backend.name, backend._loop_buffers, backend.sessions, backend.warnings = "tensorrt", {}, [], []
+    graph_launches = []
+    real_launch = backend.cuda.launch_graph
+    backend.cuda.launch_graph = lambda g: graph_launches.append(g) or real_launch(g)
+    (tmp_path / "unet.plan").write_bytes(b"stand-in")
+    bundle = types.SimpleNamespace(root=tmp_path, path=lambda name: tmp_path / name)
+    spec = types.SimpleNamespace(name="unet", input_names=["sample", "timestep", "image_embeds"],
+                                 output_names=["noise_pred"])
+    bundle.path = lambda name: tmp_path / name
+    session = tb.TrtSession(backend, spec, bundle, {"file": "unet.plan", "key": "unet", "profile": {}})
+    backend.sessions.append(session)
+    return backend, session, graph_launches
+
+
+DDPM = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+        "beta_schedule": "linear", "clip_sample": True, "prediction_type": "epsilon", "steps_offset": 1,
+        "timestep_spacing": "leading", "variance_type": "fixed_small", "set_alpha_to_one": False}
+
+
+def _loop_case(shape, steps, cfg, seed=0):
+    from eclipse_export.runtime.schedulers import scheduler_from_config
+
+    rng = np.random.default_rng(seed)
+    sched = scheduler_from_config(DDPM)
+    sched.set_timesteps(steps)
+    latents = rng.standard_normal(shape, dtype=np.float32)
+    embeds = rng.standard_normal(((2 if cfg else 1) * shape[0], 8), dtype=np.float32)
+    noise = rng.standard_normal((steps, *shape), dtype=np.float32)
+    return sched, latents, embeds, noise
+
+
+def _host_loop(sched, latents, embeds, noise, scale):
+    from eclipse_export.runtime import guidance
+
+    x = latents.copy()
+    for i, t in enumerate(sched.timesteps):
+        sample = np.concatenate([x, x]) if scale is not None else x
+        pred = _host_unet(sample, t, embeds)
+        eps = guidance.combine(pred, scale) if scale is not None else pred
+        k = sched.step_coefficients(int(t))
+        x = apply_step(k, eps, x, noise[i] if k.std else None)
+    return x
+
+
+def test_the_device_loop_on_a_gpu_with_a_kernel_engine_matches_the_host_loop(tmp_path):
+    """Issue 18 2b, on the real device: bindings and their addresses, the backend's stream,
+    grow-only buffers, the UNet enqueue captured once and replayed, re-capture after a shape
+    change, against the numpy host loop of the same function."""
+    need("cuda", _cuda_reason())
+    backend, unet, launches = kernel_backend(tmp_path)
+    try:
+        sched, latents, embeds, noise = _loop_case((1, 4, 32, 32), 6, True)
+        want = _host_loop(sched, latents, embeds, noise, 4.0)
+        got = backend.denoise(unet, latents, embeds, sched, 4.0, noise)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        ctx = backend.engines[0].contexts[0]
+        assert ctx.executions == 2 and len(launches) == 5  # plain + capture, then 5 replays
+        graph, ptrs = unet.graph, {n: b.ptr for n, b in unet.buffers.items()}
+        got = backend.denoise(unet, latents, embeds, sched, 4.0, noise)  # replayed from step 0
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        assert unet.graph is graph and len(launches) == 11 and {n: b.ptr for n, b in unet.buffers.items()} == ptrs
+        # no CFG: fewer rows, the same buffers, a new capture
+        sched2, lat2, emb2, noise2 = _loop_case((1, 4, 32, 32), 4, False, seed=1)
+        got = backend.denoise(unet, lat2, emb2, sched2, None, noise2)
+        np.testing.assert_allclose(got, _host_loop(sched2, lat2, emb2, noise2, None), rtol=1e-5, atol=1e-6)
+        assert unet.graph is not graph and {n: b.ptr for n, b in unet.buffers.items()} == ptrs
+        # larger latents: grown buffers, captured again
+        sched3, lat3, emb3, noise3 = _loop_case((1, 4, 64, 48), 3, True, seed=2)
+        got = backend.denoise(unet, lat3, emb3, sched3, 7.5, noise3)
+        np.testing.assert_allclose(got, _host_loop(sched3, lat3, emb3, noise3, 7.5), rtol=1e-5, atol=1e-6)
+        assert unet.buffers["sample"].ptr != ptrs["sample"] and backend.drain_warnings() == []
+    finally:
+        backend.close()
+
+
+def test_low_memory_on_a_gpu_frees_the_engines_device_memory(tmp_path):
+    """Issue 18 2b: low-memory mode's stage_done frees the engine's buffers on the device (the
+    free device memory comes back), and the next generation loads again and matches."""
+    need("cuda", _cuda_reason())
+    backend, unet, _ = kernel_backend(tmp_path, low_memory=True)
+    try:
+        # 64 MiB of engine buffers (sample and noise_pred under CFG), 64 MiB of the loop's own
+        sched, latents, embeds, noise = _loop_case((1, 4, 1024, 1024), 3, True)
+        want = _host_loop(sched, latents, embeds, noise, 4.0)
+        backend.cuda.synchronize()
+        free_before, _ = backend.cuda.mem_info()
+        for _ in range(2):
+            got = backend.denoise(unet, latents, embeds, sched, 4.0, noise)
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+            loop_bytes = sum(b.capacity for b in backend._loop_buffers.values())
+            backend.stage_done(unet)
+            assert unet.engine is None and unet.buffers == {} and unet.graph is None
+            free_after, _ = backend.cuda.mem_info()
+            # what stays is the loop's own buffers (latents, timesteps, noise), to the driver's granularity
+            assert free_before - free_after <= loop_bytes + (16 << 20), (free_before, free_after, loop_bytes)
+        assert len(backend.engines) == 2  # loaded once per generation
+    finally:
+        backend.close()

@@ -6,7 +6,12 @@
 //   eclipse-cuda-check nvrtc LIBNVRTC OUT_DIR SM...   compile the embedded guided_step per SM
 //   eclipse-cuda-check nvrtc-error LIBNVRTC           a compile error's message
 //   eclipse-cuda-check driver                         every driver wrapper, no device expected
+//   eclipse-cuda-check context                        the caller's CUDA context is current again after
+//                                                     every library entry (a driver that tracks contexts)
+//   eclipse-cuda-check device                         ON A GPU: the C++ CUDA layer for real (cuda_device_check.cpp)
 //   eclipse-cuda-check tensorrt [PLAN]                the TensorRT library calls (TensorRT builds)
+#include <dlfcn.h>
+
 #include <cmath>
 #include <cstdio>
 #include <fstream>
@@ -23,6 +28,8 @@
 
 using namespace eclipse::core;
 using nlohmann::json;
+
+int run_device_check(int argc, char **argv);  // cuda_device_check.cpp: the GPU half
 
 namespace {
 
@@ -78,7 +85,7 @@ int driver() {
     attempt("driver_version", [&] { g_outcomes["driver_version_value"] = d->driver_version(); });
     attempt("device", [&] { d->device(0); });
     attempt("retain_primary_context", [&] { d->retain_primary_context(0); });
-    attempt("make_current", [&] { d->make_current(nullptr); });
+    attempt("ContextGuard", [&] { ContextGuard g(*d, nullptr); });
     attempt("release_primary_context", [&] { d->release_primary_context(0); });
     attempt("CudaStream", [&] { CudaStream s(d, nullptr, nullptr); });
     auto nv = Nvrtc::open("", 13);
@@ -110,6 +117,55 @@ int driver() {
     a.bad_step = 16384, a.step = 3;
     attempt("launch_guided_step", [&] { launch_guided_step(*d, nullptr, nullptr, a); });
     std::printf("%s\n", json{{"outcomes", g_outcomes}, {"entry_points", CudaDriver::entry_points()}}.dump().c_str());
+    return 0;
+}
+
+// The context the calling thread has current, read from the driver itself (not through the
+// library's own table: the check must not trust what it checks).
+CUcontext current_context() {
+    void *lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
+    auto get = lib ? reinterpret_cast<CUresult (*)(CUcontext *)>(dlsym(lib, "cuCtxGetCurrent")) : nullptr;
+    CUcontext c = reinterpret_cast<CUcontext>(uintptr_t{0xBAD});
+    if (get) get(&c);
+    return c;
+}
+
+std::string hex(CUcontext c) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%#llx", static_cast<unsigned long long>(reinterpret_cast<uintptr_t>(c)));
+    return buf;
+}
+
+// Issue 18 #5: every entry leaves the caller's context current, returning or throwing. Run with a
+// stand-in driver whose context calls work (tests/data/stub_libcuda.c built with STUB_CONTEXTS)
+// and everything else answers "no device": each library call fails after pushing our context.
+int context() {
+    auto d = CudaDriver::open();
+    void *lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
+    auto set = reinterpret_cast<CUresult (*)(CUcontext)>(dlsym(lib, "cuCtxSetCurrent"));
+    const CUcontext caller = reinterpret_cast<CUcontext>(uintptr_t{0xCA11E5});  // the application's own
+    const CUcontext ours = reinterpret_cast<CUcontext>(uintptr_t{0x0C7C7});
+    set(caller);
+    json seen = json::object();
+    auto after = [&](const std::string &name, const std::function<void()> &fn) {
+        attempt(name, fn);
+        seen[name] = hex(current_context());
+    };
+    auto nv = Nvrtc::open("", 13);
+    CudaDevice orin;
+    orin.major = 8, orin.minor = 7;
+    CUcontext inside = nullptr;
+    after("ContextGuard", [&] {
+        ContextGuard g(*d, ours);
+        inside = current_context();
+        ContextGuard nested(*d, ours);
+    });
+    after("CudaStream", [&] { CudaStream s(d, ours, nullptr); });
+    after("GuidedStepKernel", [&] { GuidedStepKernel k(d, ours, *nv, orin); });
+    after("~CudaStream", [&] { CudaStream::adopt(d, ours, nullptr, reinterpret_cast<CUstream>(uintptr_t{16})); });
+    after("retain_primary_context", [&] { d->retain_primary_context(0); });
+    std::printf("%s\n", json{{"caller", hex(caller)}, {"inside", hex(inside)}, {"ours", hex(ours)}, {"after", seen},
+                             {"outcomes", g_outcomes}}.dump().c_str());
     return 0;
 }
 
@@ -149,6 +205,8 @@ int main(int argc, char **argv) {
         if (cmd == "nvrtc") return nvrtc(argc, argv);
         if (cmd == "nvrtc-error") return nvrtc_error(argc, argv);
         if (cmd == "driver") return driver();
+        if (cmd == "context") return context();
+        if (cmd == "device") return run_device_check(argc, argv);
 #ifdef ECLIPSE_WITH_TENSORRT
         if (cmd == "tensorrt") return tensorrt(argc, argv);
 #endif
@@ -156,6 +214,6 @@ int main(int argc, char **argv) {
         std::fprintf(stderr, "error: %s\n", e.what());
         return 1;
     }
-    std::fprintf(stderr, "usage: eclipse-cuda-check nvrtc LIB OUT_DIR SM... | nvrtc-error LIB | driver | tensorrt [PLAN]\n");
+    std::fprintf(stderr, "usage: eclipse-cuda-check nvrtc LIB OUT_DIR SM... | nvrtc-error LIB | driver | context | device [OUT_JSON] | tensorrt [PLAN]\n");
     return 2;
 }

@@ -41,6 +41,8 @@ public:
     std::vector<int> waited;       // kernel launches done at each wait
     int poison_from_step = -1;     // the fused step yields NaN from this step on
     std::string fail_capture;      // "begin" or "end"
+    int fail_event_at = -1;        // create_event throws on this call (0-based)
+    int events_created = 0;
     int next_handle = 1;
 
     ~FakeDevice() override { EXPECT_NOTHING_LEAKED(); }
@@ -103,6 +105,7 @@ public:
     }
     void destroy_graph(void *graph) noexcept override { graphs.erase(graph); }
     void *create_event() override {
+        if (events_created++ == fail_event_at) throw Error(ECLIPSE_ERR_BACKEND, "CUDA cuEventCreate failed: fake");
         void *e = reinterpret_cast<void *>(static_cast<uintptr_t>(next_handle++));
         events[e] = -1;
         return e;
@@ -403,6 +406,15 @@ int main() {
         EXPECT(!rig.denoise(c, out));
         EXPECT((c.progress_calls == std::vector<int>{1, 2}));
         EXPECT(rig.device.events.empty());
+    });
+
+    run("fake device: an event that cannot be created leaks none made before it (issue 18 #10)", [] {
+        Rig rig;
+        rig.device.fail_event_at = 1;  // the second of the two progress events
+        Request r("ddpm", 3, true, 4.0f);
+        std::vector<float> out;
+        EXPECT(error_of([&] { rig.denoise(r, out); }) == "CUDA cuEventCreate failed: fake");
+        EXPECT(rig.device.events_created == 2 && rig.device.events.empty());
     });
 
     run("fake device: a shape outside the engine's profile is refused with the profile and the fix", [] {

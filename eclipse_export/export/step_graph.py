@@ -5,7 +5,7 @@ provider so the latents never leave the device between steps. It is the ONNX sta
 runtime/backends/kernels/guided_step.cu computes for the TensorRT backend, driven by the same
 `StepCoefficients`: guidance eps = u + s * (c - u), then
 
-    x0   = clip((x - b * eps) / a, -clip, clip)
+    x0   = clamp((x - b * eps) / a, -clip, clip)   (Less/Greater + Where: no Clip, see below)
     prev = c_x0 * x0 + c_x * x + c_eps * eps + std * noise
 
 in float32, in `schedulers.apply_step`'s operation order (tests hold the two to bit equality on
@@ -64,8 +64,15 @@ def guided_step_model(cfg: bool) -> onnx.ModelProto:
         helper.make_node("Mul", ["b", "eps"], ["b_eps"]),
         helper.make_node("Sub", ["latents", "b_eps"], ["x_minus"]),
         helper.make_node("Div", ["x_minus", "a"], ["x0_raw"]),
+        # the clamp by comparisons, not Clip: ONNX Runtime's CUDA Clip wants min/max in host
+        # memory, so bounds computed on the device cost a device->host copy every step. Less /
+        # Greater + Where are the kernel's `x0 < -clip ? -clip : (x0 > clip ? clip : x0)`: NaN
+        # fails both tests and stays NaN (as np.clip), clip = +inf clamps nothing
         helper.make_node("Neg", ["clip"], ["neg_clip"]),
-        helper.make_node("Clip", ["x0_raw", "neg_clip", "clip"], ["x0"]),
+        helper.make_node("Less", ["x0_raw", "neg_clip"], ["below"]),
+        helper.make_node("Where", ["below", "neg_clip", "x0_raw"], ["x0_low"]),
+        helper.make_node("Greater", ["x0_low", "clip"], ["above"]),
+        helper.make_node("Where", ["above", "clip", "x0_low"], ["x0"]),
         helper.make_node("Mul", ["c_x0", "x0"], ["t_x0"]),
         helper.make_node("Mul", ["c_x", "latents"], ["t_x"]),
         helper.make_node("Mul", ["c_eps", "eps"], ["t_eps"]),

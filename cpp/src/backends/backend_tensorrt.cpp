@@ -59,11 +59,17 @@ struct Gpu {
     std::shared_ptr<std::mutex> runtime_mutex = std::make_shared<std::mutex>();
 
     ~Gpu() {
-        runtime.reset();
-        kernel.reset();
+        if (context) {
+            // TensorRT's runtime and the kernel's module are freed in their context
+            ContextGuard guard(*driver, context, std::nothrow);
+            runtime.reset();
+            kernel.reset();
+        }
         if (context) driver->release_primary_context(device.index);
     }
-    void make_current() const { driver->make_current(context); }
+    // Every entry into the backend holds one: the primary context current inside, the caller's
+    // own context (or none) current again when it returns (issue 18 #5).
+    ContextGuard enter() const { return ContextGuard(*driver, context); }
 };
 
 class TrtSession;
@@ -72,15 +78,13 @@ class TrtSession;
 class TrtState final : public SessionState {
 public:
     TrtState(std::shared_ptr<const Gpu> gpu, bool unet) : gpu_(std::move(gpu)) {
-        gpu_->make_current();
+        const ContextGuard guard = gpu_->enter();
         stream_ = std::make_unique<CudaStream>(gpu_->driver, gpu_->context, unet ? gpu_->kernel : nullptr);
         if (unet) loop_ = std::make_unique<LoopBuffers>(*stream_);
     }
     ~TrtState() override {
-        try {
-            gpu_->make_current();
-        } catch (...) {
-        }
+        // the graph, context, buffers and stream are freed in their context, inside this body
+        const ContextGuard guard(*gpu_->driver, gpu_->context, std::nothrow);
         release();
         loop_.reset();
         stream_.reset();
@@ -110,6 +114,11 @@ public:
     TrtSession(std::shared_ptr<const Gpu> gpu, TrtEngine::Source source, std::vector<std::string> io_names, std::string profile)
         : gpu_(std::move(gpu)), source_(std::move(source)), io_names_(std::move(io_names)), profile_(std::move(profile)),
           holder_([this] { return load_engine(); }, gpu_->options.low_memory != 0) {}
+    ~TrtSession() override {
+        // the held engine is freed in its context (issue 18 #6), before this body's guard pops
+        const ContextGuard guard(*gpu_->driver, gpu_->context, std::nothrow);
+        holder_.drop();
+    }
 
     // The loaded engine: the one held (normal mode) or the one a state is using now
     // (low-memory), else deserialized now.
@@ -121,7 +130,7 @@ public:
 
     void run(SessionState *state, const std::vector<TensorView> &inputs, std::vector<TensorView> &outputs) const override {
         auto &s = checked(state);
-        gpu_->make_current();
+        const ContextGuard guard = gpu_->enter();
         s.binding(*this).run(inputs, outputs);
     }
 
@@ -134,7 +143,7 @@ public:
     const Gpu &gpu() const { return *gpu_; }
 
     std::shared_ptr<const TrtEngine> load_engine() const {
-        gpu_->make_current();
+        const ContextGuard guard = gpu_->enter();
         auto engine = std::make_shared<const TrtEngine>(gpu_->library, gpu_->runtime, gpu_->runtime_mutex, *gpu_->logger,
                                                         source_, gpu_->parser_path);
         std::string missing;
@@ -206,6 +215,7 @@ public:
         if (!problems.empty())
             backend_error(std::string("the ") + kTrtFlavour + " backend cannot run here: " + join(problems));
         gpu->context = gpu->driver->retain_primary_context(o.device_id);
+        const ContextGuard guard = gpu->enter();
         gpu->kernel = std::make_shared<const GuidedStepKernel>(gpu->driver, gpu->context, *gpu->nvrtc, gpu->device);
         gpu->logger = std::make_unique<TrtLogger>();
         gpu->runtime.reset(gpu->library->create_runtime(*gpu->logger));
@@ -268,7 +278,7 @@ public:
     void stage_done(const Session &session, SessionState *state) const override {
         if (!gpu_->options.low_memory || state == nullptr) return;
         auto &s = static_cast<const TrtSession &>(session).checked(state);
-        gpu_->make_current();
+        const ContextGuard guard = gpu_->enter();
         s.stream().synchronize();
         s.release();  // the last state to let go frees the engine (and saves its RTX runtime cache)
     }
@@ -278,7 +288,7 @@ public:
     bool denoise(const Session &unet, SessionState *state, const eclipse_denoise_call &call) const override {
         const auto &session = static_cast<const TrtSession &>(unet);
         auto &s = session.checked(state);
-        gpu_->make_current();
+        const ContextGuard guard = gpu_->enter();
         return denoise_on_device(s.stream(), s.binding(session), s.loop(), call);
     }
 

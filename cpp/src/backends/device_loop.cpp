@@ -16,11 +16,18 @@ class Events {
 public:
     Events(DeviceStream &s, bool wanted) : stream_(s) {
         if (!wanted) return;
-        for (auto &e : events_) e = stream_.create_event();
+        try {
+            for (auto &e : events_) e = stream_.create_event();
+        } catch (...) {  // a constructor that throws runs no destructor: free the first event here
+            destroy();
+            throw;
+        }
     }
-    ~Events() {
-        for (auto *e : events_) {
+    ~Events() { destroy(); }
+    void destroy() noexcept {
+        for (auto *&e : events_) {
             if (e) stream_.destroy_event(e);
+            e = nullptr;
         }
     }
     void *operator[](size_t i) const { return events_[i % 2]; }

@@ -157,6 +157,8 @@ public:
     EngineHolder(Loader load, bool low_memory) : load_(std::move(load)) {
         if (!low_memory) held_ = acquire();
     }
+    // Lets go of the engine held since construction (normal mode); states using it keep it alive.
+    void drop() { held_.reset(); }
     std::shared_ptr<const Engine> acquire() const {
         std::lock_guard<std::mutex> lock(mutex_);
         if (auto live = current_.lock()) return live;

@@ -13,7 +13,7 @@
     X(DeviceGetCount, cuDeviceGetCount) X(DeviceGet, cuDeviceGet) X(DeviceGetName, cuDeviceGetName)     \
     X(DeviceGetAttribute, cuDeviceGetAttribute) X(DeviceTotalMem, cuDeviceTotalMem)                     \
     X(DevicePrimaryCtxRetain, cuDevicePrimaryCtxRetain) X(DevicePrimaryCtxRelease, cuDevicePrimaryCtxRelease) \
-    X(CtxSetCurrent, cuCtxSetCurrent) X(MemAlloc, cuMemAlloc)              \
+    X(CtxPushCurrent, cuCtxPushCurrent) X(CtxPopCurrent, cuCtxPopCurrent) X(MemAlloc, cuMemAlloc)         \
     X(MemFree, cuMemFree) X(MemcpyHtoDAsync, cuMemcpyHtoDAsync) X(MemcpyDtoHAsync, cuMemcpyDtoHAsync)   \
     X(MemcpyDtoDAsync, cuMemcpyDtoDAsync) X(MemsetD32Async, cuMemsetD32Async)                           \
     X(StreamCreate, cuStreamCreate) X(StreamDestroy, cuStreamDestroy)                                   \
@@ -115,7 +115,6 @@ CUcontext CudaDriver::retain_primary_context(int index) const {
     check(DeviceGet(&dev, index), "cuDeviceGet");
     CUcontext ctx = nullptr;
     check(DevicePrimaryCtxRetain(&ctx, dev), "cuDevicePrimaryCtxRetain");
-    make_current(ctx);
     return ctx;
 }
 
@@ -123,7 +122,5 @@ void CudaDriver::release_primary_context(int index) const {
     CUdevice dev = 0;
     if (DeviceGet(&dev, index) == CUDA_SUCCESS) DevicePrimaryCtxRelease(dev);
 }
-
-void CudaDriver::make_current(CUcontext context) const { check(CtxSetCurrent(context), "cuCtxSetCurrent"); }
 
 }  // namespace eclipse::core

@@ -7,14 +7,17 @@
 // cuGetProcAddress for the CUDA version of the cuda.h compiled against, so each function pointer
 // has exactly the signature this file was compiled with (a newer driver keeps serving it; an
 // older one gives its newest version of the symbol, the same ABI for every function used here).
-// TensorRT uses the runtime API internally, on the device's primary context: the backend makes
-// that same context current on every thread that calls into it (CudaDriver::make_current).
+// TensorRT uses the runtime API internally, on the device's primary context: every entry into the
+// backend pushes that context and pops it on the way out (ContextGuard), so the calling thread's
+// own context is current again when the library returns: an embedding application's later CUDA
+// calls never land in ours.
 #pragma once
 
 #include <cuda.h>
 
 #include <cstdint>
 #include <memory>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -40,11 +43,10 @@ public:
     // cuInit + the device: throws Error(ECLIPSE_ERR_BACKEND) naming the driver's answer
     // ("CUDA_ERROR_NO_DEVICE") when there is no usable GPU.
     CudaDevice device(int index) const;
-    // Retains the primary context of `device` (the one TensorRT's runtime API calls use)
-    // and makes it current on the calling thread.
+    // Retains the primary context of `device` (the one TensorRT's runtime API calls use); it is
+    // made current only inside a ContextGuard.
     CUcontext retain_primary_context(int index) const;
     void release_primary_context(int index) const;
-    void make_current(CUcontext context) const;
 
     // Throws Error(ECLIPSE_ERR_BACKEND) "CUDA <what> failed: <CUDA_ERROR_NAME>" unless r is CUDA_SUCCESS.
     void check(CUresult r, const std::string &what) const;
@@ -62,7 +64,8 @@ public:
     decltype(&::cuDeviceTotalMem) DeviceTotalMem = nullptr;
     decltype(&::cuDevicePrimaryCtxRetain) DevicePrimaryCtxRetain = nullptr;
     decltype(&::cuDevicePrimaryCtxRelease) DevicePrimaryCtxRelease = nullptr;
-    decltype(&::cuCtxSetCurrent) CtxSetCurrent = nullptr;
+    decltype(&::cuCtxPushCurrent) CtxPushCurrent = nullptr;
+    decltype(&::cuCtxPopCurrent) CtxPopCurrent = nullptr;
     decltype(&::cuMemAlloc) MemAlloc = nullptr;
     decltype(&::cuMemFree) MemFree = nullptr;
     decltype(&::cuMemcpyHtoDAsync) MemcpyHtoDAsync = nullptr;
@@ -93,6 +96,31 @@ public:
 private:
     CudaDriver() = default;
     std::string path_;
+};
+
+// `context` current on this thread for the guard's life, the caller's own context current again
+// after it (cuCtxPushCurrent / cuCtxPopCurrent; guards nest). The throwing form is for entries;
+// destructors use the nothrow form and skip their CUDA calls when ok() is false.
+class ContextGuard {
+public:
+    ContextGuard(const CudaDriver &driver, CUcontext context) : driver_(driver) {
+        driver_.check(driver_.CtxPushCurrent(context), "cuCtxPushCurrent");
+        pushed_ = true;
+    }
+    ContextGuard(const CudaDriver &driver, CUcontext context, std::nothrow_t) noexcept : driver_(driver) {
+        pushed_ = driver_.CtxPushCurrent(context) == CUDA_SUCCESS;
+    }
+    ~ContextGuard() {
+        CUcontext popped = nullptr;
+        if (pushed_) driver_.CtxPopCurrent(&popped);
+    }
+    ContextGuard(const ContextGuard &) = delete;
+    ContextGuard &operator=(const ContextGuard &) = delete;
+    bool ok() const { return pushed_; }
+
+private:
+    const CudaDriver &driver_;
+    bool pushed_ = false;
 };
 
 }  // namespace eclipse::core

@@ -8,7 +8,7 @@ GuidedStepKernel::GuidedStepKernel(std::shared_ptr<const CudaDriver> driver, CUc
                                    const CudaDevice &device)
     : driver_(std::move(driver)), context_(context) {
     compiled_ = nvrtc.compile(guided_step_source(), "guided_step", device.sm());
-    driver_->make_current(context_);
+    ContextGuard guard(*driver_, context_);
     driver_->check(driver_->ModuleLoadData(&module_, compiled_.image.data()),
                    "cuModuleLoadData (" + compiled_.kind + " of guided_step for " + compiled_.arch + ")");
     const CUresult r = driver_->ModuleGetFunction(&function_, module_, "guided_step");
@@ -19,10 +19,9 @@ GuidedStepKernel::GuidedStepKernel(std::shared_ptr<const CudaDriver> driver, CUc
 }
 
 GuidedStepKernel::~GuidedStepKernel() {
-    if (module_) {
-        driver_->CtxSetCurrent(context_);
-        driver_->ModuleUnload(module_);
-    }
+    if (!module_) return;
+    ContextGuard guard(*driver_, context_, std::nothrow);
+    if (guard.ok()) driver_->ModuleUnload(module_);
 }
 
 void launch_guided_step(const CudaDriver &driver, CUfunction function, CUstream stream, const GuidedStepArgs &a) {
@@ -42,7 +41,7 @@ void launch_guided_step(const CudaDriver &driver, CUfunction function, CUstream 
 
 CudaStream::CudaStream(std::shared_ptr<const CudaDriver> driver, CUcontext context, std::shared_ptr<const GuidedStepKernel> kernel)
     : driver_(std::move(driver)), context_(context), kernel_(std::move(kernel)) {
-    driver_->make_current(context_);
+    ContextGuard guard(*driver_, context_);
     driver_->check(driver_->StreamCreate(&stream_, CU_STREAM_NON_BLOCKING), "cuStreamCreate");
 }
 
@@ -54,11 +53,11 @@ std::unique_ptr<CudaStream> CudaStream::adopt(std::shared_ptr<const CudaDriver> 
 }
 
 CudaStream::~CudaStream() {
-    if (stream_) {
-        driver_->CtxSetCurrent(context_);
-        driver_->StreamSynchronize(stream_);
-        driver_->StreamDestroy(stream_);
-    }
+    if (!stream_) return;
+    ContextGuard guard(*driver_, context_, std::nothrow);
+    if (!guard.ok()) return;
+    driver_->StreamSynchronize(stream_);
+    driver_->StreamDestroy(stream_);
 }
 
 DevicePtr CudaStream::malloc(size_t bytes) {

@@ -32,6 +32,8 @@ private:
 // Launches guided_step (the order and types of kernels/guided_step.cu's parameters).
 void launch_guided_step(const CudaDriver &driver, CUfunction function, CUstream stream, const GuidedStepArgs &args);
 
+// Its constructor and destructor push the context themselves; every other method expects the
+// caller to hold a ContextGuard of that context (the backend's entries do).
 class CudaStream final : public DeviceStream {
 public:
     // kernel may be null for streams that never run the UNet loop

@@ -45,7 +45,7 @@ class TrtSession:
     def __init__(self, backend: "TensorRTBackend", spec: ComponentSpec, bundle: Bundle, entry: dict):
         self.backend, self.spec, self.bundle, self.entry = backend, spec, bundle, entry
         self.cuda = backend.cuda
-        self.engine = self.context = self.runtime_cache = None
+        self.engine = self.context = self.runtime_cache = self.runtime_config = None
         self.buffers: dict[str, DeviceBuffer] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.graph = None  # captured enqueue (TensorRT flavour), valid for the current binding
@@ -67,13 +67,10 @@ class TrtSession:
         if self.entry.get("strip_weights"):
             self._refit(engine)
         if self.backend.flavour == "tensorrt-rtx":
-            config = engine.create_runtime_config()
-            # RTX compiles kernels for this GPU on first use; its runtime cache keeps them across runs
-            self.runtime_cache = config.create_runtime_cache()
-            cache_file = self._runtime_cache_file()
-            if cache_file and cache_file.is_file():
-                self.runtime_cache.deserialize(cache_file.read_bytes())
-            config.set_runtime_cache(self.runtime_cache)
+            # the runtime config lives as long as its context (NVIDIA's samples and the C++
+            # backend keep it): the context refers to it and to the runtime cache it holds
+            self.runtime_config = config = engine.create_runtime_config()
+            self.runtime_cache = self._runtime_cache(config)
             if self.backend.cuda_graphs and hasattr(trt, "CudaGraphStrategy"):
                 config.cuda_graph_strategy = trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
             self.context = engine.create_execution_context(config)
@@ -104,6 +101,23 @@ class TrtSession:
         if not refitter.refit_cuda_engine():
             raise BackendError(f"{self.spec.name}: TensorRT refused the refit from {graph.name}")
 
+    def _runtime_cache(self, config):
+        """TensorRT-RTX compiles kernels for this GPU on first use; its runtime cache keeps them
+        across runs. A saved cache it refuses (another TensorRT-RTX version, a damaged file) is
+        replaced by an empty one, with a warning; a cache the config refuses is not used."""
+        cache = config.create_runtime_cache()
+        cache_file = self._runtime_cache_file()
+        if cache is not None and cache_file and cache_file.is_file():
+            if not cache.deserialize(cache_file.read_bytes()):
+                self.backend.warn(f"{self.spec.name}: TensorRT-RTX refused the runtime cache {cache_file} "
+                                  "(written by another version?); compiling its kernels again")
+                cache = config.create_runtime_cache()
+        if cache is None or not config.set_runtime_cache(cache):
+            self.backend.warn(f"{self.spec.name}: TensorRT-RTX runtime cache not usable; kernels are compiled "
+                              "every run")
+            return None
+        return cache
+
     def _runtime_cache_file(self) -> Path | None:
         d = self.backend.runtime_cache_dir
         return d / f"{self.entry['key']}.rtcache" if d else None
@@ -124,7 +138,10 @@ class TrtSession:
         for b in self.buffers.values():
             b.free()
         self.buffers, self.shapes = {}, {}
-        self.context = self.engine = self.runtime_cache = None
+        # the context first, then what it refers to (runtime config and cache), the engine last
+        self.context = None
+        self.runtime_config = self.runtime_cache = None
+        self.engine = None
 
     # binding -----------------------------------------------------------------------------
     def bind(self, input_shapes: Mapping[str, tuple[int, ...]]) -> bool:
@@ -303,6 +320,13 @@ class TensorRTBackend:
         cfg = guidance_scale is not None
         b = latents.shape[0]
         sample_shape = ((2 * b,) if cfg else (b,)) + latents.shape[1:]
+        unet.load()
+        # every UNet input and output, as the C++ loop checks: the loop copies float32 bytes into
+        # each of them (an int64 timestep or a half embedding would be read as garbage)
+        wrong = {n: str(unet.dtypes[n]) for n in unet.names if unet.dtypes[n] != np.float32}
+        if wrong:
+            raise BackendError(f"the device loop expects float32 UNet I/O, the engine has {wrong} "
+                               "(the FP16 graphs keep float32 I/O: re-export the bundle)")
         unet.bind({"sample": sample_shape, "timestep": (1,), "image_embeds": image_embeds.shape})
         cuda, n = self.cuda, int(latents.size)
         steps = len(scheduler.timesteps)
@@ -310,8 +334,6 @@ class TensorRTBackend:
         for key, nbytes in (("latents", n * 4), ("timesteps", steps * 4),
                             ("noise", (step_noise.nbytes if step_noise is not None else 4)), ("bad_step", 4)):
             bufs.setdefault(key, DeviceBuffer(cuda)).ensure(nbytes)
-        if unet.dtypes["sample"] != np.float32 or unet.dtypes["noise_pred"] != np.float32:
-            raise BackendError("the device loop expects float32 UNet I/O (the FP16 graphs keep float32 I/O)")
         cuda.h2d(bufs["latents"].ptr, latents.astype(np.float32))
         cuda.h2d(bufs["timesteps"].ptr, scheduler.timesteps.astype(np.float32))
         cuda.h2d(bufs["bad_step"].ptr, np.zeros(1, np.uint32))

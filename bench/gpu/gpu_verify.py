@@ -337,9 +337,9 @@ import numpy as np
 out = {"ok": False}
 try:
     import onnxruntime as ort
-    from eclipse_export.runtime.step_graph import guided_step_model
+    from eclipse_export.export.step_graph import guided_step_model  # onnx is on the GPU machine
     out["version"], out["available"] = ort.__version__, ort.get_available_providers()
-    s = ort.InferenceSession(guided_step_model(False), providers=["CUDAExecutionProvider"])
+    s = ort.InferenceSession(guided_step_model(False).SerializeToString(), providers=["CUDAExecutionProvider"])
     out["session_providers"] = s.get_providers()
     shape = (1, 4, 8, 8)
     io = s.io_binding()

@@ -573,7 +573,8 @@ STEPS = {
     # --no-parity-check: the per-component ORT-vs-PyTorch check runs in CI; bench-tiny checks parity
     "export-tiny": (_exports("tiny", ("onnx", "onnx-fp16", "trt-rtx-fp16"), ("--no-parity-check",)), 90),
     "bench-tiny": (_bench("tiny", ("onnx", "onnx-fp16", "trt-rtx-fp16"),
-                          ["--gpu-variants", "--runs", "5", "--warmup", "2", "--batch", "1", "--batch", "2"]), 90),
+                          ["--gpu-variants", "--height", "256", "--width", "256", "--steps", "4", "--runs", "5",
+                           "--warmup", "2", "--batch", "1", "--batch", "2"]), 90),
     "export-full": (_exports("full-random", ("onnx-fp16",), ("--no-parity-check",)), 180),
     "bench-full": (_bench("full-random", ("onnx-fp16",), ["--height", "512", "--width", "512", "--steps", "20",
                                                           "--runs", "2", "--warmup", "1", "--batch", "1"],

@@ -357,3 +357,37 @@ def test_graph_path_checks_bundles_built_in_memory(tmp_path, no_ort_session):
         with pytest.raises(BundleError, match=f"the prior graph g.onnx cannot be loaded: .*{why}"):
             OnnxRuntimeBackend().load(COMPONENTS["prior"], bundle)
     assert not no_ort_session
+
+
+# --- the export side ------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_export_never_publishes_a_graph_whose_files_are_not_its_external_data(tmp_path, monkeypatch):
+    """`files` is the exact record of a graph's external data: an exporter that forgot the data
+    file (here: _finalise reporting the graph alone) fails, and leaves nothing."""
+    from eclipse_export.export.exporter import ExportError, export_bundle
+
+    monkeypatch.setattr(export_mod, "EXTERNAL_DATA_BYTES", 1024 * 1024)  # the tiny UNet and text encoder only
+    finalise = export_mod._finalise
+    monkeypatch.setattr(export_mod, "_finalise", lambda raw, final, external: finalise(raw, final, external)[:1])
+    out = tmp_path / "b"
+    with pytest.raises(ExportError, match=r"names external data '(unet|text_encoder)\.onnx\.data', which is not one of"):
+        export_bundle(RandomSource("tiny"), out, ExportOptions(check_parity=False), log=lambda m: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_building_from_a_crafted_bundle_is_refused_before_any_parser(external_bundle, tmp_path, capsys):
+    """--from-bundle (engines, INT8) opens the shipped bundle first: a crafted graph is one
+    error line, exit status 2, before TensorRT's parser or onnx follow its references."""
+    from eclipse_export.cli.common import EXIT_USAGE, _run
+    from eclipse_export.cli.export import export_main
+
+    root, outside = linked_copy(external_bundle, tmp_path / "bundle"), tmp_path / "outside"
+    outside.mkdir()
+    _craft("dot-dot", root, outside)
+    for target in ("onnx-int8", "trt-rtx-fp16"):
+        rc = _run(export_main, ["--from-bundle", str(root), "--target", target, "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert rc == EXIT_USAGE and re.search(CRAFTED["dot-dot"], err), err
+    assert not (tmp_path / "out").exists()

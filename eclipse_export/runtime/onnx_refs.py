@@ -95,20 +95,25 @@ class _Reader:
 
     def fields(self, pos: int, end: int):
         """(field number, wire type, value or (start, stop) of a length-delimited field)."""
+        view, varint = self.view, self.varint
         while pos < end:
-            key, pos = self.varint(pos, end)
+            key = view[pos]  # one-byte varints inline: most keys and lengths of a graph's structure
+            key, pos = (key, pos + 1) if key < 0x80 else varint(pos, end)
             number, wire = key >> 3, key & 7
             if number == 0:
                 raise OnnxRefsError(f"field number 0 at byte {pos}")
             if wire == 0:
-                value, pos = self.varint(pos, end)
+                value, pos = varint(pos, end)
                 yield number, wire, value
             elif wire == 1 or wire == 5:
                 pos += 8 if wire == 1 else 4
                 if pos > end:
                     raise OnnxRefsError(f"fixed-size field past the end of its message at byte {pos}")
             elif wire == 2:
-                length, pos = self.varint(pos, end)
+                if pos < end and view[pos] < 0x80:
+                    length, pos = view[pos], pos + 1
+                else:
+                    length, pos = varint(pos, end)
                 if length > end - pos:
                     raise OnnxRefsError(f"field of {length} bytes past the end of its message at byte {pos}")
                 yield number, wire, (pos, pos + length)

@@ -150,7 +150,11 @@ def test_malformed_protobuf_is_an_error_never_a_crash(tmp_path):
              "group": _pb_varint(7 << 3 | 3), "bad wire type": _pb_varint(7 << 3 | 6) + b"x",
              "two locations": _pb(7, _pb(5, _pb(13, _pb(1, b"location") + _pb(2, b"a")) * 2)),
              "no location": _pb(7, _pb(5, _pb_varint(14 << 3) + b"\x01")),
-             "bad offset": _pb(7, _pb(5, _pb(13, _pb(1, b"location") + _pb(2, b"a")) + _pb(13, _pb(1, b"offset") + _pb(2, b"+1"))))}
+             "bad offset": _pb(7, _pb(5, _pb(13, _pb(1, b"location") + _pb(2, b"a")) + _pb(13, _pb(1, b"offset") + _pb(2, b"+1")))),
+             # a loader opens the raw bytes; decoded with replacement they could match a listed name
+             "not UTF-8": _pb(7, _pb(5, _pb(13, _pb(1, b"location") + _pb(2, b"a\xff")) + _pb_varint(14 << 3) + b"\x01")),
+             "surrogate": _pb(7, _pb(5, _pb(13, _pb(1, b"location") + _pb(2, b"\xed\xa0\x80")))),
+             "overlong": _pb(7, _pb(5, _pb(13, _pb(1, b"location") + _pb(2, b"\xc0\xae"))))}
     deep = _pb(5, tensor)
     for _ in range(40):  # subgraphs 40 deep: past protobuf's 100 levels
         deep = _pb(1, _pb(5, _pb(6, deep)))

@@ -144,6 +144,10 @@ int main(int argc, char **argv) {
         EXPECT(refused([&] { refs_of(varint(7 << 3 | 6) + "x"); }));                          // no such wire type
         EXPECT(refused([&] { refs_of(bytes_field(7, bytes_field(5, entry("location", "a") + entry("location", "b")))); }));
         EXPECT(refused([&] { refs_of(bytes_field(7, bytes_field(5, entry("offset", "1") + int_field(14, 1)))); }));  // no location
+        for (const char *bad : {"a\xff", "\xed\xa0\x80", "\xc0\xae", "\xf4\x90\x80\x80", "\xe2\x82"}) {  // not UTF-8
+            EXPECT(refused([&] { refs_of(bytes_field(7, bytes_field(5, entry("location", bad)))); }));
+        }
+        EXPECT(refs_of(bytes_field(7, bytes_field(5, entry("location", "caf\xc3\xa9 \xf0\x9f\x90\xb1"))))[0].location == "caf\xc3\xa9 \xf0\x9f\x90\xb1");
         for (const char *bad : {"-1", "+1", " 1", "1e3", "", "99999999999999999999"}) {
             EXPECT(refused([&] { refs_of(bytes_field(7, bytes_field(5, entry("location", "a") + entry("offset", bad)))); }));
         }

@@ -66,7 +66,7 @@ class Bundle:
     # the relative paths the runtime may open: a verified manifest's `files` (see open_bundle)
     files: frozenset[str] = field(default_factory=frozenset)
     # components whose graph's external-data references passed check_graph (read once per bundle)
-    _checked_graphs: set = field(default_factory=set, compare=False, repr=False)
+    _checked_graphs: set = field(default_factory=set, init=False, compare=False, repr=False)
 
     @property
     def precision(self) -> str:

@@ -163,8 +163,12 @@ class _Reader:
                 for sub, (c, d) in self.messages(a, b, kinds, depth + 1):
                     self.dispatch(sub, c, d, depth + 2)
 
-    def text(self, a: int, b: int) -> str:
-        return self.view[a:b].decode("utf-8", errors="replace")
+    def text(self, a: int, b: int, strict: bool = False) -> str:
+        try:
+            return self.view[a:b].decode("utf-8", errors="strict" if strict else "replace")
+        except UnicodeDecodeError:
+            # a replaced character could match a listed name while the loader opens the raw bytes
+            raise OnnxRefsError(f"external data entry at byte {a} is not UTF-8") from None
 
     def tensor(self, pos: int, end: int) -> None:
         name, external, entries = "", False, []
@@ -178,9 +182,9 @@ class _Reader:
                 key = val = ""
                 for n, w, v in self.fields(*value):
                     if w == 2 and n == _ENTRY_KEY:
-                        key = self.text(*v)
+                        key = self.text(*v, strict=True)
                     elif w == 2 and n == _ENTRY_VALUE:
-                        val = self.text(*v)
+                        val = self.text(*v, strict=True)
                 entries.append((key, val))
         if not external and not entries:
             return

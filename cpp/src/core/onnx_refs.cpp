@@ -35,6 +35,30 @@ struct Field {
     size_t begin = 0, end = 0;  // wire type 2: the payload
 };
 
+// Strict UTF-8 (no overlong forms, surrogates or code points past U+10FFFF), as Python's decoder.
+bool valid_utf8(const std::string &s) {
+    size_t i = 0;
+    while (i < s.size()) {
+        const auto c = static_cast<unsigned char>(s[i]);
+        size_t n = 0;
+        uint32_t cp = 0, min = 0;
+        if (c < 0x80) { ++i; continue; }
+        if ((c & 0xE0) == 0xC0) n = 1, cp = c & 0x1F, min = 0x80;
+        else if ((c & 0xF0) == 0xE0) n = 2, cp = c & 0x0F, min = 0x800;
+        else if ((c & 0xF8) == 0xF0) n = 3, cp = c & 0x07, min = 0x10000;
+        else return false;
+        for (size_t k = 1; k <= n; ++k) {
+            if (i + k >= s.size()) return false;
+            const auto d = static_cast<unsigned char>(s[i + k]);
+            if ((d & 0xC0) != 0x80) return false;
+            cp = cp << 6 | (d & 0x3F);
+        }
+        if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return false;
+        i += n + 1;
+    }
+    return true;
+}
+
 class Reader {
 public:
     Reader(const uint8_t *data, std::vector<ExternalRef> &refs) : data_(data), refs_(refs) {}
@@ -179,6 +203,8 @@ private:
                     if (e.wire == 2 && e.number == kEntryKey) key = text(e);
                     else if (e.wire == 2 && e.number == kEntryValue) value = text(e);
                 }
+                // a loader opens the raw bytes: names must compare exactly (Python refuses them too)
+                if (!valid_utf8(key) || !valid_utf8(value)) fail("external data entry that is not UTF-8", f.begin);
                 entries.emplace_back(std::move(key), std::move(value));
             }
         }

@@ -80,7 +80,10 @@ class Bundle:
         """The ONNX Runtime device loop's step graph of `kind` (cfg / plain); None in bundles
         exported before step graphs were written into them (format 1)."""
         rel = (self.manifest.get("step_graphs") or {}).get(kind)
-        return self.path(rel) if rel is not None else None
+        if rel is None:
+            return None
+        self._check(f"step_graphs.{kind}", rel, set())  # written whole by export: no external data
+        return self.path(rel)
 
     @property
     def dims(self) -> dict[str, int]:
@@ -98,14 +101,17 @@ class Bundle:
         """Refuse a graph whose external data is not exactly its component's other `files`
         (see external_data_problems). Every backend gets its graph through graph_path, so no
         backend ever opens a file the manifest does not list and verify, whatever its version."""
-        if name in self._checked_graphs:
+        c = self.component(name)
+        self._check(name, c["graph"], set(c.get("files", [c["graph"]])) - {c["graph"]})
+
+    def _check(self, owner: str, graph: str, data_files: set[str]) -> None:
+        if owner in self._checked_graphs:
             return
-        problems = external_data_problems(self, name)
+        problems = reference_problems(self, owner, graph, data_files)
         if problems:
-            graph = self.component(name)["graph"]
-            raise BundleError(f"bundle {self.root}: the {name} graph {graph} cannot be loaded: "
+            raise BundleError(f"bundle {self.root}: the {owner} graph {graph} cannot be loaded: "
                               + "; ".join(problems) + f"; {_hint(self.root)}")
-        self._checked_graphs.add(name)
+        self._checked_graphs.add(owner)
 
     def path(self, rel: str) -> Path:
         """The path of a file the manifest lists; anything else is refused."""
@@ -171,6 +177,8 @@ def open_bundle(root: str | Path, verify_hashes: bool = True) -> Bundle:
     bundle = Bundle(root, manifest, frozenset(manifest["files"]))
     for name in bundle.family.components:  # the graphs' own file references, before any backend sees them
         bundle.check_graph(name)
+    for kind in manifest.get("step_graphs") or {}:
+        bundle.step_graph_path(kind)
     return bundle
 
 
@@ -306,8 +314,12 @@ def external_data_problems(bundle: Bundle, name: str) -> list[str]:
     is then exactly the graph's external data (export writes it so; bundles of graphs without
     external data list the graph alone)."""
     c = bundle.component(name)
-    graph = c["graph"]
-    data_files = set(c.get("files", [graph])) - {graph}
+    return reference_problems(bundle, name, c["graph"], set(c.get("files", [c["graph"]])) - {c["graph"]})
+
+
+def reference_problems(bundle: Bundle, name: str, graph: str, data_files: set[str]) -> list[str]:
+    """The rule of external_data_problems for any graph of the bundle (`name` owns it, and may
+    reference exactly `data_files`: none for the step graphs)."""
     try:
         refs = external_data_refs(bundle.path(graph))
     except OnnxRefsError as e:

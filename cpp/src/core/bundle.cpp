@@ -284,6 +284,10 @@ std::shared_ptr<const Bundle> Bundle::open(const fs::path &given, bool verify_ha
     // Runtime before 1.24 follows "../x" and absolute paths; TensorRT's parser refits from them):
     // checked here, before any backend can be given a graph of this bundle.
     for (const std::string &name : find_family(family_name(m))->components) bundle->check_graph(name);
+    const json steps = m.value("step_graphs", json::object());
+    if (steps.is_object()) {  // the device loop's step graphs, written whole by export: no external data
+        for (const auto &[kind, rel] : steps.items()) bundle->check_references("step_graphs." + kind, rel.get<std::string>(), {});
+    }
     return bundle;
 }
 
@@ -318,6 +322,10 @@ void Bundle::check_graph(const std::string &name) const {
     std::set<std::string> data_files;
     for (const auto &rel : c.value("files", json::array())) data_files.insert(rel.get<std::string>());
     data_files.erase(graph);
+    check_references(name, graph, data_files);
+}
+
+void Bundle::check_references(const std::string &name, const std::string &graph, const std::set<std::string> &data_files) const {
     std::vector<std::string> problems;
     std::vector<ExternalRef> refs;
     try {

@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -44,6 +45,9 @@ public:
     void check_graph(const std::string &name) const;
 
 private:
+    // check_graph's rule for any graph of the bundle: `name` owns it and may reference exactly `data_files`
+    void check_references(const std::string &name, const std::string &graph, const std::set<std::string> &data_files) const;
+
     std::filesystem::path root_;  // canonical
     nlohmann::json manifest_;
     std::map<std::string, std::filesystem::path> files_;  // manifest path -> resolved path

@@ -141,39 +141,6 @@ def test_bundle_path_hands_out_listed_files_only(tiny_bundle):
             bundle.path(rel)
 
 
-def test_external_data_escaping_the_bundle_is_refused_by_onnx_runtime(tmp_path):
-    """Graph files are hash-verified, but a graph names its external data itself: ONNX Runtime
-    refuses a location outside the graph's directory (absolute or ..), which the backend reports
-    as a bundle error. This pins that behaviour of the installed ONNX Runtime."""
-    import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    from eclipse_export.families.kandinsky22.components import COMPONENTS
-    from eclipse_export.runtime.backends.onnxruntime import OnnxRuntimeBackend
-    from eclipse_export.runtime.bundle import Bundle
-
-    (tmp_path / "b").mkdir()
-    weight = numpy_helper.from_array(np.ones((4, 4), np.float32), "W")
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [weight])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.save_model(model, str(tmp_path / "b" / "g.onnx"), save_as_external_data=True, location="g.data",
-                    size_threshold=0)
-    (tmp_path / "b" / "g.data").rename(tmp_path / "g.data")
-    model = onnx.load(str(tmp_path / "b" / "g.onnx"), load_external_data=False)
-    for location in ("../g.data", str(tmp_path / "g.data")):
-        for kv in model.graph.initializer[0].external_data:
-            if kv.key == "location":
-                kv.value = location
-        onnx.save_model(model, str(tmp_path / "b" / "g.onnx"))
-        bundle = Bundle(tmp_path / "b", {"components": {"prior": {"graph": "g.onnx"}}, "dims": {}},
-                        frozenset({"g.onnx"}))
-        with pytest.raises(BundleError, match="escapes model directory|Absolute path not allowed"):
-            OnnxRuntimeBackend().load(COMPONENTS["prior"], bundle)
-
-
 def test_graph_that_does_not_fit_the_manifest_is_refused_at_load(tiny_bundle_copy):
     """The manifest names the prior's graph as the UNet's: refused when loading, not mid-generation."""
     from eclipse_export.runtime.pipeline import Pipeline

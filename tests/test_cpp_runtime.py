@@ -575,6 +575,49 @@ def test_mutated_manifests_never_crash_the_library(lib, bundle, tmp_path):
     print(f"C manifest fuzz: {outcomes}")
 
 
+def test_crafted_external_data_is_refused_exactly_as_in_python(lib, bundle, tmp_path):
+    """The graph-level mutations of tests/test_fuzz.py (rewritten external-data references,
+    re-hashed in the manifest): the C library opens exactly the bundles the Python runtime opens,
+    refuses the others with a bundle status, and never crashes (also run under the sanitizers)."""
+    from hypothesis import given, settings
+
+    from .test_fuzz import FUZZ, FUZZ_EXAMPLES, apply_graph_mutation, graph_mutations, restore
+    from .test_onnx_refs import linked_copy, make_external
+
+    root = linked_copy(bundle, tmp_path / "bundle")
+    make_external(root, "prior")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.bin").write_bytes(os.urandom(1 << 16))
+    (root / "link.bin").symlink_to(outside / "secret.bin")
+    shutil.copy(root / "prior.onnx.data", root / "stolen.bin")
+    graph, manifest = (root / "prior.onnx").read_bytes(), (root / "manifest.json").read_text()
+    outcomes = {"refused": 0, "opened": 0}
+
+    @settings(FUZZ, max_examples=max(1, FUZZ_EXAMPLES // 2))
+    @given(graph_mutations())
+    def case(edits):
+        restore(root, graph, manifest)
+        apply_graph_mutation(root, edits, outside)
+        try:
+            open_bundle(root, verify_hashes=False)
+            python_refuses = False
+        except BundleError:
+            python_refuses = True
+        b = C.c_void_p()
+        status = lib.eclipse_bundle_open(str(root).encode(), 0, C.byref(b))
+        lib.eclipse_bundle_free(b)
+        assert status in (0, ERR_BUNDLE), lib.eclipse_last_error()
+        assert (status == ERR_BUNDLE) == python_refuses, (edits, lib.eclipse_last_error())
+        if status:
+            assert b"the prior graph prior.onnx cannot be loaded" in lib.eclipse_last_error()
+        outcomes["refused" if status else "opened"] += 1
+
+    case()
+    print(f"C graph fuzz: {outcomes}")
+    assert outcomes["refused"] and outcomes["opened"]
+
+
 @pytest.mark.skipif(SANITIZER_CHILD, reason="compiles against the plain build")
 def test_readme_c_example_compiles_and_runs(lib, bundle, tmp_path):
     """README's "Embedding in C/C++" example, as printed, against the built library."""

@@ -113,6 +113,157 @@ def test_mutated_manifests_give_a_bundle_error_never_a_traceback(fuzz_bundle):
     assert outcomes["refused"] > FUZZ_EXAMPLES // 4  # the mutations reach what the runtime reads
 
 
+# --- graphs: external-data references (issue 23) --------------------------------------------------
+
+# What a crafted graph may name as its external data; the attacker re-hashes the graph in the
+# manifest, so only the runtime's reading of the references stands between them and the disk.
+GRAPH_LOCATIONS = st.one_of(st.sampled_from([
+    "prior.onnx.data", "../outside/secret.bin", "{outside}/secret.bin", "link.bin", "stolen.bin", "movq.onnx",
+    "prior.onnx", "manifest.json", "tokenizer/tokenizer.json", "*/_ORT_MEM_ADDR_/*", "./prior.onnx.data",
+    "tokenizer/../prior.onnx.data", "", "/prior.onnx.data", "prior.onnx.data/", "a\\b", "C:/x"]),
+    st.text(max_size=12))
+GRAPH_COUNTS = st.one_of(st.integers(-3, 1 << 20).map(str), st.integers(0, 2**70).map(str),
+                         st.sampled_from(["", "+1", " 1", "1e3", "0x10", "١"]))
+
+
+@st.composite
+def graph_mutations(draw):
+    """1-3 edits of the external-data entries of the prior's initializers (by index)."""
+    edits = []
+    for _ in range(draw(st.integers(1, 3))):
+        op = draw(st.sampled_from(["location", "location", "offset", "length", "drop", "duplicate", "inline"]))
+        value = None
+        if op == "location":
+            value = draw(GRAPH_LOCATIONS)
+        elif op in ("offset", "length"):
+            value = draw(GRAPH_COUNTS)
+        elif op in ("drop", "duplicate"):
+            value = draw(st.sampled_from(["location", "offset", "length"]))
+        edits.append((draw(st.integers(0, 50)), op, value))
+    return edits
+
+
+def apply_graph_mutation(root, edits, outside) -> None:
+    """Edit prior.onnx's external data as `edits` say and re-hash it in the manifest."""
+    import onnx
+
+    from .test_onnx_refs import rewrite_graph
+
+    def edit(model):
+        tensors = [t for t in model.graph.initializer if t.external_data]
+        for index, op, value in edits:
+            t = tensors[index % len(tensors)]
+            entries = [(kv.key, kv.value) for kv in t.external_data]
+            if op == "location" or op in ("offset", "length"):
+                key = op
+                value = value.replace("{outside}", str(outside)) if op == "location" else value
+                entries = [(k, v) for k, v in entries if k != key] + [(key, value)]
+            elif op == "drop":
+                entries = [(k, v) for k, v in entries if k != value]
+            elif op == "duplicate":
+                entries += [(k, v) for k, v in entries if k == value]
+            elif op == "inline":  # data_location DEFAULT, entries kept (loaders then ignore them)
+                t.data_location = onnx.TensorProto.DEFAULT
+            del t.external_data[:]
+            for k, v in entries:
+                t.external_data.add(key=k, value=v)
+
+    rewrite_graph(root, "prior", edit)
+
+
+def must_refuse(root) -> bool:
+    """The onnx package's reading of prior.onnx: does a tensor it would load from a file name
+    anything but a range of prior.onnx.data?"""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    size = (root / "prior.onnx.data").stat().st_size
+    model = onnx.load(str(root / "prior.onnx"), load_external_data=False)
+    for t in _get_all_tensors(model):
+        if not uses_external_data(t):
+            continue
+        info = {}
+        for kv in t.external_data:
+            info.setdefault(kv.key, []).append(kv.value)
+        if info.get("location") != ["prior.onnx.data"]:
+            return True
+        offset, length = info.get("offset", ["0"]), info.get("length", ["0"])  # no length: to the end
+        if len(offset) > 1 or len(length) > 1 or not (offset[0].isascii() and offset[0].isdigit()) \
+                or not (length[0].isascii() and length[0].isdigit()) or int(offset[0]) + int(length[0]) > size:
+            return True
+    return False
+
+
+@pytest.fixture(scope="module")
+def graph_fuzz_bundle(tiny_bundle, tmp_path_factory):
+    """A copy whose prior keeps its weights in prior.onnx.data (valid as made), a secret file
+    outside it, a symlink out and an unlisted copy of the data inside."""
+    from .test_onnx_refs import linked_copy, make_external
+
+    base = tmp_path_factory.mktemp("graph-fuzz")
+    root = linked_copy(tiny_bundle, base / "bundle")
+    make_external(root, "prior")
+    outside = base / "outside"
+    outside.mkdir()
+    (outside / "secret.bin").write_bytes(os.urandom(1 << 20))
+    (root / "link.bin").symlink_to(outside / "secret.bin")
+    shutil.copy(root / "prior.onnx.data", root / "stolen.bin")
+    return root, outside, (root / "prior.onnx").read_bytes(), (root / "manifest.json").read_text()
+
+
+def restore(root, graph: bytes, manifest: str) -> None:
+    (root / "prior.onnx").unlink()
+    (root / "prior.onnx").write_bytes(graph)
+    (root / "manifest.json").write_text(manifest)
+
+
+def test_crafted_external_data_gives_the_projects_bundle_error(graph_fuzz_bundle, monkeypatch):
+    """Rewritten references in an exported graph, re-hashed in the manifest: whatever the onnx
+    package would read from outside prior.onnx.data is refused with the project's message before
+    ONNX Runtime is asked; what passes runs (reading only the listed file)."""
+    import onnxruntime
+
+    root, outside, graph, manifest = graph_fuzz_bundle
+    backend = OnnxRuntimeBackend()
+    outcomes = {"refused": 0, "ran": 0, "ort refused": 0}
+    sessions = []
+    real_session = onnxruntime.InferenceSession
+
+    def session(*args, **kwargs):
+        sessions.append(args[0])
+        return real_session(*args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", session)
+
+    @FUZZ
+    @given(graph_mutations())
+    def case(edits):
+        restore(root, graph, manifest)
+        apply_graph_mutation(root, edits, outside)
+        sessions.clear()
+        try:
+            bundle = open_bundle(root)
+        except BundleError as e:
+            assert "the prior graph prior.onnx cannot be loaded" in str(e) and not sessions, e
+            outcomes["refused"] += 1
+            return
+        assert not must_refuse(root), edits
+        try:  # valid references into the listed file (maybe to the wrong bytes): ORT may still object
+            gen = Pipeline(bundle, backend).generate("a cat", height=64, width=64, steps=1, guidance_scale=2.0)
+        except BundleError:
+            outcomes["ort refused"] += 1
+            return
+        assert gen.images.shape == (1, 64, 64, 3)
+        outcomes["ran"] += 1
+
+    try:
+        case()
+    finally:
+        restore(root, graph, manifest)
+    print(f"graph fuzz: {outcomes}")
+    assert outcomes["refused"] > FUZZ_EXAMPLES // 2 and outcomes["ran"] > 0
+
+
 # --- prompts --------------------------------------------------------------------------------------
 
 # Any Unicode scalar value except surrogates (not encodable in UTF-8, so not a prompt a user can

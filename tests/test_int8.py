@@ -332,3 +332,22 @@ def test_exported_graphs_hold_standard_onnx_ops_only(tiny_bundle, tiny_int8_bund
         manifest = json.loads((bundle / "manifest.json").read_text())
         for entry in manifest["components"].values():
             assert non_standard_ops(bundle / entry["graph"]) == []
+
+
+def test_external_data_readers_equal_onnx_on_the_int8_graphs(tiny_int8_bundle, tiny_int8_trt_rules_bundle, tmp_path):
+    """The runtime's external-data readers (Python and C++, issue 23) on every quantized graph,
+    including zero points stored as external data."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from eclipse_export.export.onnx_io import save_external
+
+    from .test_onnx_refs import assert_readers_equal_onnx, bundle_graphs
+
+    assert_readers_equal_onnx(bundle_graphs(tiny_int8_bundle) + bundle_graphs(tiny_int8_trt_rules_bundle))
+    w = numpy_helper.from_array(np.arange(2048, dtype=np.int8).reshape(2, 1024), "w")
+    zero = numpy_helper.from_array(np.zeros(2048, np.int8).reshape(2, 1024), "wz")
+    graph = helper.make_graph([helper.make_node("DequantizeLinear", ["w", "s", "wz"], ["y"], axis=0)], "g", [],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 1024])],
+                              [w, zero, numpy_helper.from_array(np.ones(2, np.float32), "s")])
+    save_external(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "q.onnx")
+    assert assert_readers_equal_onnx([tmp_path / "q.onnx"]) == 2

@@ -17,6 +17,7 @@
 #include "eclipse/eclipse.h"
 #include "core/noise.hpp"
 #include "core/npy.hpp"
+#include "core/onnx_refs.hpp"
 #include "core/pipeline.hpp"
 #include "core/scheduler.hpp"
 
@@ -58,9 +59,116 @@ std::string npy_bytes(const std::string &descr, const std::string &shape, const 
     return out + header + data;
 }
 
+// protobuf wire format, for hand-made graphs
+std::string varint(uint64_t v) {
+    std::string out;
+    do {
+        out += static_cast<char>((v & 0x7F) | (v > 0x7F ? 0x80 : 0));
+        v >>= 7;
+    } while (v);
+    return out;
+}
+std::string bytes_field(uint64_t number, const std::string &payload) { return varint(number << 3 | 2) + varint(payload.size()) + payload; }
+std::string int_field(uint64_t number, uint64_t v) { return varint(number << 3) + varint(v); }
+std::string entry(const std::string &key, const std::string &value) { return bytes_field(13, bytes_field(1, key) + bytes_field(2, value)); }
+// TensorProto with external data (name 8, external_data 13, data_location 14 = EXTERNAL)
+std::string external_tensor(const std::string &name, const std::string &location, const std::string &extra = "") {
+    return bytes_field(8, name) + entry("location", location) + entry("offset", "64") + entry("length", "16") + extra + int_field(14, 1);
+}
+
+std::vector<ExternalRef> refs_of(const std::string &bytes) {
+    return external_data_refs(reinterpret_cast<const uint8_t *>(bytes.data()), bytes.size());
+}
+
+template <class F>
+bool refused(F &&f) {
+    try {
+        f();
+    } catch (const OnnxRefsError &) {
+        return true;
+    }
+    return false;
+}
+
+// `eclipse_tests --onnx-refs FILE...`: each file's references as one JSON line, for
+// tests/test_onnx_refs.py to compare with the onnx package's reading of the same graphs.
+int print_refs(int argc, char **argv) {
+    for (int i = 2; i < argc; ++i) {
+        nlohmann::json line = {{"file", argv[i]}};
+        try {
+            nlohmann::json refs = nlohmann::json::array();
+            for (const auto &r : external_data_refs(fs::path(argv[i]))) {
+                refs.push_back({r.tensor, r.location, r.offset, r.has_length ? nlohmann::json(r.length) : nlohmann::json()});
+            }
+            line["refs"] = refs;
+        } catch (const std::exception &e) {
+            line["error"] = e.what();
+        }
+        std::printf("%s\n", line.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
+    }
+    return 0;
+}
+
 }  // namespace
 
-int main() {
+int main(int argc, char **argv) {
+    if (argc > 1 && std::string(argv[1]) == "--onnx-refs") return print_refs(argc, argv);
+
+    run("ONNX external-data references: initializers, attribute tensors, subgraphs, functions", [] {
+        const std::string sub = bytes_field(5, external_tensor("s", "sub.bin"));  // a subgraph's initializer
+        const std::string node = bytes_field(5, bytes_field(1, "value") + bytes_field(5, external_tensor("t", "t.bin")) +
+                                                    bytes_field(6, sub) + bytes_field(10, bytes_field(8, "inline") + bytes_field(9, std::string(100, 'x'))));
+        const std::string graph = bytes_field(5, external_tensor("w", "w.bin")) + bytes_field(1, node) + bytes_field(2, "g");
+        const std::string function = bytes_field(7, bytes_field(5, bytes_field(5, external_tensor("f", "f.bin"))));
+        const std::string model = int_field(1, 8) + bytes_field(7, graph) + bytes_field(25, function);
+        const auto refs = refs_of(model);
+        EXPECT(refs.size() == 4);
+        EXPECT(refs[0].tensor == "w" && refs[0].location == "w.bin" && refs[0].offset == 64 && refs[0].has_length && refs[0].length == 16);
+        EXPECT(refs[1].tensor == "t" && refs[2].tensor == "s" && refs[3].location == "f.bin");
+        EXPECT(refs_of(int_field(1, 8)).empty() && refs_of("").empty());
+        // no length: to the end of the file
+        const auto open = refs_of(bytes_field(7, bytes_field(5, bytes_field(8, "x") + entry("location", "a") + int_field(14, 1))));
+        EXPECT(open.size() == 1 && !open[0].has_length && open[0].offset == 0);
+        // a location without data_location EXTERNAL still counts (stricter than the loaders)
+        EXPECT(refs_of(bytes_field(7, bytes_field(5, entry("location", "../x")))).size() == 1);
+        // data_location is a closed enum read as int32: 2^32 + 1 is EXTERNAL
+        EXPECT(refused([&] { refs_of(bytes_field(7, bytes_field(5, int_field(14, (uint64_t{1} << 32) + 1)))); }));
+    });
+
+    run("ONNX external-data references: malformed files are refused, never followed", [] {
+        const std::string good = bytes_field(7, bytes_field(5, external_tensor("w", "w.bin")));
+        EXPECT(refused([&] { refs_of(good.substr(0, good.size() - 3)); }));                   // truncated
+        EXPECT(refused([&] { refs_of(std::string(11, '\xff')); }));                          // varint of 11 bytes
+        EXPECT(refused([&] { refs_of(varint(7 << 3 | 2) + varint(1000) + "x"); }));          // length past the end
+        EXPECT(refused([&] { refs_of(varint(7 << 3 | 3)); }));                                // a group
+        EXPECT(refused([&] { refs_of(varint(7 << 3 | 6) + "x"); }));                          // no such wire type
+        EXPECT(refused([&] { refs_of(bytes_field(7, bytes_field(5, entry("location", "a") + entry("location", "b")))); }));
+        EXPECT(refused([&] { refs_of(bytes_field(7, bytes_field(5, entry("offset", "1") + int_field(14, 1)))); }));  // no location
+        for (const char *bad : {"a\xff", "\xed\xa0\x80", "\xc0\xae", "\xf4\x90\x80\x80", "\xe2\x82"}) {  // not UTF-8
+            EXPECT(refused([&] { refs_of(bytes_field(7, bytes_field(5, entry("location", bad)))); }));
+        }
+        EXPECT(refs_of(bytes_field(7, bytes_field(5, entry("location", "caf\xc3\xa9 \xf0\x9f\x90\xb1"))))[0].location == "caf\xc3\xa9 \xf0\x9f\x90\xb1");
+        for (const char *bad : {"-1", "+1", " 1", "1e3", "", "99999999999999999999"}) {
+            EXPECT(refused([&] { refs_of(bytes_field(7, bytes_field(5, entry("location", "a") + entry("offset", bad)))); }));
+        }
+        std::string deep = bytes_field(5, external_tensor("deep", "d.bin"));  // 40 nested subgraphs (protobuf: 100 levels)
+        for (int i = 0; i < 40; ++i) deep = bytes_field(1, bytes_field(5, bytes_field(6, deep)));
+        EXPECT(refused([&] { refs_of(bytes_field(7, deep)); }));
+        // every truncation and every single-byte change: references or a refusal, never a crash
+        const std::string model = int_field(1, 8) + bytes_field(7, bytes_field(5, external_tensor("w", "w.bin")) +
+                                                                     bytes_field(1, bytes_field(5, bytes_field(6, good))));
+        for (size_t n = 0; n <= model.size(); ++n) {
+            try { refs_of(model.substr(0, n)); } catch (const OnnxRefsError &) {}
+        }
+        for (size_t i = 0; i < model.size(); ++i) {
+            for (int v : {0x00, 0x7f, 0x80, 0xff, model[i] ^ 0x08}) {
+                std::string m = model;
+                m[i] = static_cast<char>(v);
+                try { refs_of(m); } catch (const OnnxRefsError &) {}
+            }
+        }
+    });
+
     run("philox4x64-10 gives Random123's known-answer vectors", [] {
         const uint64_t M = ~0ULL;
         EXPECT((philox4x64_10({0, 0, 0, 0}, {0, 0}) ==

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from eclipse_export import __version__
-from eclipse_export.export.onnx_io import link_or_copy, save_external
+from eclipse_export.export.onnx_io import external_data_mismatch, link_or_copy, save_external
 from eclipse_export.families import Family
 from eclipse_export.families.spec import ComponentSpec
 from eclipse_export.metrics.parity import ParityError, ParityReport, compare_outputs
@@ -589,6 +589,9 @@ def _build_engines(work: Path, family: Family, components: dict, dims: dict, bui
     """One engine per component, one at a time (peak memory matters on Jetson)."""
     from eclipse_export.export.engines import EngineBuildError, build_engine
 
+    mismatch = external_data_mismatch(work, components, [f for c in components.values() for f in c["files"]])
+    if mismatch:  # before the parser follows any reference
+        raise ExportError("graphs whose external data is not their files: " + "; ".join(mismatch))
     engines = {}
     for name, entry in components.items():
         graph = work / entry["graph"]
@@ -610,6 +613,9 @@ def _build_engines(work: Path, family: Family, components: dict, dims: dict, bui
 
 
 def _publish(work: Path, manifest: dict, out: Path) -> None:
+    mismatch = external_data_mismatch(work, manifest["components"], manifest["files"])
+    if mismatch:  # a bundle the runtime would refuse is never published
+        raise ExportError("graphs whose external data is not their files: " + "; ".join(mismatch))
     # The manifest is written last: a directory without one is never a bundle.
     (work / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     _publish_modes(work)

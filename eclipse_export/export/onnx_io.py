@@ -79,3 +79,21 @@ def link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+def external_data_mismatch(root: Path, components: dict, files) -> list[str]:
+    """How the graphs under `root` break the runtime's rule for external data (runtime/bundle.py's
+    external_data_problems: each component's `files` minus its graph is exactly the set of files
+    its graph references, every reference inside them). Export checks it before handing graphs
+    to TensorRT's parser and before publishing, so every bundle it writes opens, and `files` is
+    the exact record of each graph's external data."""
+    from eclipse_export.runtime.bundle import BundleError, external_data_problems, trusted_bundle
+
+    bundle = trusted_bundle(Path(root), {"components": components}, files)
+    problems = []
+    for name in components:
+        try:
+            problems += [f"{name}: {p}" for p in external_data_problems(bundle, name)]
+        except BundleError as e:  # a graph or data file missing from `files`
+            problems.append(f"{name}: {e}")
+    return problems

@@ -4,8 +4,12 @@ by `manifest.json`. Reading and verifying it needs no torch (the edge runtime do
 A manifest is untrusted input: `open_bundle` checks its whole structure, and every path in it,
 once, before anything is loaded. Every file the runtime (or an engine loader) opens afterwards
 goes through `Bundle.path`, which hands out only paths that are `files` entries: relative, inside
-the bundle after symlinks are resolved, and size/hash-verified. So no manifest can make the
-runtime open a file outside the bundle, and a damaged one is one `BundleError`, never a traceback.
+the bundle after symlinks are resolved, and size/hash-verified. The graphs name files too (their
+external data), which a backend would open itself: `open_bundle` reads those references
+(onnx_refs.py) and requires them to be exactly the component's other `files`, and `graph_path`,
+through which every backend gets its graph, checks again for bundles built in memory. So no
+bundle can make the runtime or a backend open a file outside the bundle, and a damaged one is
+one `BundleError`, never a traceback.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from eclipse_export.families import DEFAULT_FAMILY, Family, UnknownFamily, get_family
+from eclipse_export.runtime.onnx_refs import ORT_MEMORY_TAG, OnnxRefsError, external_data_refs
 
 FORMAT = "eclipse-export-bundle"
 # 2: the manifest names its model family ("family") and may carry the ONNX Runtime device loop's
@@ -60,6 +65,8 @@ class Bundle:
     manifest: dict
     # the relative paths the runtime may open: a verified manifest's `files` (see open_bundle)
     files: frozenset[str] = field(default_factory=frozenset)
+    # components whose graph's external-data references passed check_graph (read once per bundle)
+    _checked_graphs: set = field(default_factory=set, init=False, compare=False, repr=False)
 
     @property
     def precision(self) -> str:
@@ -73,7 +80,10 @@ class Bundle:
         """The ONNX Runtime device loop's step graph of `kind` (cfg / plain); None in bundles
         exported before step graphs were written into them (format 1)."""
         rel = (self.manifest.get("step_graphs") or {}).get(kind)
-        return self.path(rel) if rel is not None else None
+        if rel is None:
+            return None
+        self._check(f"step_graphs.{kind}", rel, set())  # written whole by export: no external data
+        return self.path(rel)
 
     @property
     def dims(self) -> dict[str, int]:
@@ -83,7 +93,25 @@ class Bundle:
         return self.manifest["components"][name]
 
     def graph_path(self, name: str) -> Path:
+        """The component's graph, for a backend to load: its external data is checked first."""
+        self.check_graph(name)
         return self.path(self.component(name)["graph"])
+
+    def check_graph(self, name: str) -> None:
+        """Refuse a graph whose external data is not exactly its component's other `files`
+        (see external_data_problems). Every backend gets its graph through graph_path, so no
+        backend ever opens a file the manifest does not list and verify, whatever its version."""
+        c = self.component(name)
+        self._check(name, c["graph"], set(c.get("files", [c["graph"]])) - {c["graph"]})
+
+    def _check(self, owner: str, graph: str, data_files: set[str]) -> None:
+        if owner in self._checked_graphs:
+            return
+        problems = reference_problems(self, owner, graph, data_files)
+        if problems:
+            raise BundleError(f"bundle {self.root}: the {owner} graph {graph} cannot be loaded: "
+                              + "; ".join(problems) + f"; {_hint(self.root)}")
+        self._checked_graphs.add(owner)
 
     def path(self, rel: str) -> Path:
         """The path of a file the manifest lists; anything else is refused."""
@@ -146,7 +174,12 @@ def open_bundle(root: str | Path, verify_hashes: bool = True) -> Bundle:
     problems = _file_problems(root, manifest["files"], verify_hashes)
     if problems:
         raise BundleError(f"bundle {root} is damaged: " + "; ".join(problems) + f"; {_hint(root)}")
-    return Bundle(root, manifest, frozenset(manifest["files"]))
+    bundle = Bundle(root, manifest, frozenset(manifest["files"]))
+    for name in bundle.family.components:  # the graphs' own file references, before any backend sees them
+        bundle.check_graph(name)
+    for kind in manifest.get("step_graphs") or {}:
+        bundle.step_graph_path(kind)
+    return bundle
 
 
 def _is_int(value) -> bool:
@@ -271,6 +304,69 @@ def _file_problems(root: Path, files: dict, verify_hashes: bool) -> list[str]:
         elif verify_hashes and sha256_file(path) != entry["sha256"]:
             problems.append(f"{rel} was altered (sha256 differs from the manifest)")
     return problems
+
+
+def external_data_problems(bundle: Bundle, name: str) -> list[str]:
+    """How the external-data references of component `name`'s graph depart from the rule: each
+    location is a plain relative path (relative to the graph's folder) naming one of the
+    component's own `files` other than the graph, inside the bundle after symlinks are resolved,
+    with offset + length within that file; and every such file is used. `files` minus the graph
+    is then exactly the graph's external data (export writes it so; bundles of graphs without
+    external data list the graph alone)."""
+    c = bundle.component(name)
+    return reference_problems(bundle, name, c["graph"], set(c.get("files", [c["graph"]])) - {c["graph"]})
+
+
+def reference_problems(bundle: Bundle, name: str, graph: str, data_files: set[str]) -> list[str]:
+    """The rule of external_data_problems for any graph of the bundle (`name` owns it, and may
+    reference exactly `data_files`: none for the step graphs)."""
+    try:
+        refs = external_data_refs(bundle.path(graph))
+    except OnnxRefsError as e:
+        return [f"its protobuf is malformed ({e})"]
+    except OSError as e:
+        return [f"it is unreadable ({e})"]
+    folder = PurePosixPath(graph).parent
+    real_root = bundle.root.resolve()
+    problems, used = [], set()
+    for ref in refs:
+        where = f"tensor {_short(ref.tensor)} names external data {_short(ref.location)}"
+        why = unsafe_path_reason(ref.location)
+        if ref.location == ORT_MEMORY_TAG:
+            why = "is ONNX Runtime's in-memory address tag"
+        if why:
+            problems.append(f"{where}, which {why}")
+            continue
+        rel = str(folder / ref.location)
+        if rel not in data_files:
+            owners = [n for n, o in bundle.manifest["components"].items()
+                      if n != name and isinstance(o, dict) and rel in o.get("files", ())]
+            whose = f" (it is {owners[0]}'s)" if owners else ""
+            problems.append(f"{where}, which is not one of {name}'s external data files "
+                            f"{sorted(data_files)}{whose}")
+            continue
+        path = bundle.path(rel)
+        try:
+            inside = path.resolve().is_relative_to(real_root)
+            size = path.stat().st_size
+        except (OSError, RuntimeError):
+            inside, size = False, 0
+        if not inside:
+            problems.append(f"{where}, which resolves outside the bundle")
+            continue
+        if ref.offset > size or (ref.length is not None and ref.length > size - ref.offset):
+            length = "the rest" if ref.length is None else f"{ref.length} bytes"
+            problems.append(f"{where} at offset {ref.offset} ({length}), past the end of its {size} bytes")
+            continue
+        used.add(rel)
+    if not problems and used != data_files:
+        problems.append(f"components.{name}.files lists {sorted(data_files - used)}, which its graph does not use")
+    return problems
+
+
+def _short(text: str, limit: int = 80) -> str:
+    """A name from a graph, quoted and cut (it is untrusted and can be any length)."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 def trusted_bundle(root: Path, manifest: dict, files: Iterable[str]) -> Bundle:

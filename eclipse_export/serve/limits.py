@@ -12,7 +12,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 from eclipse_export.runtime.noise import SEED_MAX
-from eclipse_export.runtime.pipeline import MAX_SIZE, MIN_SIZE, SIZE_MULTIPLE
+from eclipse_export.runtime.request import MAX_SIZE, MIN_SIZE, SIZE_MULTIPLE
 
 
 class RequestError(ValueError):

@@ -4,10 +4,13 @@
 
 #include <algorithm>
 #include <fstream>
+#include <set>
+#include <system_error>
 #include <vector>
 
 #include "core/common.hpp"
 #include "core/families.hpp"
+#include "core/onnx_refs.hpp"
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -162,6 +165,11 @@ bool inside(const fs::path &root, const fs::path &path) {
     return p != path.end();
 }
 
+// An untrusted name from a graph, quoted and cut (it can be any length).
+std::string quoted(const std::string &text, size_t limit = 80) {
+    return "'" + (text.size() <= limit ? text : text.substr(0, limit) + "...") + "'";
+}
+
 }  // namespace
 
 std::vector<std::string> engine_problems(const json &entry, const std::string &installed_version, const std::string &gpu_cc) {
@@ -272,6 +280,14 @@ std::shared_ptr<const Bundle> Bundle::open(const fs::path &given, bool verify_ha
         bundle->files_[rel] = real;
     }
     if (!problems.empty()) bundle_error("bundle " + given.string() + " is damaged: " + join(problems) + "; " + hint(given));
+    // The graphs name files themselves (external data), which a backend opens on its own (ONNX
+    // Runtime before 1.24 follows "../x" and absolute paths; TensorRT's parser refits from them):
+    // checked here, before any backend can be given a graph of this bundle.
+    for (const std::string &name : find_family(family_name(m))->components) bundle->check_graph(name);
+    const json steps = m.value("step_graphs", json::object());
+    if (steps.is_object()) {  // the device loop's step graphs, written whole by export: no external data
+        for (const auto &[kind, rel] : steps.items()) bundle->check_references("step_graphs." + kind, rel.get<std::string>(), {});
+    }
     return bundle;
 }
 
@@ -298,6 +314,75 @@ std::string Bundle::read(const std::string &rel) const {
     std::string out;
     if (!read_file(path(rel), out)) bundle_error("cannot read " + rel + " in bundle " + root_.string());
     return out;
+}
+
+void Bundle::check_graph(const std::string &name) const {
+    const json &c = component(name);
+    const std::string graph = c.at("graph").get<std::string>();
+    std::set<std::string> data_files;
+    for (const auto &rel : c.value("files", json::array())) data_files.insert(rel.get<std::string>());
+    data_files.erase(graph);
+    check_references(name, graph, data_files);
+}
+
+void Bundle::check_references(const std::string &name, const std::string &graph, const std::set<std::string> &data_files) const {
+    std::vector<std::string> problems;
+    std::vector<ExternalRef> refs;
+    try {
+        refs = external_data_refs(path(graph));
+    } catch (const OnnxRefsError &e) {
+        problems.push_back(std::string("its protobuf is malformed (") + e.what() + ")");
+    } catch (const std::system_error &e) {
+        problems.push_back(std::string("it is unreadable (") + e.what() + ")");
+    }
+    const fs::path folder = fs::path(graph).parent_path();
+    std::set<std::string> used;
+    for (const auto &ref : refs) {
+        const std::string where = "tensor " + quoted(ref.tensor) + " names external data " + quoted(ref.location);
+        std::string why = unsafe_reason(ref.location);
+        if (ref.location == kOrtMemoryTag) why = "is ONNX Runtime's in-memory address tag";
+        if (!why.empty()) {
+            problems.push_back(where + ", which " + why);
+            continue;
+        }
+        const std::string rel = folder.empty() ? ref.location : (folder / ref.location).generic_string();
+        if (!data_files.count(rel)) {
+            std::string list, whose;
+            for (const auto &f : data_files) list += (list.empty() ? "'" : ", '") + f + "'";
+            for (const auto &[other, o] : manifest_["components"].items()) {
+                if (other == name || !o.is_object() || !o.contains("files") || !o["files"].is_array()) continue;
+                for (const auto &f : o["files"]) {
+                    if (whose.empty() && f == rel) whose = " (it is " + other + "'s)";
+                }
+            }
+            problems.push_back(where + ", which is not one of " + name + "'s external data files [" + list + "]" + whose);
+            continue;
+        }
+        std::error_code ec;
+        const fs::path real = fs::weakly_canonical(path(rel), ec);
+        const uint64_t size = ec ? 0 : fs::file_size(real, ec);
+        if (ec || !inside(root_, real)) {
+            problems.push_back(where + ", which resolves outside the bundle");
+            continue;
+        }
+        if (ref.offset > size || (ref.has_length && ref.length > size - ref.offset)) {
+            const std::string length = ref.has_length ? std::to_string(ref.length) + " bytes" : "the rest";
+            problems.push_back(where + " at offset " + std::to_string(ref.offset) + " (" + length + "), past the end of its " +
+                               std::to_string(size) + " bytes");
+            continue;
+        }
+        used.insert(rel);
+    }
+    if (problems.empty() && used != data_files) {
+        std::string list;
+        for (const auto &f : data_files) {
+            if (!used.count(f)) list += (list.empty() ? "'" : ", '") + f + "'";
+        }
+        problems.push_back("components." + name + ".files lists [" + list + "], which its graph does not use");
+    }
+    if (!problems.empty())
+        bundle_error("bundle " + root_.string() + ": the " + name + " graph " + graph + " cannot be loaded: " + join(problems) + "; " +
+                     hint(root_));
 }
 
 json Bundle::read_json(const std::string &rel) const {

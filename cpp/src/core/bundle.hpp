@@ -1,13 +1,15 @@
 // A bundle directory, read and verified as the Python runtime does (runtime/bundle.py): the
-// manifest's format and version, every listed file's size and sha256; and, for every path the
+// manifest's format and version, every listed file's size and sha256; for every path the
 // runtime opens, that it is listed in the manifest and resolves inside the bundle (no absolute
-// paths, no "..", no symlink leading out).
+// paths, no "..", no symlink leading out); and the same for the files each graph names as its
+// external data (onnx_refs.hpp), which must be exactly its component's other files.
 #pragma once
 
 #include <cstdint>
 #include <filesystem>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -35,8 +37,17 @@ public:
     std::filesystem::path path(const std::string &rel) const;
     std::string read(const std::string &rel) const;
     nlohmann::json read_json(const std::string &rel) const;
+    // Refuses (Error(ECLIPSE_ERR_BUNDLE)) a component's graph whose external-data references are
+    // not exactly its other `files`: each a plain relative location naming one of them, inside
+    // the bundle, offset + length within it; every one used. As runtime/bundle.py's
+    // external_data_problems; open() runs it for every component, so no backend is ever given
+    // a graph that has not passed it.
+    void check_graph(const std::string &name) const;
 
 private:
+    // check_graph's rule for any graph of the bundle: `name` owns it and may reference exactly `data_files`
+    void check_references(const std::string &name, const std::string &graph, const std::set<std::string> &data_files) const;
+
     std::filesystem::path root_;  // canonical
     nlohmann::json manifest_;
     std::map<std::string, std::filesystem::path> files_;  // manifest path -> resolved path

@@ -212,9 +212,10 @@ class OnnxRuntimeBackend:
             # enable_fallback=0: a provider that fails must say so, not silently become the CPU
             session = ort.InferenceSession(str(path), opts, enable_fallback=0, **listed)
         except Exception as e:  # onnxruntime raises its own Fail/RuntimeError types
-            # On the CPU provider a failure can only be the graph's (unparsable, or external data
-            # outside the bundle, which ORT refuses: "External data path escapes model
-            # directory"): a bundle error. With a GPU provider it may be this machine's.
+            # On the CPU provider a failure can only be the graph's (unparsable, or an op it
+            # lacks): a bundle error. With a GPU provider it may be this machine's. (External data
+            # never gets here unchecked: bundle.graph_path refused any reference that is not one
+            # of the component's verified files, whatever this ONNX Runtime would follow.)
             cpu_only = self.short_providers == ["cpu"]
             error = BundleError if cpu_only and type(e).__name__ in ORT_GRAPH_ERRORS else BackendError
             raise error(f"ONNX Runtime could not create a {'+'.join(self.short_providers)} session for "

@@ -12,7 +12,9 @@ from eclipse_export.util.errors import UserError
 
 
 def export_parser() -> argparse.ArgumentParser:
-    from eclipse_export.families.kandinsky22.presets import ALL_PRESETS
+    from eclipse_export.families import all_presets
+
+    ALL_PRESETS = all_presets()
 
     p = ArgumentParser(prog="eclipse-export", description=(
         "Export ECLIPSE prior + CLIP bigG text encoder + Kandinsky 2.2 decoder to an ONNX bundle."))
@@ -56,11 +58,12 @@ def export_parser() -> argparse.ArgumentParser:
                                         "or tensorrt (trt-int8's; with onnx-int8: the TensorRT-shaped graph on ONNX Runtime)")
     q.add_argument("--calibration-cache", type=Path, default=Path("engines/.calibration"),
                    help="captured calibration inputs, reused and resumed across exports (default engines/.calibration)")
-    g = p.add_argument_group("real checkpoints (--preset kandinsky22): hub ids or local directories")
-    g.add_argument("--prior", help="ECLIPSE prior (default: ECLIPSE-Community/ECLIPSE_KandinskyV22_Prior)")
+    g = p.add_argument_group("real checkpoints (--preset kandinsky22 or lambda): hub ids or local directories")
+    g.add_argument("--prior", help="ECLIPSE prior (default: ECLIPSE-Community/ECLIPSE_KandinskyV22_Prior; "
+                                   "lambda: ECLIPSE-Community/Lambda-ECLIPSE-Prior-v1.0)")
     g.add_argument("--text-encoder", help="CLIP bigG text encoder + tokenizer (default: laion/CLIP-ViT-bigG-14-laion2B-39B-b160k)")
     g.add_argument("--decoder", help="Kandinsky 2.2 decoder with unet/, movq/, scheduler/ (default: kandinsky-community/kandinsky-2-2-decoder)")
-    g.add_argument("--image-encoder-repo", help="repo with image_encoder/ for the negative embedding (default: kandinsky-community/kandinsky-2-2-prior)")
+    g.add_argument("--image-encoder-repo", help="repo with image_encoder/ (and, for lambda, image_processor/) (default: kandinsky-community/kandinsky-2-2-prior)")
     g.add_argument("--allow-pickle", action="store_true", help="allow pickled .bin weights (runs code from the file: trusted sources only)")
     return p
 
@@ -77,8 +80,10 @@ def export_main(argv=None) -> int:
         export_bundle,
     )
     from eclipse_export.export.sources import make_source
-    from eclipse_export.families.kandinsky22.presets import ALL_PRESETS, REAL_PRESETS
+    from eclipse_export.export.sources import REAL_PRESETS
+    from eclipse_export.families import all_presets
 
+    ALL_PRESETS = all_presets()
     if args.preset not in ALL_PRESETS:
         raise UserError(f"unknown preset {args.preset!r} (choose from {', '.join(ALL_PRESETS)})")
     if args.target not in TARGETS:
@@ -108,8 +113,11 @@ def export_main(argv=None) -> int:
         "scheduler": args.decoder,
         "image_encoder": args.image_encoder_repo,
     }
+    if args.preset == "lambda":
+        locations["image_processor"] = args.image_encoder_repo
     if any(locations.values()) and args.preset not in REAL_PRESETS:
-        raise UserError("--prior/--text-encoder/--decoder/--image-encoder-repo apply to --preset kandinsky22 only")
+        raise UserError("--prior/--text-encoder/--decoder/--image-encoder-repo apply to --preset "
+                        f"{' or '.join(REAL_PRESETS)} only")
     out = args.out or Path("engines") / f"{args.preset}-{args.target}"
     options = ExportOptions(target=args.target, exporter=args.exporter, opset=args.opset,
                             overwrite=args.overwrite, check_parity=not args.no_parity_check,

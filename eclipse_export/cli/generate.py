@@ -25,6 +25,14 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (<= 1: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scheduler", choices=("ddpm", "ddim"), default=None, help="default: the bundle's")
+    g = p.add_argument_group("λ-ECLIPSE bundles: subject-driven generation")
+    g.add_argument("--subject", action="append", default=[], metavar="IMAGE=KEYWORD",
+                   help="a subject image and the prompt word it stands for (repeatable; a later subject wins a "
+                        "shared token), e.g. --subject dog.png=dog")
+    c = g.add_mutually_exclusive_group()
+    c.add_argument("--canny", type=Path, metavar="IMAGE",
+                   help="edge control: Canny edges (100/200) of this reference image (needs OpenCV: the [canny] extra)")
+    c.add_argument("--control-image", type=Path, metavar="IMAGE", help="edge control: this edge map, used as it is")
     p.add_argument("--out", type=Path, default=Path("out.png"), help="PNG file to write (default: out.png)")
     p.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt", "tensorrt-rtx"), default="auto",
                    help="auto (default): the bundle's engines if it has any, else ONNX Runtime")
@@ -55,12 +63,22 @@ def _check_writable(path: Path, what: str) -> None:
         raise UserError(f"cannot write {what} {path}: permission denied")
 
 
+def _subjects(values: list[str]) -> list[tuple[Path, str]]:
+    out = []
+    for value in values:
+        image, sep, keyword = value.rpartition("=")
+        if not sep or not image or not keyword.strip():
+            raise UserError(f"--subject {value!r}: expected IMAGE=KEYWORD, e.g. --subject dog.png=dog")
+        out.append((Path(image), keyword))
+    return out
+
+
 def _user_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "eclipse-export"
 
 
 def _stage_line(timings: dict) -> str:
-    keys = ("text_encoder", "prior", "unet", "unet_per_step", "movq", "total")
+    keys = ("text_encoder", "image_encoder", "prior", "unet", "unet_per_step", "movq", "total")
     return "  ".join(f"{k} {timings[k] * 1000:.1f} ms" for k in keys if k in timings)
 
 
@@ -77,9 +95,10 @@ def generate_main(argv=None) -> int:
     _check_writable(args.out, "output")
     if args.report:
         _check_writable(args.report, "report")
-    # Validate the request before loading anything.
+    # Validate the request (and decode every image) before loading anything.
     req, warnings = Request.make(args.prompt, args.negative_prompt, args.height, args.width, args.steps,
-                                 args.guidance, args.seed, args.scheduler)
+                                 args.guidance, args.seed, args.scheduler, subjects=_subjects(args.subject),
+                                 control_image=args.control_image, canny_image=args.canny)
     backend_name = args.backend
     if backend_name == "auto":
         from eclipse_export.runtime.backends.factory import backend_for_bundle

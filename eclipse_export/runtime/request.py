@@ -94,8 +94,11 @@ def _subject_images(subjects, control_image, canny_image):
             if not isinstance(item, (tuple, list)) or len(item) != 2:
                 raise GenerationError(f"subject {i + 1} must be an (image, keyword) pair, got {item!r:.60}")
             image, keyword = item
-            if not isinstance(keyword, str) or not keyword.strip():
-                raise GenerationError(f"subject {i + 1}: the keyword must be a non-empty string, got {keyword!r}")
+            if not isinstance(keyword, str):
+                raise GenerationError(f"subject {i + 1}: the keyword must be a string, got {type(keyword).__name__}")
+            if not keyword.strip():
+                raise GenerationError(f"subject {i + 1}: the keyword {keyword!r} tokenizes to nothing; give the prompt "
+                                      "word the image stands for")
             decoded.append((load_image(image, f"subject image {i + 1} ({keyword})"), keyword.strip()))
         if control_image is not None and canny_image is not None:
             raise GenerationError("give either an edge image (control_image) or a reference for Canny (canny_image), "

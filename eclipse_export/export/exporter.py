@@ -378,7 +378,7 @@ def _quantize_bundle(work: Path, family: Family, components: dict, dims: dict, s
     if options.target in ENGINE_TARGETS and rules != "tensorrt":
         raise ExportError(f"{options.target} builds TensorRT engines: its INT8 graphs follow TensorRT's rules, not {rules!r}")
     try:
-        chosen = quantize_components(int8.components)
+        chosen = quantize_components(int8.components, family.name)
         calib = take_balanced(load_prompts(int8.prompts, split="calibration"), int8.calibration_prompts)
         valid = take_balanced(load_prompts(int8.prompts, split="validation"), int8.validation_prompts)
     except ValueError as e:
@@ -392,7 +392,8 @@ def _quantize_bundle(work: Path, family: Family, components: dict, dims: dict, s
     reset_peak_rss()
     t0 = time.perf_counter()
     written = [str(p.relative_to(work)) for p in work.rglob("*") if p.is_file()]
-    provisional = trusted_bundle(work, {"dims": dims, "components": components, "precision": "fp32"}, written)
+    provisional = trusted_bundle(work, {"dims": dims, "components": components, "precision": "fp32",
+                                        "family": family.name}, written)
     pipeline = Pipeline(provisional, OnnxRuntimeBackend())
     log(f"  calibration: {len(calib)} prompts, {capture_opts.height}x{capture_opts.width}, "
         f"{capture_opts.unet_steps_per_prompt} of {capture_opts.steps} UNet steps each -> {cache}")

@@ -145,8 +145,10 @@ def _int8_options(args):
     from eclipse_export.export.calibrate import CaptureOptions
     from eclipse_export.export.exporter import Int8Options
     from eclipse_export.export.quantize import METHODS, RULES
-    from eclipse_export.families.kandinsky22.components import COMPONENTS
+    from eclipse_export.families import FAMILIES
 
+    # any family's component here; the export checks them against the bundle's own family
+    COMPONENTS = list(dict.fromkeys(c for f in FAMILIES.values() for c in f.components))
     components = tuple(c.strip() for c in args.int8_components.split(",") if c.strip())
     unknown = [c for c in components if c not in COMPONENTS]
     if not components or unknown:

@@ -2,6 +2,7 @@
 // comparisons with the Python runtime (tokenizer, scheduler, noises, whole chain, bundle
 // refusals) are in tests/test_cpp_runtime.py, through the C API.
 #include <png.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cmath>
@@ -160,6 +161,14 @@ int main() {
         std::vector<uint8_t> back(PNG_IMAGE_SIZE(img));
         EXPECT(png_image_finish_read(&img, nullptr, back.data(), 0, nullptr));
         EXPECT(img.width == 5 && img.height == 3 && back == px);
+        {  // the ordinary mode of a new file (0666 less the umask), not mkstemp's 0600
+            const mode_t mask = umask(022);
+            save_png((d / "m.png").string(), px.data(), 5, 3);
+            umask(mask);
+            EXPECT((fs::status(d / "m.png").permissions() & fs::perms::all) ==
+                   (fs::perms::owner_read | fs::perms::owner_write | fs::perms::group_read | fs::perms::others_read));
+            fs::remove(d / "m.png");
+        }
         EXPECT(status_of([&] { save_png((d / "missing" / "x.png").string(), px.data(), 5, 3); }) == ECLIPSE_ERR_IO);
         size_t files = 0;
         for (const auto &entry : fs::directory_iterator(d)) files += entry.is_regular_file() ? 1 : 0;
@@ -246,12 +255,22 @@ int main() {
         eclipse_onnxruntime_options o = eclipse_onnxruntime_default_options();
         o.struct_size = 12;  // between two fields: half of `providers`
         EXPECT(eclipse_backend_onnxruntime_create(&o, &backend) == ECLIPSE_ERR_INVALID_ARGUMENT && backend == nullptr);
+        EXPECT(std::string(eclipse_last_error()).find("not the size of any released") != std::string::npos);
         if (eclipse_backend_available("onnxruntime")) {
-            EXPECT(std::string(eclipse_last_error()).find("not the size of any released") != std::string::npos);
             onnxruntime_options_v0 v0{sizeof(onnxruntime_options_v0), "cpu", 1, 0};
             EXPECT(eclipse_backend_onnxruntime_create(reinterpret_cast<const eclipse_onnxruntime_options *>(&v0),
                                                       &backend) == ECLIPSE_OK);
             eclipse_backend_free(backend);
+        }
+        {  // checked before the backend is made, with or without ONNX Runtime built in
+            eclipse_onnxruntime_options e = eclipse_onnxruntime_default_options();
+            e.providers = "";
+            EXPECT(eclipse_backend_onnxruntime_create(&e, &backend) == ECLIPSE_ERR_INVALID_ARGUMENT);
+            EXPECT(std::string(eclipse_last_error()).find("providers is empty") != std::string::npos);
+            e = eclipse_onnxruntime_default_options();
+            e.intra_op_threads = -1;
+            EXPECT(eclipse_backend_onnxruntime_create(&e, &backend) == ECLIPSE_ERR_INVALID_ARGUMENT);
+            EXPECT(std::string(eclipse_last_error()).find("is negative") != std::string::npos);
         }
         eclipse_custom_backend table{};
         table.struct_size = 12;

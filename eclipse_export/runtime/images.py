@@ -21,6 +21,10 @@ def save_png(image: np.ndarray, path: str | Path) -> Path:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file 0600; an image gets the ordinary mode (0666 less the umask)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             # no timestamps or other metadata: the same pixels give the same bytes
             Image.fromarray(np.ascontiguousarray(image)).save(f, format="PNG")

@@ -193,6 +193,11 @@ eclipse_status eclipse_backend_onnxruntime_create(const eclipse_onnxruntime_opti
                                            {offsetof(eclipse_onnxruntime_options, library_path),
                                             sizeof(eclipse_onnxruntime_options)},
                                            "eclipse_onnxruntime_options", "eclipse_onnxruntime_default_options()");
+        if (o.providers && !*o.providers)
+            throw Error(ECLIPSE_ERR_INVALID_ARGUMENT, "eclipse_onnxruntime_options.providers is empty (NULL: \"cpu\")");
+        if (o.intra_op_threads < 0)
+            throw Error(ECLIPSE_ERR_INVALID_ARGUMENT, "eclipse_onnxruntime_options.intra_op_threads " +
+                                                          std::to_string(o.intra_op_threads) + " is negative (0: ONNX Runtime's default)");
         auto impl = make_onnxruntime_backend(o);
         *out = new eclipse_backend{std::move(impl)};
     });

@@ -43,7 +43,7 @@ class SubjectImage:
     origin: str
 
 
-def _from_pil(image, origin: str) -> np.ndarray:
+def _from_pil(image) -> np.ndarray:
     from PIL import Image, ImageOps
 
     try:
@@ -79,7 +79,7 @@ def load_image(source, what: str = "subject image") -> SubjectImage:
             raise SubjectError(f"{what}: the image is empty ({arr.shape[1]}x{arr.shape[0]})")
         from PIL import Image
 
-        return SubjectImage(_from_pil(Image.fromarray(np.ascontiguousarray(arr)), "array"), "array")
+        return SubjectImage(_from_pil(Image.fromarray(np.ascontiguousarray(arr))), "array")
     try:
         from PIL import Image, UnidentifiedImageError
     except ImportError as e:  # pragma: no cover - Pillow is a runtime dependency
@@ -87,7 +87,7 @@ def load_image(source, what: str = "subject image") -> SubjectImage:
     if isinstance(source, Image.Image):
         if source.width == 0 or source.height == 0:
             raise SubjectError(f"{what}: the image is empty ({source.width}x{source.height})")
-        return SubjectImage(_from_pil(source, "image"), "image")
+        return SubjectImage(_from_pil(source), "image")
     if not isinstance(source, (str, Path)):
         raise SubjectError(f"{what}: expected a file path, a PIL image or a uint8 array, got {type(source).__name__}")
     path = Path(source)
@@ -103,13 +103,11 @@ def load_image(source, what: str = "subject image") -> SubjectImage:
             if image.width == 0 or image.height == 0:
                 raise SubjectError(f"{what} {path}: the image is empty")
             image.load()
-            pixels = _from_pil(image, str(path))
+            pixels = _from_pil(image)
     except SubjectError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise SubjectError(f"{what} {path}: not a readable image ({type(e).__name__}: {e})") from None
-    except PermissionError:  # pragma: no cover - covered by OSError on most systems
-        raise SubjectError(f"{what} {path}: permission denied") from None
     return SubjectImage(pixels, str(path))
 
 

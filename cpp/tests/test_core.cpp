@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "check.hpp"
+#include "eclipse/eclipse.hpp"
 #include "core/bundle.hpp"
 #include "eclipse/eclipse.h"
 #include "core/noise.hpp"
@@ -271,6 +272,15 @@ int main() {
             e.intra_op_threads = -1;
             EXPECT(eclipse_backend_onnxruntime_create(&e, &backend) == ECLIPSE_ERR_INVALID_ARGUMENT);
             EXPECT(std::string(eclipse_last_error()).find("is negative") != std::string::npos);
+        }
+        // the C++ wrapper passes the ONNX Runtime library to open (issue 19, item 11)
+        try {
+            eclipse::Backend::onnxruntime("cpu", 0, 0, "/nonexistent/libonnxruntime.so.1");
+            EXPECT(false);
+        } catch (const eclipse::Error &e) {
+            const std::string message = e.what();
+            EXPECT(eclipse_backend_available("onnxruntime") ? message.find("/nonexistent/libonnxruntime.so.1") != std::string::npos
+                                                            : e.status() == ECLIPSE_ERR_UNSUPPORTED);
         }
         eclipse_custom_backend table{};
         table.struct_size = 12;

@@ -35,6 +35,16 @@ def tiny_pipeline(tiny_bundle):
 
 
 @pytest.fixture(scope="session")
+def tiny_lambda_bundle(tmp_path_factory) -> Path:
+    from eclipse_export.export.exporter import ExportOptions, export_bundle
+    from eclipse_export.export.sources import RandomSource
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-lambda-onnx"
+    export_bundle(RandomSource("tiny-lambda"), out, ExportOptions(), log=lambda m: None)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_fp16_bundle(tmp_path_factory) -> Path:
     from eclipse_export.export.exporter import ExportOptions, export_bundle
     from eclipse_export.export.sources import RandomSource

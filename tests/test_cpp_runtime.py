@@ -146,6 +146,10 @@ def test_warnings_and_bad_requests(runtime, lib):
     params.height = params.width = 64
     assert lib.eclipse_generate(state, b"caf\xe9", C.byref(params), C.byref(result)) == ERR_INVALID_ARGUMENT
     assert b"UTF-8" in lib.eclipse_last_error()
+    params.negative_prompt = b"caf\xe9"  # issue 19, item 11: said "the prompt" before
+    assert lib.eclipse_generate(state, b"x", C.byref(params), C.byref(result)) == ERR_INVALID_ARGUMENT
+    assert lib.eclipse_last_error().startswith(b"the negative prompt is not valid UTF-8")
+    params.negative_prompt = None
     params.struct_size = 4
     assert lib.eclipse_generate(state, b"x", C.byref(params), C.byref(result)) == ERR_INVALID_ARGUMENT
     assert not result
@@ -417,7 +421,7 @@ REFUSALS = {
     "unlisted file": "required file \"scheduler_config.json\" is not one of the manifest's files",
     "graph outside": "components.prior.graph \"../outside/prior.onnx\" is not one of the manifest's files",
     "unknown family": "model family 'stable-cascade' is not known to this version of eclipse-export \\(it knows "
-                      "kandinsky22\\)",
+                      "kandinsky22, lambda\\)",
     "step graph outside": "step_graphs.cfg \"../outside/step.onnx\" is not one of the manifest's files",
 }
 

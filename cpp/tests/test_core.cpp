@@ -2,10 +2,13 @@
 // comparisons with the Python runtime (tokenizer, scheduler, noises, whole chain, bundle
 // refusals) are in tests/test_cpp_runtime.py, through the C API.
 #include <png.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cmath>
+#include <cstddef>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -13,6 +16,7 @@
 #include <vector>
 
 #include "check.hpp"
+#include "eclipse/eclipse.hpp"
 #include "core/bundle.hpp"
 #include "eclipse/eclipse.h"
 #include "core/noise.hpp"
@@ -266,6 +270,14 @@ int main(int argc, char **argv) {
         std::vector<uint8_t> back(PNG_IMAGE_SIZE(img));
         EXPECT(png_image_finish_read(&img, nullptr, back.data(), 0, nullptr));
         EXPECT(img.width == 5 && img.height == 3 && back == px);
+        {  // the ordinary mode of a new file (0666 less the umask), not mkstemp's 0600
+            const mode_t mask = umask(022);
+            save_png((d / "m.png").string(), px.data(), 5, 3);
+            umask(mask);
+            EXPECT((fs::status(d / "m.png").permissions() & fs::perms::all) ==
+                   (fs::perms::owner_read | fs::perms::owner_write | fs::perms::group_read | fs::perms::others_read));
+            fs::remove(d / "m.png");
+        }
         EXPECT(status_of([&] { save_png((d / "missing" / "x.png").string(), px.data(), 5, 3); }) == ECLIPSE_ERR_IO);
         size_t files = 0;
         for (const auto &entry : fs::directory_iterator(d)) files += entry.is_regular_file() ? 1 : 0;
@@ -293,6 +305,95 @@ int main(int argc, char **argv) {
             EXPECT(eclipse_backend_onnxruntime_create(nullptr, &backend) == ECLIPSE_ERR_UNSUPPORTED);
         }
         EXPECT(std::string(eclipse_status_string(ECLIPSE_ERR_CANCELLED)) == "cancelled");
+    });
+
+    run("C API: only released struct sizes and known enum values are accepted (issue 19, item 9)", [] {
+        // today's layouts, frozen: a caller compiled against this eclipse.h must keep working
+        // after the header grows (the library copies its struct_size bytes, defaults the rest)
+        struct params_v1 {
+            uint32_t struct_size, api_version;
+            const char *negative_prompt;
+            int32_t width, height, steps;
+            double guidance_scale;
+            uint64_t seed;
+            int32_t scheduler;
+            eclipse_progress_fn progress;
+            void *progress_data;
+            const float *prior_noise;
+            size_t prior_noise_count;
+            const float *latent_noise;
+            size_t latent_noise_count;
+            const float *step_noise;
+            size_t step_noise_count;
+        };
+        struct onnxruntime_options_v0 {  // the first C API: no library_path
+            uint32_t struct_size;
+            const char *providers;
+            int32_t intra_op_threads, device_id;
+        };
+        static_assert(sizeof(params_v1) == sizeof(eclipse_params), "eclipse_params grew: add params_v2, keep v1");
+        static_assert(offsetof(eclipse_params, step_noise_count) == offsetof(params_v1, step_noise_count), "layout");
+        eclipse_result *r = nullptr;
+        eclipse_params p = eclipse_default_params();
+        eclipse_state *state = reinterpret_cast<eclipse_state *>(&p);  // never reached: params are checked first
+        params_v1 v1{};
+        const eclipse_params defaults = eclipse_default_params();
+        std::memcpy(&v1, &defaults, sizeof v1);
+        v1.struct_size = sizeof v1;
+        v1.scheduler = 99;  // the size is accepted: the refusal is the next check's
+        EXPECT(eclipse_generate(state, "x", reinterpret_cast<const eclipse_params *>(&v1), &r) ==
+               ECLIPSE_ERR_INVALID_ARGUMENT);
+        EXPECT(std::string(eclipse_last_error()).find("scheduler 99") != std::string::npos);
+        for (uint32_t bad : {0u, 4u, 12u, 16u, uint32_t(sizeof(p) - 8), uint32_t(sizeof(p) + 8)}) {
+            p.struct_size = bad;
+            EXPECT(eclipse_generate(state, "x", &p, &r) == ECLIPSE_ERR_INVALID_ARGUMENT && r == nullptr);
+            EXPECT(std::string(eclipse_last_error()).find("not the size of any released eclipse_params") !=
+                   std::string::npos);
+        }
+        p = eclipse_default_params();
+        p.api_version = 0;
+        EXPECT(eclipse_generate(state, "x", &p, &r) == ECLIPSE_ERR_INVALID_ARGUMENT);
+        EXPECT(std::string(eclipse_last_error()).find("api_version is 0") != std::string::npos);
+        p = eclipse_default_params();
+        const int32_t ninety_nine = 99;
+        std::memcpy(&p.scheduler, &ninety_nine, sizeof ninety_nine);  // as a C caller can
+        EXPECT(eclipse_generate(state, "x", &p, &r) == ECLIPSE_ERR_INVALID_ARGUMENT);
+        EXPECT(std::string(eclipse_last_error()).find("scheduler 99 is not an eclipse_scheduler") != std::string::npos);
+
+        eclipse_backend *backend = nullptr;
+        eclipse_onnxruntime_options o = eclipse_onnxruntime_default_options();
+        o.struct_size = 12;  // between two fields: half of `providers`
+        EXPECT(eclipse_backend_onnxruntime_create(&o, &backend) == ECLIPSE_ERR_INVALID_ARGUMENT && backend == nullptr);
+        EXPECT(std::string(eclipse_last_error()).find("not the size of any released") != std::string::npos);
+        if (eclipse_backend_available("onnxruntime")) {
+            onnxruntime_options_v0 v0{sizeof(onnxruntime_options_v0), "cpu", 1, 0};
+            EXPECT(eclipse_backend_onnxruntime_create(reinterpret_cast<const eclipse_onnxruntime_options *>(&v0),
+                                                      &backend) == ECLIPSE_OK);
+            eclipse_backend_free(backend);
+        }
+        {  // checked before the backend is made, with or without ONNX Runtime built in
+            eclipse_onnxruntime_options e = eclipse_onnxruntime_default_options();
+            e.providers = "";
+            EXPECT(eclipse_backend_onnxruntime_create(&e, &backend) == ECLIPSE_ERR_INVALID_ARGUMENT);
+            EXPECT(std::string(eclipse_last_error()).find("providers is empty") != std::string::npos);
+            e = eclipse_onnxruntime_default_options();
+            e.intra_op_threads = -1;
+            EXPECT(eclipse_backend_onnxruntime_create(&e, &backend) == ECLIPSE_ERR_INVALID_ARGUMENT);
+            EXPECT(std::string(eclipse_last_error()).find("is negative") != std::string::npos);
+        }
+        // the C++ wrapper passes the ONNX Runtime library to open (issue 19, item 11)
+        try {
+            eclipse::Backend::onnxruntime("cpu", 0, 0, "/nonexistent/libonnxruntime.so.1");
+            EXPECT(false);
+        } catch (const eclipse::Error &e) {
+            const std::string message = e.what();
+            EXPECT(eclipse_backend_available("onnxruntime") ? message.find("/nonexistent/libonnxruntime.so.1") != std::string::npos
+                                                            : e.status() == ECLIPSE_ERR_UNSUPPORTED);
+        }
+        eclipse_custom_backend table{};
+        table.struct_size = 12;
+        EXPECT(eclipse_backend_custom_create(&table, &backend) == ECLIPSE_ERR_INVALID_ARGUMENT);
+        EXPECT(std::string(eclipse_last_error()).find("not the size of a released") != std::string::npos);
     });
 
     return finish();

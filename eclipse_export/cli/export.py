@@ -32,7 +32,7 @@ def export_parser() -> argparse.ArgumentParser:
         epilog="targets:\n" + "\n".join(f"  {t:<13} {h}" for t, h in TARGET_HELP.items()))
     p.add_argument("--preset", default="tiny", choices=all_presets(),
                    help="model source: tiny and full-random are random weights (tests, measurements), "
-                        "kandinsky22 the real checkpoints")
+                        "kandinsky22 and lambda the real checkpoints (tiny-lambda, full-random-lambda: λ-ECLIPSE, random)")
     p.add_argument("--target", default="onnx", choices=tuple(TARGET_HELP), help="what to build (see the list below)")
     p.add_argument("--out", type=Path, help="bundle directory (default: engines/<preset>-<target>)")
     p.add_argument("--from-bundle", type=Path, metavar="DIR",
@@ -88,11 +88,12 @@ def export_parser() -> argparse.ArgumentParser:
     t.add_argument("--serve-default-size", type=int, default=512, help="image side when a request gives none (default 512)")
     t.add_argument("--serve-default-steps", type=int, default=50, help="steps when a request gives none (default 50)")
     t.add_argument("--serve-threads", type=int, help="ONNX Runtime threads per instance (default: its own choice)")
-    g = p.add_argument_group("real checkpoints (--preset kandinsky22): hub ids or local directories")
-    g.add_argument("--prior", help="ECLIPSE prior (default: ECLIPSE-Community/ECLIPSE_KandinskyV22_Prior)")
+    g = p.add_argument_group("real checkpoints (--preset kandinsky22 or lambda): hub ids or local directories")
+    g.add_argument("--prior", help="ECLIPSE prior (default: ECLIPSE-Community/ECLIPSE_KandinskyV22_Prior; "
+                                   "lambda: ECLIPSE-Community/Lambda-ECLIPSE-Prior-v1.0)")
     g.add_argument("--text-encoder", help="CLIP bigG text encoder + tokenizer (default: laion/CLIP-ViT-bigG-14-laion2B-39B-b160k)")
     g.add_argument("--decoder", help="Kandinsky 2.2 decoder with unet/, movq/, scheduler/ (default: kandinsky-community/kandinsky-2-2-decoder)")
-    g.add_argument("--image-encoder-repo", help="repo with image_encoder/ for the negative embedding (default: kandinsky-community/kandinsky-2-2-prior)")
+    g.add_argument("--image-encoder-repo", help="repo with image_encoder/ (and, for lambda, image_processor/) (default: kandinsky-community/kandinsky-2-2-prior)")
     g.add_argument("--allow-pickle", action="store_true", help="allow pickled .bin weights (runs code from the file: trusted sources only)")
     return p
 
@@ -143,8 +144,11 @@ def export_main(argv=None) -> int:
         "scheduler": args.decoder,
         "image_encoder": args.image_encoder_repo,
     }
+    if args.preset == "lambda":
+        locations["image_processor"] = args.image_encoder_repo
     if any(locations.values()) and args.preset not in REAL_PRESETS:
-        raise UserError("--prior/--text-encoder/--decoder/--image-encoder-repo apply to --preset kandinsky22 only")
+        raise UserError("--prior/--text-encoder/--decoder/--image-encoder-repo apply to --preset "
+                        f"{' or '.join(REAL_PRESETS)} only")
     out = args.out or Path("engines") / f"{args.preset}-{args.target}"
     options = ExportOptions(target=args.target, exporter=args.exporter, opset=args.opset,
                             overwrite=args.overwrite, check_parity=not args.no_parity_check,
@@ -200,8 +204,10 @@ def _int8_options(args):
     from eclipse_export.export.calibrate import CaptureOptions
     from eclipse_export.export.exporter import Int8Options
     from eclipse_export.export.quantize import METHODS, RULES
-    from eclipse_export.families.kandinsky22.components import COMPONENTS
+    from eclipse_export.families import FAMILIES
 
+    # any family's component here; the export checks them against the bundle's own family
+    COMPONENTS = list(dict.fromkeys(c for f in FAMILIES.values() for c in f.components))
     components = tuple(c.strip() for c in args.int8_components.split(",") if c.strip())
     unknown = [c for c in components if c not in COMPONENTS]
     if not components or unknown:

@@ -35,6 +35,14 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", choices=("ddpm", "ddim"), default=None, help="(default: the bundle's)")
     p.add_argument("--from-png", type=Path, metavar="FILE",
                    help="repeat the request stored in a PNG written by eclipse-generate (flags given override it)")
+    g = p.add_argument_group("λ-ECLIPSE bundles: subject-driven generation")
+    g.add_argument("--subject", action="append", default=[], metavar="IMAGE=KEYWORD",
+                   help="a subject image and the prompt word it stands for (repeatable; a later subject wins a "
+                        "shared token), e.g. --subject dog.png=dog")
+    c = g.add_mutually_exclusive_group()
+    c.add_argument("--canny", type=Path, metavar="IMAGE",
+                   help="edge control: Canny edges (100/200) of this reference image (needs OpenCV: the [canny] extra)")
+    c.add_argument("--control-image", type=Path, metavar="IMAGE", help="edge control: this edge map, used as it is")
     p.add_argument("--out", type=Path, default=Path("out.png"), help="PNG file to write (default: out.png)")
     p.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt", "tensorrt-rtx"), default="auto",
                    help="auto (default): the bundle's engines if it has any, else ONNX Runtime")
@@ -65,12 +73,22 @@ def _check_writable(path: Path, what: str) -> None:
         raise UserError(f"cannot write {what} {path}: permission denied")
 
 
+def _subjects(values: list[str]) -> list[tuple[Path, str]]:
+    out = []
+    for value in values:
+        image, sep, keyword = value.rpartition("=")
+        if not sep or not image or not keyword.strip():
+            raise UserError(f"--subject {value!r}: expected IMAGE=KEYWORD, e.g. --subject dog.png=dog")
+        out.append((Path(image), keyword))
+    return out
+
+
 def _user_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "eclipse-export"
 
 
 def _stage_line(timings: dict) -> str:
-    keys = ("text_encoder", "prior", "unet", "unet_per_step", "movq", "total")
+    keys = ("text_encoder", "image_encoder", "prior", "unet", "unet_per_step", "movq", "total")
     return "  ".join(f"{k} {timings[k] * 1000:.1f} ms" for k in keys if k in timings)
 
 
@@ -126,8 +144,11 @@ def generate_main(argv=None) -> int:
 
         fields["seed"] = secrets.randbelow(2**32)  # short enough to type back in
     # Validate the request before loading anything.
+    # (and decode every subject / edge image) before loading anything
     req, warnings = Request.make(fields["prompt"], fields["negative_prompt"], fields["height"], fields["width"],
-                                 fields["steps"], fields["guidance"], fields["seed"], fields["scheduler"])
+                                 fields["steps"], fields["guidance"], fields["seed"], fields["scheduler"],
+                                 subjects=_subjects(args.subject), control_image=args.control_image,
+                                 canny_image=args.canny)
     bundle_dir = fields["bundle"]
     backend_name = args.backend
     if backend_name == "auto":

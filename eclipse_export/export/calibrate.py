@@ -10,6 +10,11 @@ both halves (unconditional and conditional) are calibrated.
 Bounded: one prompt's tensors in memory at a time, a fixed number of UNet steps on disk per
 prompt. Resumable: shards already on disk (complete, because written atomically) are skipped.
 No torch: this runs wherever the runtime runs.
+
+λ-ECLIPSE bundles calibrate on subject images too: each prompt gets one subject drawn here
+(`drawn_subject`: coloured shapes on white, as λ's subjects are cut out on white; never a
+downloaded image) standing for the prompt's last word, and every other prompt an edge map
+(the drawing's outline), so the image encoder's inputs and the prior's control token are real.
 """
 
 from __future__ import annotations
@@ -22,8 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from eclipse_export.families.kandinsky22.components import COMPONENTS
 
 Log = Callable[[str], None]
 
@@ -79,7 +82,8 @@ def capture(pipeline, prompts: Sequence, out_dir: Path, options: CaptureOptions 
                    for name, s in sessions.items()}
             pipeline.sessions = rec
             pipeline.generate(text, height=options.height, width=options.width, steps=options.steps,
-                              guidance_scale=options.guidance_scale, seed=options.seed + i)
+                              guidance_scale=options.guidance_scale, seed=options.seed + i,
+                              **(_subject_kwargs(text, i, options.seed) if "image_encoder" in sessions else {}))
             arrays = {f"{name}/{k}": np.stack([r[k] for r in r_.records])
                       for name, r_ in rec.items() for k in r_.spec.input_names}
             arrays["prompt"] = np.array(text)
@@ -95,6 +99,36 @@ def capture(pipeline, prompts: Sequence, out_dir: Path, options: CaptureOptions 
             "seconds": round(time.perf_counter() - started, 1), "options": options.__dict__}
 
 
+def drawn_subject(index: int, seed: int = 0, size: int = 320) -> tuple[np.ndarray, np.ndarray]:
+    """A subject image drawn by the project (RGB8, coloured shapes on white) and its edge map
+    (white outlines on black), deterministic in (index, seed)."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng([seed, index, 19])
+    image = Image.new("RGB", (size, size), (255, 255, 255))
+    edges = Image.new("RGB", (size, size), (0, 0, 0))
+    for _ in range(int(rng.integers(2, 6))):
+        x0, y0 = (int(v) for v in rng.integers(0, size * 2 // 3, 2))
+        x1, y1 = x0 + int(rng.integers(size // 6, size // 2)), y0 + int(rng.integers(size // 6, size // 2))
+        fill = tuple(int(v) for v in rng.integers(0, 230, 3))
+        shape = int(rng.integers(0, 3))
+        for draw, kw in ((ImageDraw.Draw(image), {"fill": fill}), (ImageDraw.Draw(edges), {"outline": (255,) * 3, "width": 2})):
+            if shape == 0:
+                draw.ellipse((x0, y0, x1, y1), **kw)
+            elif shape == 1:
+                draw.rectangle((x0, y0, x1, y1), **kw)
+            else:
+                draw.polygon([(x0, y1), ((x0 + x1) // 2, y0), (x1, y1)], **kw)
+    return np.asarray(image), np.asarray(edges)
+
+
+def _subject_kwargs(prompt: str, index: int, seed: int) -> dict:
+    words = [w.strip(".,;:!?\"'()") for w in prompt.split()]
+    keyword = next((w for w in reversed(words) if len(w) > 2), words[-1] if words else "thing") or "thing"
+    image, edges = drawn_subject(index, seed)
+    return {"subjects": [(image, keyword)], "control_image": edges if index % 2 else None}
+
+
 def _save_atomic(path: Path, arrays: dict) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
     os.close(fd)
@@ -108,10 +142,11 @@ def _save_atomic(path: Path, arrays: dict) -> None:
 
 def iter_feeds(shard_dir: Path, component: str, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
     """One feed (input name -> array) per recorded call of `component`, shard by shard."""
-    names = COMPONENTS[component].input_names
     count = 0
     for shard in sorted(shard_dir.glob("*.npz")):
         with np.load(shard) as z:
+            # the shard names its component's inputs ("component/input"): any family's
+            names = [k.split("/", 1)[1] for k in z.files if k.startswith(component + "/")]
             stacked = {n: z[f"{component}/{n}"] for n in names}
         for j in range(len(stacked[names[0]])):
             if limit is not None and count >= limit:

@@ -119,9 +119,7 @@ def _export_torch(component: str, graph, spec: ComponentSpec, example: dict, pat
     """Write the raw graph (weights possibly as many external files) to `path`."""
     import torch
 
-    from eclipse_export.export.graphs import torch_inputs
-
-    args = torch_inputs(component, example)
+    args = tuple(torch.from_numpy(example[name]) for name in spec.input_names)
     if options.exporter == "torchscript":
         dynamic_axes = {t.name: t.dynamic_axes() for t in spec.inputs + spec.outputs if t.dynamic_axes()}
         with warnings.catch_warnings():
@@ -193,11 +191,11 @@ def export_component(source: StackSource, component: str, workdir: Path, options
     n_params = sum(p.numel() for p in module.parameters())
     weights_sha = state_dict_sha256(module)
     external = _param_bytes(module) > EXTERNAL_DATA_BYTES
-    graph = wrap(component, module)
+    graph = wrap(component, module, source.family.name)
 
     rng = np.random.default_rng(1234)
     checks = [spec.sample_inputs(d, rng) for d in _check_shapes(spec, dims)]
-    expected = [run_torch(component, graph, inputs) for inputs in checks] if options.check_parity else []
+    expected = [run_torch(component, graph, inputs, source.family.name) for inputs in checks] if options.check_parity else []
 
     precision = TARGETS[options.target]
     if precision == "int8":
@@ -337,6 +335,7 @@ def export_bundle(source: StackSource, out: Path, options: ExportOptions = Expor
             if negative.shape != (1, dims["D"]):
                 raise ExportError(f"negative image embedding has shape {negative.shape}, expected (1, {dims['D']})")
             np.save(work / "negative_image_embeds.npy", negative)
+            extra_files = source.write_extra_files(work)
 
             if TARGETS[options.target] == "int8":
                 _quantize_bundle(work, source.family, components, dims, source, options, log)
@@ -348,7 +347,7 @@ def export_bundle(source: StackSource, out: Path, options: ExportOptions = Expor
             from eclipse_export.export.step_graph import write_step_graphs  # onnx: not at import time
 
             step_graphs = write_step_graphs(work)
-            files += ["scheduler_config.json", "negative_image_embeds.npy", *step_graphs.values()]
+            files += ["scheduler_config.json", "negative_image_embeds.npy", *extra_files, *step_graphs.values()]
             files += sorted(str(p.relative_to(work)) for p in (work / "tokenizer").rglob("*") if p.is_file())
             manifest = {
                 "format": FORMAT,
@@ -395,7 +394,7 @@ def _quantize_bundle(work: Path, family: Family, components: dict, dims: dict, s
     if options.target in ENGINE_TARGETS and rules != "tensorrt":
         raise ExportError(f"{options.target} builds TensorRT engines: its INT8 graphs follow TensorRT's rules, not {rules!r}")
     try:
-        chosen = quantize_components(int8.components)
+        chosen = quantize_components(int8.components, family.name)
         calib = take_balanced(load_prompts(int8.prompts, split="calibration"), int8.calibration_prompts)
         valid = take_balanced(load_prompts(int8.prompts, split="validation"), int8.validation_prompts)
     except ValueError as e:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from eclipse_export.families import DEFAULT_FAMILY, get_family
 from eclipse_export.families.kandinsky22.components import COMPONENTS
 
 
@@ -64,6 +65,27 @@ class MoVQGraph(nn.Module):
         return (image * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
 
 
+class ImageEncoderGraph(nn.Module):
+    """λ-ECLIPSE: CLIPVisionModelWithProjection on preprocessed pixels -> projected image_embeds
+    (not normalised, as the official pipeline feeds them to the prior)."""
+
+    def __init__(self, image_encoder):
+        super().__init__()
+        self.image_encoder = image_encoder
+
+    def forward(self, pixel_values):
+        return self.image_encoder(pixel_values=pixel_values).image_embeds
+
+
+class LambdaPriorGraph(nn.Module):
+    def __init__(self, prior):
+        super().__init__()
+        self.prior = prior
+
+    def forward(self, noise, text_embeds, text_hidden_states, attention_mask, control_embeds):
+        return self.prior(noise, text_embeds, text_hidden_states, attention_mask.bool(), control_embeds)
+
+
 GRAPHS: dict[str, type[nn.Module]] = {
     "text_encoder": TextEncoderGraph,
     "prior": PriorGraph,
@@ -71,22 +93,30 @@ GRAPHS: dict[str, type[nn.Module]] = {
     "movq": MoVQGraph,
 }
 
+# family -> component -> wrapper
+FAMILY_GRAPHS: dict[str, dict[str, type[nn.Module]]] = {
+    "kandinsky22": GRAPHS,
+    "lambda": {**GRAPHS, "image_encoder": ImageEncoderGraph, "prior": LambdaPriorGraph},
+}
+
 assert set(GRAPHS) == set(COMPONENTS), "every component spec needs a graph wrapper"
+assert all(set(g) == set(get_family(f).components) for f, g in FAMILY_GRAPHS.items())
 
 
-def wrap(component: str, module: nn.Module) -> nn.Module:
-    return GRAPHS[component](module).eval()
+def wrap(component: str, module: nn.Module, family: str = DEFAULT_FAMILY) -> nn.Module:
+    return FAMILY_GRAPHS[family][component](module).eval()
 
 
-def torch_inputs(component: str, arrays: dict) -> tuple[torch.Tensor, ...]:
+def torch_inputs(component: str, arrays: dict, family: str = DEFAULT_FAMILY) -> tuple[torch.Tensor, ...]:
     """Numpy inputs (by name) -> torch tensors in the spec's order."""
-    return tuple(torch.from_numpy(arrays[name]) for name in COMPONENTS[component].input_names)
+    return tuple(torch.from_numpy(arrays[name]) for name in get_family(family).components[component].input_names)
 
 
-def run_torch(component: str, graph: nn.Module, arrays: dict) -> dict:
+def run_torch(component: str, graph: nn.Module, arrays: dict, family: str = DEFAULT_FAMILY) -> dict:
     """Run a wrapper on numpy inputs; outputs by name as float32 numpy arrays."""
     with torch.no_grad():
-        out = graph(*torch_inputs(component, arrays))
+        out = graph(*torch_inputs(component, arrays, family))
     if isinstance(out, torch.Tensor):
         out = (out,)
-    return {name: t.detach().float().numpy() for name, t in zip(COMPONENTS[component].output_names, out)}
+    names = get_family(family).components[component].output_names
+    return {name: t.detach().float().numpy() for name, t in zip(names, out)}

@@ -24,6 +24,8 @@ MASK_VALUE = -10000.0
 class EclipsePrior(ModelMixin, ConfigMixin):
     """Time-free PriorTransformer (state-dict keys = diffusers' minus the time embedding)."""
 
+    CONTROL = False  # LambdaEclipsePrior: one more token, the control embedding
+
     @register_to_config
     def __init__(
         self,
@@ -47,8 +49,9 @@ class EclipsePrior(ModelMixin, ConfigMixin):
             raise ValueError("EclipsePrior: norm_in_type/embedding_proj_norm_type are not used by ECLIPSE")
         if encoder_hid_proj_type != "linear" or added_emb_type != "prd":
             raise ValueError("EclipsePrior expects encoder_hid_proj_type='linear' and added_emb_type='prd'")
-        if additional_embeddings != 3:
-            raise ValueError("EclipsePrior expects additional_embeddings=3 (proj_embedding, hidden_states, prd)")
+        if additional_embeddings != 3 + self.CONTROL:
+            raise ValueError(f"{type(self).__name__} expects additional_embeddings={3 + self.CONTROL} "
+                             f"({'control, ' if self.CONTROL else ''}proj_embedding, hidden_states, prd)")
         inner_dim = num_attention_heads * attention_head_dim
         embedding_proj_dim = embedding_proj_dim or embedding_dim
         clip_embed_dim = clip_embed_dim or embedding_dim
@@ -56,6 +59,8 @@ class EclipsePrior(ModelMixin, ConfigMixin):
 
         self.proj_in = nn.Linear(embedding_dim, inner_dim)
         self.embedding_proj = nn.Linear(embedding_proj_dim, inner_dim)
+        if self.CONTROL:  # λ-ECLIPSE: the edge map's (or the zero image's) CLIP embedding
+            self.embedding_control = nn.Linear(embedding_proj_dim, inner_dim)
         self.encoder_hidden_states_proj = nn.Linear(embedding_dim, inner_dim)
         self.positional_embedding = nn.Parameter(torch.zeros(1, seq_len, inner_dim))
         self.prd_embedding = nn.Parameter(torch.zeros(1, 1, inner_dim))
@@ -90,18 +95,19 @@ class EclipsePrior(ModelMixin, ConfigMixin):
         """hidden_states: noise (B,D); proj_embedding: text_embeds (B,D);
         encoder_hidden_states: last_hidden_state (B,77,D); attention_mask: (B,77) bool/int.
         Returns the predicted CLIP image embedding (B, clip_embed_dim)."""
-        batch = hidden_states.shape[0]
-        tokens = torch.cat(
-            [
-                self.encoder_hidden_states_proj(encoder_hidden_states),
-                self.embedding_proj(proj_embedding)[:, None, :],
-                self.proj_in(hidden_states)[:, None, :],
-                self.prd_embedding.to(hidden_states.dtype).expand(batch, -1, -1),
-            ],
-            dim=1,
-        )
+        return self._predict([
+            self.encoder_hidden_states_proj(encoder_hidden_states),
+            self.embedding_proj(proj_embedding)[:, None, :],
+            self.proj_in(hidden_states)[:, None, :],
+        ], attention_mask)
+
+    def _predict(self, parts: list[torch.Tensor], attention_mask: torch.Tensor) -> torch.Tensor:
+        """parts: the projected tokens before prd, in order; returns the last token's projection."""
+        batch = parts[0].shape[0]
+        tokens = torch.cat([*parts, self.prd_embedding.to(parts[0].dtype).expand(batch, -1, -1)], dim=1)
         tokens = tokens + self.positional_embedding.to(tokens.dtype)
 
+        # the text mask, padded with the additional tokens as kept (0 in the additive mask)
         mask = (1 - attention_mask.to(tokens.dtype)) * MASK_VALUE
         mask = nn.functional.pad(mask, (0, self.config.additional_embeddings), value=0.0)
         mask = (mask[:, None, :] + self.causal_attention_mask).to(tokens.dtype)
@@ -112,6 +118,25 @@ class EclipsePrior(ModelMixin, ConfigMixin):
             tokens = block(tokens, attention_mask=mask)
         tokens = self.norm_out(tokens)
         return self.proj_to_clip_embeddings(tokens[:, -1])
+
+
+class LambdaEclipsePrior(EclipsePrior):
+    """The λ-ECLIPSE prior (arXiv 2402.05195): ECLIPSE plus a control token. 81 tokens: 77
+    projected text states (subject image embeddings already interleaved by the caller), the
+    projected control embedding (`embedding_control`, as the published checkpoint names it),
+    the projected text_embeds, the projected noise, prd. Same mask rule: the tokenizer mask
+    padded with the 4 extra tokens kept, plus causal."""
+
+    CONTROL = True
+
+    def forward(self, hidden_states, proj_embedding, encoder_hidden_states, attention_mask,
+                control_embedding):  # noqa: D401 - same arguments as EclipsePrior + control
+        return self._predict([
+            self.encoder_hidden_states_proj(encoder_hidden_states),
+            self.embedding_control(control_embedding)[:, None, :],
+            self.embedding_proj(proj_embedding)[:, None, :],
+            self.proj_in(hidden_states)[:, None, :],
+        ], attention_mask)
 
 
 def expected_state_dict_shapes(config: dict) -> dict[str, tuple[int, ...]]:
@@ -129,6 +154,8 @@ def expected_state_dict_shapes(config: dict) -> dict[str, tuple[int, ...]]:
         "proj_in.bias": (inner,),
         "embedding_proj.weight": (inner, config.get("embedding_proj_dim") or emb),
         "embedding_proj.bias": (inner,),
+        **({"embedding_control.weight": (inner, config.get("embedding_proj_dim") or emb),
+            "embedding_control.bias": (inner,)} if config["additional_embeddings"] == 4 else {}),
         "encoder_hidden_states_proj.weight": (inner, emb),
         "encoder_hidden_states_proj.bias": (inner,),
         "positional_embedding": (1, seq, inner),

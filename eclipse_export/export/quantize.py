@@ -300,9 +300,10 @@ def check_rules(model_path: Path, rules: str) -> list[str]:
     raise ValueError(f"unknown quantization rules {rules!r} (choose from {', '.join(RULES)})")
 
 
-def quantize_components(components: Sequence[str]) -> tuple[str, ...]:
-    from eclipse_export.families.kandinsky22.components import COMPONENTS
+def quantize_components(components: Sequence[str], family: str = "kandinsky22") -> tuple[str, ...]:
+    from eclipse_export.families import get_family
 
+    COMPONENTS = get_family(family).components
     unknown = [c for c in components if c not in COMPONENTS]
     if unknown:
         raise ValueError(f"unknown component(s) {', '.join(unknown)} (choose from {', '.join(COMPONENTS)})")

@@ -15,12 +15,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eclipse_export.export.prior import EclipsePrior
+from eclipse_export.export.prior import EclipsePrior, LambdaEclipsePrior
+from eclipse_export.families import family_of_preset
 from eclipse_export.families.kandinsky22 import FAMILY as KANDINSKY22
+from eclipse_export.families.kandinsky22 import components as k22_components
 from eclipse_export.families.kandinsky22 import presets
-from eclipse_export.families.kandinsky22.components import stack_dims
+from eclipse_export.families.lambda_eclipse import IMAGE_PROCESSOR_FILE
+from eclipse_export.families.lambda_eclipse import components as lambda_components
+from eclipse_export.families.lambda_eclipse import presets as lambda_presets
 
 COMPONENT_NAMES = tuple(KANDINSKY22.components)
+# family -> (its presets module, its stack_dims): the export side of families/<name>/
+FAMILY_PRESETS = {"kandinsky22": (presets, k22_components.stack_dims),
+                  "lambda": (lambda_presets, lambda_components.stack_dims)}
+RANDOM_PRESETS = tuple(p for m, _ in FAMILY_PRESETS.values() for p in m.RANDOM_PRESETS)
+REAL_PRESETS = tuple(p for m, _ in FAMILY_PRESETS.values() for p in m.REAL_PRESETS)
+
+
+def prior_class(config: dict) -> type:
+    """The λ prior has one token more (the control embedding) than plain ECLIPSE's."""
+    return LambdaEclipsePrior if config.get("additional_embeddings") == 4 else EclipsePrior
 
 
 class SourceError(RuntimeError):
@@ -87,7 +101,7 @@ def _build(component: str, config: dict) -> torch.nn.Module:
     if component == "image_encoder":
         return CLIPVisionModelWithProjection(CLIPVisionConfig(**config))
     if component == "prior":
-        return EclipsePrior(**config)
+        return prior_class(config)(**config)
     if component == "unet":
         return UNet2DConditionModel(**config)
     if component == "movq":
@@ -114,7 +128,21 @@ class StackSource:
     family = KANDINSKY22  # the sources here export ECLIPSE + Kandinsky 2.2 stacks
 
     def dims(self) -> dict[str, int]:
-        return stack_dims(self.configs)
+        return FAMILY_PRESETS[self.family.name][1](self.configs)
+
+    def image_processor_config(self) -> dict:
+        return dict(self.configs["image_processor"])
+
+    def write_extra_files(self, out_dir: Path) -> list[str]:
+        """Files the family's driver needs besides tokenizer, scheduler and negative embedding
+        (λ: the CLIPImageProcessor config that the runtime's subject preprocessing follows).
+        Returns the written paths relative to out_dir."""
+        if IMAGE_PROCESSOR_FILE not in self.family.required_files:
+            return []
+        path = out_dir / IMAGE_PROCESSOR_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.image_processor_config(), indent=2, sort_keys=True))
+        return [IMAGE_PROCESSOR_FILE]
 
     def load(self, component: str) -> torch.nn.Module:
         raise NotImplementedError
@@ -143,10 +171,11 @@ class RandomSource(StackSource):
     """A preset architecture with deterministic random weights (never real images)."""
 
     def __init__(self, preset: str, seed: int = 0):
-        if preset not in presets.RANDOM_PRESETS:
-            raise SourceError(f"unknown random preset {preset!r} (choose from {', '.join(presets.RANDOM_PRESETS)})")
+        if preset not in RANDOM_PRESETS:
+            raise SourceError(f"unknown random preset {preset!r} (choose from {', '.join(RANDOM_PRESETS)})")
         self.name, self.seed = preset, seed
-        self.configs = presets.preset_configs(preset)
+        self.family = family_of_preset(preset)
+        self.configs = FAMILY_PRESETS[self.family.name][0].preset_configs(preset)
 
     def load(self, component: str) -> torch.nn.Module:
         torch.manual_seed(self.seed)  # construction-time init is overwritten, but keep it quiet and fixed
@@ -172,12 +201,17 @@ class PretrainedSource(StackSource):
     with allow_pickle=True, because unpickling runs arbitrary code from the file.
     """
 
-    def __init__(self, locations: dict[str, str] | None = None, allow_pickle: bool = False):
-        self.name = "kandinsky22"
+    def __init__(self, locations: dict[str, str] | None = None, allow_pickle: bool = False,
+                 preset: str = "kandinsky22"):
+        if preset not in REAL_PRESETS:
+            raise SourceError(f"unknown preset {preset!r} (choose from {', '.join(REAL_PRESETS)})")
+        self.name = preset
+        self.family = family_of_preset(preset)
+        self.hub_sources = FAMILY_PRESETS[self.family.name][0].HUB_SOURCES
         self.allow_pickle = allow_pickle
-        self.locations = {k: v[0] for k, v in presets.HUB_SOURCES.items()}
+        self.locations = {k: v[0] for k, v in self.hub_sources.items()}
         self.locations.update({k: v for k, v in (locations or {}).items() if v})
-        unknown = set(self.locations) - set(presets.HUB_SOURCES)
+        unknown = set(self.locations) - set(self.hub_sources)
         if unknown:
             raise SourceError(f"unknown component location(s): {', '.join(sorted(unknown))}")
         self._resolved: dict[str, tuple[Path, str | None]] = {}
@@ -185,7 +219,10 @@ class PretrainedSource(StackSource):
         for component, location in self.locations.items():
             if location.startswith((".", "/", "~")) and not Path(location).expanduser().is_dir():
                 raise SourceError(f"{component}: {location} is not a directory")
-        self.configs = {c: self._read_config(c) for c in ("text_encoder", "prior", "unet", "movq", "scheduler")}
+        needed = ["text_encoder", "prior", "unet", "movq", "scheduler"]
+        if self.family.name == "lambda":  # its dims include the image size; its bundles ship the processor config
+            needed += ["image_encoder", "image_processor"]
+        self.configs = {c: self._read_config(c) for c in needed}
 
     # -- locating files --
     def _root(self, component: str) -> tuple[Path, str | None]:
@@ -213,7 +250,7 @@ class PretrainedSource(StackSource):
 
     def _dir(self, component: str) -> Path:
         root, _ = self._root(component)
-        sub = presets.HUB_SOURCES[component][1]
+        sub = self.hub_sources[component][1]
         path = root / sub if sub else root
         if not path.is_dir():
             raise SourceError(f"{component}: expected a directory {path}")
@@ -221,7 +258,8 @@ class PretrainedSource(StackSource):
 
     def _read_config(self, component: str) -> dict:
         folder = self._dir(component)
-        name = "scheduler_config.json" if component == "scheduler" else "config.json"
+        name = {"scheduler": "scheduler_config.json", "image_processor": "preprocessor_config.json"}.get(
+            component, "config.json")
         try:
             config = json.loads((folder / name).read_text())
         except (OSError, ValueError) as e:
@@ -263,7 +301,7 @@ class PretrainedSource(StackSource):
         elif component == "image_encoder":
             module = CLIPVisionModelWithProjection.from_pretrained(folder, use_safetensors=safetensors_only or None)
         else:
-            cls = {"prior": EclipsePrior, "unet": UNet2DConditionModel, "movq": VQModel}[component]
+            cls = {"prior": prior_class(self.configs["prior"]), "unet": UNet2DConditionModel, "movq": VQModel}[component]
             module = cls.from_pretrained(folder, use_safetensors=safetensors_only or None)
         return _finish(module.float())
 
@@ -281,7 +319,7 @@ class PretrainedSource(StackSource):
             root, revision = self._root(component)
             out["components"][component] = {
                 "location": location,
-                "subfolder": presets.HUB_SOURCES[component][1],
+                "subfolder": self.hub_sources[component][1],
                 "revision": revision,
                 "path": str(root),
             }
@@ -289,11 +327,11 @@ class PretrainedSource(StackSource):
 
 
 def make_source(preset: str, seed: int = 0, locations: dict[str, str] | None = None, allow_pickle: bool = False) -> StackSource:
-    if preset in presets.RANDOM_PRESETS:
+    if preset in RANDOM_PRESETS:
         return RandomSource(preset, seed)
-    if preset in presets.REAL_PRESETS:
-        return PretrainedSource(locations, allow_pickle=allow_pickle)
-    raise SourceError(f"unknown preset {preset!r} (choose from {', '.join(presets.ALL_PRESETS)})")
+    if preset in REAL_PRESETS:
+        return PretrainedSource(locations, allow_pickle=allow_pickle, preset=preset)
+    raise SourceError(f"unknown preset {preset!r} (choose from {', '.join(RANDOM_PRESETS + REAL_PRESETS)})")
 
 
 def source_from_manifest(described: dict) -> StackSource:
@@ -305,5 +343,6 @@ def source_from_manifest(described: dict) -> StackSource:
         for component, entry in described["components"].items():
             # Prefer the exact folder used at export; fall back to the hub id.
             locations[component] = entry["path"] if Path(entry["path"]).is_dir() else entry["location"]
-        return PretrainedSource(locations, allow_pickle=bool(described.get("allow_pickle")))
+        return PretrainedSource(locations, allow_pickle=bool(described.get("allow_pickle")),
+                                preset=described.get("preset", "kandinsky22"))
     raise SourceError(f"the bundle's manifest names an unknown source kind {described.get('kind')!r}")

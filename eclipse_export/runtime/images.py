@@ -37,6 +37,10 @@ def save_png(image: np.ndarray, path: str | Path, request: dict | None = None) -
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file 0600; an image gets the ordinary mode (0666 less the umask)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             # no timestamps: the same pixels and request give the same bytes
             Image.fromarray(np.ascontiguousarray(image)).save(f, format="PNG", pnginfo=info)

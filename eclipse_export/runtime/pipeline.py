@@ -119,8 +119,11 @@ class Pipeline:
     def generate(self, prompt: str | Sequence[str], negative_prompt: str | None = None, height: int = 512,
                  width: int = 512, steps: int = 50, guidance_scale: float = 4.0, seed: int = 0,
                  scheduler: str | None = None, noises: Noises | None = None, record: bool = False,
-                 progress: Callable[[int, int], None] | None = None) -> Generation:
-        req, warnings = Request.make(prompt, negative_prompt, height, width, steps, guidance_scale, seed, scheduler)
+                 progress: Callable[[int, int], None] | None = None, subjects: Sequence | None = None,
+                 control_image=None, canny_image=None) -> Generation:
+        """subjects / control_image / canny_image: λ-ECLIPSE bundles only (see Request.make)."""
+        req, warnings = Request.make(prompt, negative_prompt, height, width, steps, guidance_scale, seed, scheduler,
+                                     subjects=subjects, control_image=control_image, canny_image=canny_image)
         return self.run(req, noises=noises, record=record, progress=progress, warnings=warnings)
 
     def run(self, req: Request, noises: Noises | None = None, record: bool = False,

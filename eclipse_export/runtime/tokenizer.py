@@ -72,6 +72,10 @@ class ClipTokenizer:
             raise ValueError(f"tokenizer.json does not add distinct bos/eos tokens (the empty prompt gives {ids})")
         self.bos_id, self.eos_id = ids
 
+    def encode_words(self, text: str) -> list[int]:
+        """Token ids of `text` without bos/eos and without truncation (λ-ECLIPSE keywords)."""
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
     def __call__(self, prompts: Sequence[str]) -> TokenizedBatch:
         if isinstance(prompts, str):  # a bare string would be tokenised character by character
             raise TypeError("ClipTokenizer takes a sequence of prompts, not a single string")

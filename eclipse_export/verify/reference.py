@@ -86,7 +86,6 @@ class ReferencePipeline:
     @torch.no_grad()
     def run(self, req: Request, noises: Noises) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """Returns (stage outputs named like the runtime's intermediates, seconds per stage)."""
-        from diffusers import KandinskyV22Pipeline
         from transformers import CLIPTokenizer
 
         out: dict[str, np.ndarray] = {}
@@ -121,6 +120,26 @@ class ReferencePipeline:
         else:
             image_embeds = embeds
             negative = self._t(self._negative_image_embeds()).repeat(batch, 1)
+
+        self.decode(req, noises, image_embeds, negative, out, timings)
+
+        def np32(t):
+            return t.detach().float().cpu().numpy()
+
+        out.update({
+            "text_encoder.text_embeds": np32(text_embeds),
+            "text_encoder.text_hidden_states": np32(hidden),
+            "prior.image_embeds": np32(image_embeds),
+            "prior.negative_image_embeds": np32(negative),
+        })
+        timings["total"] = sum(v for k, v in timings.items() if k != "unet_per_step")
+        return out, timings
+
+    def decode(self, req: Request, noises: Noises, image_embeds: torch.Tensor, negative: torch.Tensor,
+               out: dict, timings: dict) -> None:
+        """diffusers' KandinskyV22Pipeline loop on the runtime's noises, then the MoVQ decode;
+        adds unet.noise_pred_step0, unet.latents, movq.image to `out`."""
+        from diffusers import KandinskyV22Pipeline
 
         unet, movq = self._load("unet"), self._load("movq")
         scheduler = self._scheduler(req.scheduler)
@@ -159,17 +178,8 @@ class ReferencePipeline:
         del movq
         gc.collect()
 
-        def np32(t):
-            return t.detach().float().cpu().numpy()
-
         out.update({
-            "text_encoder.text_embeds": np32(text_embeds),
-            "text_encoder.text_hidden_states": np32(hidden),
-            "prior.image_embeds": np32(image_embeds),
-            "prior.negative_image_embeds": np32(negative),
             "unet.noise_pred_step0": first_eps[0],
-            "unet.latents": np32(latents),
-            "movq.image": np32(image),
+            "unet.latents": latents.detach().float().cpu().numpy(),
+            "movq.image": image.detach().float().cpu().numpy(),
         })
-        timings["total"] = sum(v for k, v in timings.items() if k != "unet_per_step")
-        return out, timings

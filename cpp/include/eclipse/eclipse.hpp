@@ -43,11 +43,14 @@ using Handle = std::unique_ptr<T, Deleter<T, Free>>;
 
 class Backend {
 public:
-    static Backend onnxruntime(const std::string &providers = "cpu", int threads = 0, int device_id = 0) {
+    // library_path: the libonnxruntime to open ("": the one named at build time, else the system's)
+    static Backend onnxruntime(const std::string &providers = "cpu", int threads = 0, int device_id = 0,
+                               const std::string &library_path = "") {
         eclipse_onnxruntime_options o = eclipse_onnxruntime_default_options();
         o.providers = providers.c_str();
         o.intra_op_threads = threads;
         o.device_id = device_id;
+        o.library_path = library_path.empty() ? nullptr : library_path.c_str();
         eclipse_backend *b = nullptr;
         check(eclipse_backend_onnxruntime_create(&o, &b));
         return Backend(b);

@@ -3,8 +3,11 @@
 #include <atomic>
 #include <cmath>
 #include <cstdio>
+#include <cstddef>
 #include <cstring>
+#include <initializer_list>
 #include <mutex>
+#include <string>
 #include <new>
 
 #include "core/backend.hpp"
@@ -59,16 +62,43 @@ eclipse_status guarded(F &&body) {
     }
 }
 
-// The caller's options over the defaults: a caller built against an older header passes a
-// smaller struct (its struct_size), the rest keeps the defaults.
+// The sizes of every released layout of a struct (its struct_size as a caller built against that
+// eclipse.h sets it). Any other value is refused: a size between two field boundaries would copy
+// half a pointer (seen: struct_size 12 crashed in strlen / the backend constructor).
+std::string released_list(std::initializer_list<size_t> sizes) {
+    std::string out;
+    for (size_t n : sizes) out += (out.empty() ? "" : ", ") + std::to_string(n);
+    return out;
+}
+
+void check_struct_size(uint32_t given, std::initializer_list<size_t> released, const char *type, const char *init) {
+    for (size_t n : released)
+        if (given == n) return;
+    throw Error(ECLIPSE_ERR_INVALID_ARGUMENT, std::string(type) + ".struct_size " + std::to_string(given) +
+                                                  " is not the size of any released " + type + " (" +
+                                                  released_list(released) + " bytes); set it with " + init);
+}
+
+// The caller's options over the defaults: a caller built against an older header passes its
+// (smaller, released) struct, the fields it lacks keep the defaults.
 template <class T>
-T options_or_defaults(const T *given, T defaults, const char *type) {
+T options_or_defaults(const T *given, T defaults, std::initializer_list<size_t> released, const char *type,
+                      const char *init) {
     if (given) {
-        if (given->struct_size < sizeof(uint32_t) || given->struct_size > sizeof(T))
-            throw Error(ECLIPSE_ERR_INVALID_ARGUMENT, std::string(type) + ".struct_size is not sizeof(" + type + ")");
+        check_struct_size(given->struct_size, released, type, init);
         std::memcpy(&defaults, given, given->struct_size);
     }
     return defaults;
+}
+
+// An enum read from the caller's memory is checked as the integer it is before it is used as the
+// enum (an out-of-range enum value is undefined behaviour in C++; UBSan aborts on it)
+template <class E>
+int32_t raw_enum(const E &value) {
+    static_assert(sizeof(E) == sizeof(int32_t), "C enums are int-sized");
+    int32_t raw;
+    std::memcpy(&raw, &value, sizeof raw);
+    return raw;
 }
 
 template <class T>
@@ -138,7 +168,9 @@ eclipse_status eclipse_backend_tensorrt_create(const eclipse_tensorrt_options *o
     return guarded([&] {
         require(out, "out");
         *out = nullptr;
-        const auto o = options_or_defaults(options, eclipse_tensorrt_default_options(), "eclipse_tensorrt_options");
+        // released layouts: the first (library_path .. nvrtc_library_path included)
+        const auto o = options_or_defaults(options, eclipse_tensorrt_default_options(), {sizeof(eclipse_tensorrt_options)},
+                                           "eclipse_tensorrt_options", "eclipse_tensorrt_default_options()");
         *out = new eclipse_backend{make_tensorrt_backend(o)};
     });
 }
@@ -156,7 +188,16 @@ eclipse_status eclipse_backend_onnxruntime_create(const eclipse_onnxruntime_opti
     return guarded([&] {
         require(out, "out");
         *out = nullptr;
-        const auto o = options_or_defaults(options, eclipse_onnxruntime_default_options(), "eclipse_onnxruntime_options");
+        // released layouts: without library_path (the first C API), and today's
+        const auto o = options_or_defaults(options, eclipse_onnxruntime_default_options(),
+                                           {offsetof(eclipse_onnxruntime_options, library_path),
+                                            sizeof(eclipse_onnxruntime_options)},
+                                           "eclipse_onnxruntime_options", "eclipse_onnxruntime_default_options()");
+        if (o.providers && !*o.providers)
+            throw Error(ECLIPSE_ERR_INVALID_ARGUMENT, "eclipse_onnxruntime_options.providers is empty (NULL: \"cpu\")");
+        if (o.intra_op_threads < 0)
+            throw Error(ECLIPSE_ERR_INVALID_ARGUMENT, "eclipse_onnxruntime_options.intra_op_threads " +
+                                                          std::to_string(o.intra_op_threads) + " is negative (0: ONNX Runtime's default)");
         auto impl = make_onnxruntime_backend(o);
         *out = new eclipse_backend{std::move(impl)};
     });
@@ -268,16 +309,22 @@ eclipse_status eclipse_generate(eclipse_state *state, const char *prompt, const 
         require(state, "state");
         eclipse_params p = eclipse_default_params();
         if (params) {
-            // a caller built against an older header passes a smaller struct: the rest keeps defaults
-            if (params->struct_size < offsetof(eclipse_params, negative_prompt) || params->struct_size > sizeof(p))
-                throw Error(ECLIPSE_ERR_INVALID_ARGUMENT, "eclipse_params.struct_size is not sizeof(eclipse_params) "
-                                                          "(use eclipse_default_params())");
+            // one released layout so far; a caller built against an older header will pass a
+            // smaller one, and the fields it lacks keep their defaults
+            check_struct_size(params->struct_size, {sizeof(eclipse_params)}, "eclipse_params", "eclipse_default_params()");
+            if (params->api_version == 0)
+                throw Error(ECLIPSE_ERR_INVALID_ARGUMENT, "eclipse_params.api_version is 0: set it to ECLIPSE_API_VERSION "
+                                                          "(eclipse_default_params() does)");
             if (params->api_version > ECLIPSE_API_VERSION)
                 throw Error(ECLIPSE_ERR_INVALID_ARGUMENT, "eclipse_params come from a newer eclipse.h (API " +
                                                               std::to_string(params->api_version) + ") than this library (" +
                                                               std::to_string(ECLIPSE_API_VERSION) + ")");
             std::memcpy(&p, params, params->struct_size);
         }
+        const int32_t scheduler = raw_enum(p.scheduler);
+        if (scheduler < ECLIPSE_SCHEDULER_BUNDLE || scheduler > ECLIPSE_SCHEDULER_DDIM)
+            throw Error(ECLIPSE_ERR_INVALID_ARGUMENT, "eclipse_params.scheduler " + std::to_string(scheduler) +
+                                                          " is not an eclipse_scheduler (0 bundle, 1 ddpm, 2 ddim)");
         auto result = std::make_unique<eclipse_result>();
         result->impl = generate(state->impl, prompt, p);
         *out = result.release();

@@ -1,5 +1,6 @@
 // The custom backend: the caller's function table runs the graphs (how CI runs the C++ chain:
 // a Python test serves the graphs from ONNX Runtime's Python package through ctypes).
+#include <algorithm>
 #include <cstring>
 
 #include "core/backend.hpp"
@@ -72,8 +73,15 @@ private:
 
 std::shared_ptr<Backend> make_custom_backend(const eclipse_custom_backend &given) {
     eclipse_custom_backend table{};
-    if (given.struct_size < offsetof(eclipse_custom_backend, free_user_data) || given.struct_size > sizeof(table))
-        throw Error(ECLIPSE_ERR_INVALID_ARGUMENT, "eclipse_custom_backend.struct_size is not sizeof(eclipse_custom_backend)");
+    // the layouts a caller may have been built with: up to free_session, up to free_user_data
+    // (the optional trailing functions left out), and the whole struct; nothing between two fields
+    const size_t released[] = {offsetof(eclipse_custom_backend, free_user_data),
+                               offsetof(eclipse_custom_backend, denoise), sizeof(table)};
+    if (std::find(std::begin(released), std::end(released), given.struct_size) == std::end(released))
+        throw Error(ECLIPSE_ERR_INVALID_ARGUMENT, "eclipse_custom_backend.struct_size " + std::to_string(given.struct_size) +
+                                                      " is not the size of a released eclipse_custom_backend (" +
+                                                      std::to_string(released[0]) + ", " + std::to_string(released[1]) +
+                                                      " or " + std::to_string(released[2]) + " bytes)");
     std::memcpy(&table, &given, given.struct_size);  // fields the caller's header lacks stay NULL
     if (!table.load || !table.run)
         throw Error(ECLIPSE_ERR_INVALID_ARGUMENT, "a custom backend needs load and run functions");

@@ -8,6 +8,12 @@ const std::vector<Family> &families() {
          {"text_encoder", "prior", "unet", "movq"},
          {"T", "D", "E", "C", "S"},
          {"scheduler_config.json", "negative_image_embeds.npy", "tokenizer/tokenizer.json"}},
+        // λ-ECLIPSE: read and checked here; pipeline.cpp has no chain for it yet (refused there)
+        {"lambda",
+         {"text_encoder", "image_encoder", "prior", "unet", "movq"},
+         {"T", "D", "E", "C", "S", "R"},
+         {"scheduler_config.json", "negative_image_embeds.npy", "tokenizer/tokenizer.json",
+          "image_processor/preprocessor_config.json"}},
     };
     return known;
 }

@@ -266,9 +266,20 @@ Result generate(State &state, const char *prompt, const eclipse_params &p) {
     if (negative) texts.emplace_back(p.negative_prompt);
     const int64_t T = data.tokenizer->max_length();
     std::vector<int32_t> ids, mask;
-    for (const auto &text : texts) {
-        Tokens tok = data.tokenizer->encode(text);
-        if (tok.truncated) warn("prompt truncated to " + std::to_string(T) + " tokens: '" + text.substr(0, 60) + "'...");
+    for (size_t i = 0; i < texts.size(); ++i) {
+        const std::string &text = texts[i];
+        const char *which = i == 0 ? "the prompt" : "the negative prompt";
+        Tokens tok;
+        try {
+            tok = data.tokenizer->encode(text);
+        } catch (const Error &e) {  // the tokenizer speaks of "the prompt": say which one
+            std::string message = e.what();
+            if (i > 0 && message.rfind("the prompt", 0) == 0) message = which + message.substr(10);
+            throw Error(e.status, message);
+        }
+        if (tok.truncated)
+            warn(std::string(i == 0 ? "prompt" : "negative prompt") + " truncated to " + std::to_string(T) + " tokens: '" +
+                 text.substr(0, 60) + "'...");
         ids.insert(ids.end(), tok.ids.begin(), tok.ids.end());
         mask.insert(mask.end(), tok.mask.begin(), tok.mask.end());
     }

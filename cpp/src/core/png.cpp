@@ -1,5 +1,6 @@
 // PNG output with libpng, written atomically (a temporary file in the same directory, renamed
 // into place), with no timestamps or other metadata: the same pixels give the same bytes.
+#include <sys/stat.h>
 #include <png.h>
 #include <unistd.h>
 
@@ -27,6 +28,11 @@ void save_png(const std::string &path, const uint8_t *pixels, int32_t width, int
     const int fd = mkstemp(name.data());
     if (fd < 0) throw Error(ECLIPSE_ERR_IO, "cannot write " + path + ": " + std::strerror(errno));
     tmp = name.data();
+    // mkstemp creates the file 0600: give the image the ordinary mode (0666 less the umask), as
+    // any file the caller writes would have
+    const mode_t mask = umask(0);
+    umask(mask);
+    fchmod(fd, 0666 & ~mask);
     FILE *f = fdopen(fd, "wb");
     png_structp png = png_create_write_struct(PNG_LIBPNG_VER_STRING, nullptr, nullptr, nullptr);
     png_infop info = png ? png_create_info_struct(png) : nullptr;

@@ -88,46 +88,12 @@ class Kandinsky22Chain:
         values.update({f"{stage.component}.{k}": v for k, v in out.items()})
         pipe.stage_done(stage.component)
 
-    def run(self, pipe: Pipeline, req: Request, noises: Noises | None = None, record: bool = False,
-            progress: Callable[[int, int], None] | None = None, warnings: list[str] | None = None) -> Generation:
-        warnings = list(warnings or [])
-        sched = self.make_scheduler(req.scheduler)
-        try:
-            sched.set_timesteps(req.steps)
-        except ValueError as e:
-            raise GenerationError(str(e)) from None
-        latent_shape = self.latent_shape(req)
-        if noises is None:
-            noises = self.noises_for(req)
-        else:
-            noises.check(self.prior_batch(req), self.dims["D"], latent_shape, req.steps, sched.needs_noise)
-        timings: dict[str, float] = {}
-        inter: dict[str, np.ndarray] = {}
-        t_start = time.perf_counter()
-        text_encoder, prior, unet_stage, movq = (self.stages[n] for n in self.family.components)
-
-        # 1. tokens: prompts, then the negative prompt once per image (it shares the batch)
-        texts = list(req.prompts) + ([req.negative_prompt] * req.batch if req.negative_prompt is not None else [])
-        tokens = self.tokenizer(texts)
-        for text, cut in zip(texts, tokens.truncated):
-            if cut:
-                warnings.append(f"prompt truncated to {self.tokenizer.max_length} tokens: {text[:60]!r}...")
-        values = {"tokens.input_ids": tokens.input_ids, "tokens.attention_mask": tokens.attention_mask,
-                  "noise.prior": noises.prior}
-
-        # 2. text encoder, 3. prior: one forward pass, noise in the hidden_states slot
-        self._call(pipe, text_encoder, values, timings)
-        self._call(pipe, prior, values, timings)
-        embeds = values["prior.image_embeds"]
-        if req.negative_prompt is not None:
-            image_embeds, negative_embeds = embeds[: req.batch], embeds[req.batch:]
-        else:
-            image_embeds = embeds
-            negative_embeds = np.repeat(self.negative_image_embeds, req.batch, axis=0)
-
-        # 4. the UNet loop
+    def denoise_and_decode(self, pipe: Pipeline, req: Request, sched, noises: Noises, values: dict, timings: dict,
+                           inter: dict, record: bool, progress, warnings: list[str]) -> np.ndarray:
+        """The UNet loop on values["loop.image_embeds"] ([negative; positive] under CFG), then
+        MoVQ: the (B,H,W,3) float image. Sets values["loop.latents"]."""
+        unet_stage, movq = self.stages["unet"], self.stages["movq"]
         use_cfg = guidance.cfg_enabled(req.guidance_scale)
-        values["loop.image_embeds"] = np.concatenate([negative_embeds, image_embeds]) if use_cfg else image_embeds
         latents = (noises.latents * np.float32(sched.init_noise_sigma)).astype(np.float32)
         unet = pipe.sessions[unet_stage.component]
         (eps_name,) = self.family.components[unet_stage.component].output_names
@@ -162,6 +128,52 @@ class Kandinsky22Chain:
         if image.shape != (req.batch, req.height, req.width, 3):  # dims.S disagrees with the MoVQ graph
             raise BundleError(f"{self.bundle.root}: the movq graph returned images of shape {image.shape} for "
                               f"{req.height}x{req.width}; the manifest's dims do not match its graphs")
+        return image
+
+    def run(self, pipe: Pipeline, req: Request, noises: Noises | None = None, record: bool = False,
+            progress: Callable[[int, int], None] | None = None, warnings: list[str] | None = None) -> Generation:
+        if req.subjects or req.control is not None:
+            raise GenerationError(f"this bundle is plain ECLIPSE ({self.family.title}): it takes no subject or control "
+                                  "images; export a λ-ECLIPSE bundle (eclipse-export --preset lambda) for those")
+        warnings = list(warnings or [])
+        sched = self.make_scheduler(req.scheduler)
+        try:
+            sched.set_timesteps(req.steps)
+        except ValueError as e:
+            raise GenerationError(str(e)) from None
+        latent_shape = self.latent_shape(req)
+        if noises is None:
+            noises = self.noises_for(req)
+        else:
+            noises.check(self.prior_batch(req), self.dims["D"], latent_shape, req.steps, sched.needs_noise)
+        timings: dict[str, float] = {}
+        inter: dict[str, np.ndarray] = {}
+        t_start = time.perf_counter()
+        text_encoder, prior = self.stages["text_encoder"], self.stages["prior"]
+
+        # 1. tokens: prompts, then the negative prompt once per image (it shares the batch)
+        texts = list(req.prompts) + ([req.negative_prompt] * req.batch if req.negative_prompt is not None else [])
+        tokens = self.tokenizer(texts)
+        for text, cut in zip(texts, tokens.truncated):
+            if cut:
+                warnings.append(f"prompt truncated to {self.tokenizer.max_length} tokens: {text[:60]!r}...")
+        values = {"tokens.input_ids": tokens.input_ids, "tokens.attention_mask": tokens.attention_mask,
+                  "noise.prior": noises.prior}
+
+        # 2. text encoder, 3. prior: one forward pass, noise in the hidden_states slot
+        self._call(pipe, text_encoder, values, timings)
+        self._call(pipe, prior, values, timings)
+        embeds = values["prior.image_embeds"]
+        if req.negative_prompt is not None:
+            image_embeds, negative_embeds = embeds[: req.batch], embeds[req.batch:]
+        else:
+            image_embeds = embeds
+            negative_embeds = np.repeat(self.negative_image_embeds, req.batch, axis=0)
+
+        # 4. the UNet loop, 5. MoVQ
+        values["loop.image_embeds"] = (np.concatenate([negative_embeds, image_embeds])
+                                       if guidance.cfg_enabled(req.guidance_scale) else image_embeds)
+        image = self.denoise_and_decode(pipe, req, sched, noises, values, timings, inter, record, progress, warnings)
         timings["total"] = time.perf_counter() - t_start
 
         if record:
@@ -170,7 +182,7 @@ class Kandinsky22Chain:
                 "text_encoder.text_hidden_states": values["text_encoder.text_hidden_states"],
                 "prior.image_embeds": image_embeds,
                 "prior.negative_image_embeds": negative_embeds,
-                "unet.latents": latents,
+                "unet.latents": values["loop.latents"],
                 "movq.image": image,
             })
         return Generation(to_uint8(image), req, noises, timings, warnings, inter)

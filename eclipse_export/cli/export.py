@@ -12,7 +12,9 @@ from eclipse_export.util.errors import UserError
 
 
 def export_parser() -> argparse.ArgumentParser:
-    from eclipse_export.families.kandinsky22.presets import ALL_PRESETS
+    from eclipse_export.families import all_presets
+
+    ALL_PRESETS = all_presets()
 
     p = ArgumentParser(prog="eclipse-export", description=(
         "Export ECLIPSE prior + CLIP bigG text encoder + Kandinsky 2.2 decoder to an ONNX bundle."))
@@ -57,9 +59,11 @@ def export_parser() -> argparse.ArgumentParser:
     q.add_argument("--calibration-cache", type=Path, default=Path("engines/.calibration"),
                    help="captured calibration inputs, reused and resumed across exports (default engines/.calibration)")
     g = p.add_argument_group("real checkpoints (--preset kandinsky22): hub ids or local directories")
-    g.add_argument("--prior", help="ECLIPSE prior (default: ECLIPSE-Community/ECLIPSE_KandinskyV22_Prior)")
+    g.add_argument("--prior", help="ECLIPSE prior (default: ECLIPSE-Community/ECLIPSE_KandinskyV22_Prior; "
+                                   "--preset karlo: ECLIPSE-Community/ECLIPSE_Karlo_Prior)")
     g.add_argument("--text-encoder", help="CLIP bigG text encoder + tokenizer (default: laion/CLIP-ViT-bigG-14-laion2B-39B-b160k)")
-    g.add_argument("--decoder", help="Kandinsky 2.2 decoder with unet/, movq/, scheduler/ (default: kandinsky-community/kandinsky-2-2-decoder)")
+    g.add_argument("--decoder", help="Kandinsky 2.2 decoder with unet/, movq/, scheduler/ (default: kandinsky-community/kandinsky-2-2-decoder; "
+                                     "--preset karlo: the UnCLIPPipeline layout of kakaobrain/karlo-v1-alpha, text encoder and tokenizer included)")
     g.add_argument("--image-encoder-repo", help="repo with image_encoder/ for the negative embedding (default: kandinsky-community/kandinsky-2-2-prior)")
     g.add_argument("--allow-pickle", action="store_true", help="allow pickled .bin weights (runs code from the file: trusted sources only)")
     return p
@@ -76,9 +80,12 @@ def export_main(argv=None) -> int:
         ExportOptions,
         export_bundle,
     )
-    from eclipse_export.export.sources import make_source
-    from eclipse_export.families.kandinsky22.presets import ALL_PRESETS, REAL_PRESETS
+    from eclipse_export.export.source_factory import make_source
+    from eclipse_export.families import all_presets
+    from eclipse_export.families.kandinsky22.presets import REAL_PRESETS
+    from eclipse_export.families.karlo import presets as karlo_presets
 
+    ALL_PRESETS = all_presets()
     if args.preset not in ALL_PRESETS:
         raise UserError(f"unknown preset {args.preset!r} (choose from {', '.join(ALL_PRESETS)})")
     if args.target not in TARGETS:
@@ -108,8 +115,15 @@ def export_main(argv=None) -> int:
         "scheduler": args.decoder,
         "image_encoder": args.image_encoder_repo,
     }
-    if any(locations.values()) and args.preset not in REAL_PRESETS:
-        raise UserError("--prior/--text-encoder/--decoder/--image-encoder-repo apply to --preset kandinsky22 only")
+    if args.preset in karlo_presets.REAL_PRESETS:
+        if args.image_encoder_repo:
+            raise UserError("--image-encoder-repo applies to --preset kandinsky22 only (Karlo has no zero-image embedding)")
+        # one repository in diffusers' UnCLIPPipeline layout holds everything but the prior
+        karlo_repo = {c: args.decoder for c in karlo_presets.HUB_SOURCES if c != "prior"}
+        locations = {**karlo_repo, "prior": args.prior, "text_encoder": args.text_encoder or args.decoder,
+                     "tokenizer": args.text_encoder or args.decoder}
+    elif any(locations.values()) and args.preset not in REAL_PRESETS:
+        raise UserError("--prior/--text-encoder/--decoder/--image-encoder-repo apply to --preset kandinsky22 or karlo only")
     out = args.out or Path("engines") / f"{args.preset}-{args.target}"
     options = ExportOptions(target=args.target, exporter=args.exporter, opset=args.opset,
                             overwrite=args.overwrite, check_parity=not args.no_parity_check,

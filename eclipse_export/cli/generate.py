@@ -19,10 +19,12 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", type=Path, required=True, help="bundle directory made by eclipse-export")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--height", type=int, default=512)
-    p.add_argument("--width", type=int, default=512)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (<= 1: off)")
+    # defaults per family (Kandinsky 2.2: 512x512, 50 steps, 4.0; Karlo: its 256x256, 25 steps, 8.0)
+    p.add_argument("--height", type=int, default=None, help="default: the bundle family's")
+    p.add_argument("--width", type=int, default=None, help="default: the bundle family's")
+    p.add_argument("--steps", type=int, default=None, help="default: the bundle family's (Karlo: decoder steps)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (<= 1: off; default: the bundle family's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scheduler", choices=("ddpm", "ddim"), default=None, help="default: the bundle's")
     p.add_argument("--out", type=Path, default=Path("out.png"), help="PNG file to write (default: out.png)")
@@ -60,8 +62,33 @@ def _user_cache() -> Path:
 
 
 def _stage_line(timings: dict) -> str:
-    keys = ("text_encoder", "prior", "unet", "unet_per_step", "movq", "total")
+    keys = ("text_encoder", "prior", "unet", "unet_per_step", "movq", "text_proj", "decoder", "decoder_per_step",
+            "upsample", "super_res", "total")
     return "  ".join(f"{k} {timings[k] * 1000:.1f} ms" for k in keys if k in timings)
+
+
+# Kandinsky 2.2's; a family's driver may say otherwise (request_defaults)
+_DEFAULTS = {"height": 512, "width": 512, "steps": 50, "guidance_scale": 4.0}
+
+
+def _fill_defaults(args) -> None:
+    """Options left out take the bundle family's defaults (read from the manifest only)."""
+    if None not in (args.height, args.width, args.steps, args.guidance):
+        return
+    from eclipse_export.runtime.bundle import BundleError, open_bundle
+    from eclipse_export.runtime.chains import driver_for
+
+    defaults = dict(_DEFAULTS)
+    try:
+        bundle = open_bundle(args.bundle, verify_hashes=False)
+        family_defaults = getattr(driver_for(bundle.family.name), "request_defaults", None)
+        if family_defaults:
+            defaults.update(family_defaults(bundle))
+    except (BundleError, KeyError):
+        pass  # Pipeline.from_bundle reports what is wrong with the bundle
+    for attr, key in (("height", "height"), ("width", "width"), ("steps", "steps"), ("guidance", "guidance_scale")):
+        if getattr(args, attr) is None:
+            setattr(args, attr, defaults[key])
 
 
 def generate_main(argv=None) -> int:
@@ -77,6 +104,7 @@ def generate_main(argv=None) -> int:
     _check_writable(args.out, "output")
     if args.report:
         _check_writable(args.report, "report")
+    _fill_defaults(args)
     # Validate the request before loading anything.
     req, warnings = Request.make(args.prompt, args.negative_prompt, args.height, args.width, args.steps,
                                  args.guidance, args.seed, args.scheduler)

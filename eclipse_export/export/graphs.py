@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from eclipse_export.export import karlo_graphs
 from eclipse_export.families.kandinsky22.components import COMPONENTS
+from eclipse_export.families.karlo.components import COMPONENTS as KARLO_COMPONENTS
 
 
 class TextEncoderGraph(nn.Module):
@@ -69,24 +71,30 @@ GRAPHS: dict[str, type[nn.Module]] = {
     "prior": PriorGraph,
     "unet": UNetGraph,
     "movq": MoVQGraph,
+    **karlo_graphs.GRAPHS,  # text_encoder and prior: the wrappers above
 }
 
-assert set(GRAPHS) == set(COMPONENTS), "every component spec needs a graph wrapper"
+assert set(COMPONENTS) | set(KARLO_COMPONENTS) <= set(GRAPHS), "every component spec needs a graph wrapper"
+
+
+def _spec(component: str, spec=None):
+    return spec or COMPONENTS.get(component) or KARLO_COMPONENTS[component]
 
 
 def wrap(component: str, module: nn.Module) -> nn.Module:
     return GRAPHS[component](module).eval()
 
 
-def torch_inputs(component: str, arrays: dict) -> tuple[torch.Tensor, ...]:
+def torch_inputs(component: str, arrays: dict, spec=None) -> tuple[torch.Tensor, ...]:
     """Numpy inputs (by name) -> torch tensors in the spec's order."""
-    return tuple(torch.from_numpy(arrays[name]) for name in COMPONENTS[component].input_names)
+    return tuple(torch.from_numpy(arrays[name]) for name in _spec(component, spec).input_names)
 
 
-def run_torch(component: str, graph: nn.Module, arrays: dict) -> dict:
+def run_torch(component: str, graph: nn.Module, arrays: dict, spec=None) -> dict:
     """Run a wrapper on numpy inputs; outputs by name as float32 numpy arrays."""
     with torch.no_grad():
-        out = graph(*torch_inputs(component, arrays))
+        out = graph(*torch_inputs(component, arrays, spec))
     if isinstance(out, torch.Tensor):
         out = (out,)
-    return {name: t.detach().float().numpy() for name, t in zip(COMPONENTS[component].output_names, out)}
+    return {name: t.detach().numpy() if t.dtype == torch.int32 else t.detach().float().numpy()
+            for name, t in zip(_spec(component, spec).output_names, out)}

@@ -172,12 +172,17 @@ class PretrainedSource(StackSource):
     with allow_pickle=True, because unpickling runs arbitrary code from the file.
     """
 
+    # per family (export/karlo.py subclasses this): where each component lives, which configs to read
+    hub_sources = presets.HUB_SOURCES
+    config_components = ("text_encoder", "prior", "unet", "movq", "scheduler")
+    preset = "kandinsky22"
+
     def __init__(self, locations: dict[str, str] | None = None, allow_pickle: bool = False):
-        self.name = "kandinsky22"
+        self.name = self.preset
         self.allow_pickle = allow_pickle
-        self.locations = {k: v[0] for k, v in presets.HUB_SOURCES.items()}
+        self.locations = {k: v[0] for k, v in self.hub_sources.items()}
         self.locations.update({k: v for k, v in (locations or {}).items() if v})
-        unknown = set(self.locations) - set(presets.HUB_SOURCES)
+        unknown = set(self.locations) - set(self.hub_sources)
         if unknown:
             raise SourceError(f"unknown component location(s): {', '.join(sorted(unknown))}")
         self._resolved: dict[str, tuple[Path, str | None]] = {}
@@ -185,7 +190,7 @@ class PretrainedSource(StackSource):
         for component, location in self.locations.items():
             if location.startswith((".", "/", "~")) and not Path(location).expanduser().is_dir():
                 raise SourceError(f"{component}: {location} is not a directory")
-        self.configs = {c: self._read_config(c) for c in ("text_encoder", "prior", "unet", "movq", "scheduler")}
+        self.configs = {c: self._read_config(c) for c in self.config_components}
 
     # -- locating files --
     def _root(self, component: str) -> tuple[Path, str | None]:
@@ -213,7 +218,7 @@ class PretrainedSource(StackSource):
 
     def _dir(self, component: str) -> Path:
         root, _ = self._root(component)
-        sub = presets.HUB_SOURCES[component][1]
+        sub = self.hub_sources[component][1]
         path = root / sub if sub else root
         if not path.is_dir():
             raise SourceError(f"{component}: expected a directory {path}")
@@ -221,7 +226,7 @@ class PretrainedSource(StackSource):
 
     def _read_config(self, component: str) -> dict:
         folder = self._dir(component)
-        name = "scheduler_config.json" if component == "scheduler" else "config.json"
+        name = "scheduler_config.json" if component.endswith("scheduler") else "config.json"
         try:
             config = json.loads((folder / name).read_text())
         except (OSError, ValueError) as e:
@@ -281,7 +286,7 @@ class PretrainedSource(StackSource):
             root, revision = self._root(component)
             out["components"][component] = {
                 "location": location,
-                "subfolder": presets.HUB_SOURCES[component][1],
+                "subfolder": self.hub_sources[component][1],
                 "revision": revision,
                 "path": str(root),
             }

@@ -8,6 +8,10 @@ const std::vector<Family> &families() {
          {"text_encoder", "prior", "unet", "movq"},
          {"T", "D", "E", "C", "S"},
          {"scheduler_config.json", "negative_image_embeds.npy", "tokenizer/tokenizer.json"}},
+        {"karlo",
+         {"text_encoder", "prior", "text_proj", "decoder", "super_res_first", "super_res_last"},
+         {"T", "D", "E", "X", "L", "K", "M", "P", "Q"},
+         {"decoder_scheduler_config.json", "super_res_scheduler_config.json", "tokenizer/tokenizer.json"}},
     };
     return known;
 }

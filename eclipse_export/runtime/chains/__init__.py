@@ -6,9 +6,10 @@ runs a graph."""
 from __future__ import annotations
 
 from eclipse_export.runtime.chains.kandinsky22 import Kandinsky22Chain
+from eclipse_export.runtime.chains.karlo import KarloChain
 
 # family name (manifest "family") -> driver class
-DRIVERS = {"kandinsky22": Kandinsky22Chain}
+DRIVERS = {"kandinsky22": Kandinsky22Chain, "karlo": KarloChain}
 
 
 def driver_for(family_name: str):

@@ -36,7 +36,7 @@ from eclipse_export.verify.reference import ReferenceError
 STAGES = ("text_encoder.text_embeds", "text_encoder.text_hidden_states", "prior.image_embeds",
           "text_proj.encoder_hidden_states", "text_proj.class_labels", "decoder.noise_pred_step0",
           "upsample.image_upscaled", "super_res_first.noise_pred_step0", "super_res.image")
-CHAINED = ("upsample.image_upscaled", "super_res.image")
+CHAINED = ("upsample.image_upscaled", "super_res_first.noise_pred_step0", "super_res.image")
 
 
 class _InjectedPrior(torch.nn.Module):

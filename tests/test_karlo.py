@@ -358,3 +358,34 @@ def test_trt_rtx_engines_build_from_the_fp16_bundle(karlo_fp16_bundle, tmp_path)
     assert m["family"] == "karlo" and set(m["engines"]) == set(FAMILIES["karlo"].components)
     # the decoder's mask (with the 4 extra tokens) is a fixed dimension in the engine profile
     assert [shape[1] for shape in m["engines"]["decoder"]["profile"]["attention_mask"]] == [81, 81, 81]
+
+
+# --- the C library --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_cpp_library_generates_the_same_pixels(karlo_bundle, karlo_pipeline):
+    from eclipse_export.verify.cpp import EclipseError, OrtGraphs, Runtime, load_library
+
+    try:
+        lib = load_library()
+    except (OSError, FileNotFoundError) as e:
+        pytest.skip(f"build/cpp is not built ({e}); make test builds it")
+    rt = Runtime(lib, karlo_bundle, OrtGraphs().table)
+    try:
+        defaults = lib.eclipse_bundle_default_params(rt.bundle)
+        assert (defaults.height, defaults.width, defaults.steps, defaults.guidance_scale) == (64, 64, 25, 8.0)
+        for guidance, steps in ((8.0, 4), (1.0, 3)):
+            got = rt.generate("a red frog on a green leaf", height=64, width=64, steps=steps, guidance_scale=guidance,
+                              seed=5)
+            want = karlo_pipeline.generate("a red frog on a green leaf", height=64, width=64, steps=steps,
+                                           guidance_scale=guidance, seed=5).images[0]
+            np.testing.assert_array_equal(got["image"], want)
+        with pytest.raises(EclipseError, match="generates 64x64 images"):
+            rt.generate("x", height=256, width=256, steps=3)
+        with pytest.raises(EclipseError, match="no negative prompt"):
+            rt.generate("x", negative_prompt="blurry", height=64, width=64, steps=3)
+        with pytest.raises(EclipseError, match="steps must be between 2"):
+            rt.generate("x", height=64, width=64, steps=1)
+    finally:
+        rt.close()

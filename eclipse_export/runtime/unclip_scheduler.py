@@ -97,16 +97,20 @@ class UnCLIPScheduler:
         if t > 0:
             if noise is None:
                 raise ValueError("the unCLIP scheduler adds variance noise at every step but the last; none was given")
-            variance = b_prev / b_t * beta
+            # log and exp in float64, rounded once to float32 (diffusers: float32 throughout, within
+            # 1e-7 relative): libraries' float32 exp/log differ by an ulp (numpy's SIMD ones vs
+            # glibc's), their float64 ones by far less than a float32 ulp, so the C runtime
+            # (cpp/src/core/unclip_scheduler.cpp) gets the same pixels
+            variance = np.float64(b_prev / b_t * beta)
             if self.variance_type == "fixed_small_log":
-                std = np.exp(_F32(0.5) * np.log(np.maximum(variance, _F32(1e-20))))
+                std = _F32(np.exp(0.5 * np.log(max(variance, 1e-20))))
             else:
                 if predicted_variance is None:
                     raise ValueError("learned_range variance needs the model's variance channels "
                                      f"({2 * channels} output channels, got {model_output.shape[1]})")
-                min_log, max_log = np.log(variance), np.log(beta)
-                frac = (predicted_variance + _ONE) / _F32(2)
-                std = np.exp(_F32(0.5) * (frac * max_log + (_ONE - frac) * min_log))
+                min_log, max_log = np.log(variance), np.log(np.float64(beta))
+                frac = ((predicted_variance + _ONE) / _F32(2)).astype(np.float64)
+                std = np.exp(0.5 * (frac * max_log + (1.0 - frac) * min_log)).astype(_F32)
             prev_sample = prev_sample + std * noise
         return prev_sample.astype(_F32)
 

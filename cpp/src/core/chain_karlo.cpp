@@ -187,7 +187,6 @@ Result generate_karlo(State &state, const char *prompt, const eclipse_params &p)
     const std::vector<int32_t> decoder_mask = int32_output(proj, "text_proj", "decoder_attention_mask");
 
     // 4. the decoder loop: guidance on the noise channels, variance from the conditional half
-    const size_t plane = static_cast<size_t>(P * P);
     std::vector<float> sample(static_cast<size_t>(rows) * n), eps(n), variance(n);
     t0 = std::chrono::steady_clock::now();
     for (size_t i = 0; i < dec_steps; ++i) {
@@ -203,7 +202,7 @@ Result generate_karlo(State &state, const char *prompt, const eclipse_params &p)
         const std::vector<float> &pred = output(out, "decoder", "noise_pred");  // (rows, 2C, P, P)
         if (pred.size() != static_cast<size_t>(rows) * 2 * n) bad_io("decoder", "does not give (B, 6, P, P) predictions");
         const float *cond = pred.data() + (rows - 1) * 2 * n, *uncond = pred.data();
-        for (size_t k = 0; k < n; ++k) {  // B = 1: channel k / plane of the first 3, then the variance channels
+        for (size_t k = 0; k < n; ++k) {  // B = 1: the 3 noise channels, then the 3 variance channels
             eps[k] = cfg ? uncond[k] + scale * (cond[k] - uncond[k]) : cond[k];
             variance[k] = cond[n + k];
         }
@@ -214,7 +213,6 @@ Result generate_karlo(State &state, const char *prompt, const eclipse_params &p)
     result.timings["decoder"] = seconds_since(t0);
     result.timings["decoder_per_step"] = result.timings["decoder"] / static_cast<double>(dec_steps);
     for (float &v : latents) v = std::min(std::max(v, -1.0f), 1.0f);
-    (void)plane;
 
     // 5. upsample, 6. super-resolution
     t0 = std::chrono::steady_clock::now();

@@ -109,7 +109,7 @@ def _diffusers_steps(config, steps, channels, batch=2, size=8, seed=0):
         last = i + 1 == len(ours.timesteps)
         draws = iter([torch.from_numpy(noise)])
         before = x_ref.numpy().copy()
-        with mock.patch("diffusers.schedulers.scheduling_unclip.randn_tensor", lambda *a, **k: next(draws)):
+        with mock.patch("diffusers.schedulers.scheduling_unclip.randn_tensor", lambda *a, _d=draws, **k: next(_d)):
             x_ref = ref.step(torch.from_numpy(out), int(t), x_ref,
                              prev_timestep=None if last else int(ref.timesteps[i + 1])).prev_sample
         one_step = max(one_step, rel(ours.step(out, int(t), before, ours.prev_timestep(i), noise), x_ref.numpy()))

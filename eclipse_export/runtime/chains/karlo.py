@@ -63,7 +63,7 @@ class KarloNoises:
                 "sr_steps": (sr_steps, batch, CHANNELS, q, q)}
 
     @classmethod
-    def draw(cls, seed: int, batch: int, dims: dict, steps: int, sr_steps: int) -> "KarloNoises":
+    def draw(cls, seed: int, batch: int, dims: dict, steps: int, sr_steps: int) -> KarloNoises:
         streams = {"prior": STREAM_PRIOR, "latents": STREAM_LATENTS, "steps": STREAM_STEPS,
                    "sr_latents": STREAM_SR_LATENTS, "sr_steps": STREAM_SR_STEPS}
         shapes = cls.shapes(batch, dims, steps, sr_steps)

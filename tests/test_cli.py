@@ -105,7 +105,7 @@ def test_generate_writes_png_and_prints_latency(capsys, tiny_bundle, tmp_path):
     (["--preset", "huge"], "unknown preset"),
     (["--target", "trt-fp99"], "unknown target"),
     (["--exporter", "magic"], "unknown exporter"),
-    (["--preset", "tiny", "--prior", "/x"], "kandinsky22 only"),
+    (["--preset", "tiny", "--prior", "/x"], "kandinsky22 or karlo only"),
     (["--preset", "kandinsky22", "--prior", "/definitely/not/here"], "not a directory|cannot download"),
 ])
 def test_export_bad_input(capsys, tmp_path, argv, message):

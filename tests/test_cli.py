@@ -105,7 +105,7 @@ def test_generate_writes_png_and_prints_latency(capsys, tiny_bundle, tmp_path):
     (["--preset", "huge"], "invalid choice: .huge."),
     (["--target", "trt-fp99"], "invalid choice: .trt-fp99."),
     (["--exporter", "magic"], "unknown exporter"),
-    (["--preset", "tiny", "--prior", "/x"], "kandinsky22 or lambda only"),
+    (["--preset", "tiny", "--prior", "/x"], "kandinsky22 or lambda or karlo only"),
     (["--preset", "kandinsky22", "--prior", "/definitely/not/here"], "not a directory|cannot download"),
 ])
 def test_export_bad_input(capsys, tmp_path, argv, message):

@@ -421,7 +421,7 @@ REFUSALS = {
     "unlisted file": "required file \"scheduler_config.json\" is not one of the manifest's files",
     "graph outside": "components.prior.graph \"../outside/prior.onnx\" is not one of the manifest's files",
     "unknown family": "model family 'stable-cascade' is not known to this version of eclipse-export \\(it knows "
-                      "kandinsky22, lambda\\)",
+                      "kandinsky22, lambda, karlo\\)",
     "step graph outside": "step_graphs.cfg \"../outside/step.onnx\" is not one of the manifest's files",
 }
 

@@ -57,7 +57,7 @@ def test_an_unknown_family_is_refused(tiny_bundle_copy):
     m["family"] = "stable-cascade"
     (tiny_bundle_copy / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match="model family 'stable-cascade' is not known to this version of "
-                                          r"eclipse-export \(it knows kandinsky22, lambda\); upgrade eclipse-export"):
+                                          r"eclipse-export \(it knows kandinsky22, lambda, karlo\); upgrade eclipse-export"):
         open_bundle(tiny_bundle_copy)
     del m["family"]  # format 2 requires one
     (tiny_bundle_copy / "manifest.json").write_text(json.dumps(m))

@@ -28,7 +28,7 @@ from eclipse_export.runtime.bundle import open_bundle
 from eclipse_export.runtime.pipeline import Pipeline
 from eclipse_export.runtime.schedulers import StepCoefficients, apply_step
 from eclipse_export.export.step_graph import FILES, guided_step_model
-from eclipse_export.runtime.backends.ort_device_loop import PARAMS, step_params
+from eclipse_export.runtime.backends.ort_device_loop import step_params
 from tests.gpu_required import need
 
 
@@ -57,7 +57,7 @@ def test_no_clip_takes_its_bounds_from_a_runtime_tensor(cfg):
     """Issue 18 #7: ONNX Runtime's CUDA Clip reads min/max in host memory; bounds computed from
     the device-side params were copied device -> host on every step. Every Clip's bounds must be
     initializers (constants ONNX Runtime keeps on the host), else no Clip at all."""
-    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnx")
     model = guided_step_model(cfg)
     constants = {t.name for t in model.graph.initializer}
     runtime_bounds = [(n.name or n.output[0], [i for i in n.input[1:] if i and i not in constants])

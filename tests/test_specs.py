@@ -13,7 +13,7 @@ from eclipse_export.families.spec import MIN_IMAGE_PSNR_DB, PRECISIONS
 
 
 def test_every_component_has_a_graph_tolerances_and_sample_inputs():
-    assert set(GRAPHS) == set(COMPONENTS)
+    assert set(COMPONENTS) <= set(GRAPHS)  # other families' graphs too (tests/test_karlo.py)
     dims = dict(stack_dims(presets.PRESETS["tiny"]), B=2, h=8, w=16)
     for spec in COMPONENTS.values():
         for precision in PRECISIONS:

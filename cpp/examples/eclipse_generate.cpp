@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <optional>
 #include <string>
 
 #include "eclipse/eclipse.hpp"
@@ -35,8 +36,8 @@ long long to_int(const std::string &flag, const std::string &v) {
 
 int main(int argc, char **argv) {
     try {
-        std::map<std::string, std::string> opt{{"--height", "512"}, {"--width", "512"}, {"--steps", "50"},
-                                               {"--guidance", "4.0"}, {"--seed", "0"}, {"--out", "out.png"},
+        // --height/--width/--steps/--guidance default to the bundle family's (eclipse::default_params)
+        std::map<std::string, std::string> opt{{"--seed", "0"}, {"--out", "out.png"},
                                                {"--backend", "auto"}, {"--threads", "0"}, {"--device", "0"}};
         std::string providers;
         bool verify = true, has_negative = false, low_memory = false, cuda_graphs = true;
@@ -71,12 +72,16 @@ int main(int argc, char **argv) {
         if (out.size() < 4 || out.compare(out.size() - 4, 4, ".png") != 0) throw UsageError("--out must be a .png file, got " + out);
         eclipse::Params p;
         if (has_negative) p.negative_prompt = opt["--negative-prompt"];
-        p.height = static_cast<int32_t>(to_int("--height", opt["--height"]));
-        p.width = static_cast<int32_t>(to_int("--width", opt["--width"]));
-        p.steps = static_cast<int32_t>(to_int("--steps", opt["--steps"]));
+        std::optional<int32_t> height, width, steps;
+        std::optional<double> guidance;
+        if (opt.count("--height")) height = static_cast<int32_t>(to_int("--height", opt["--height"]));
+        if (opt.count("--width")) width = static_cast<int32_t>(to_int("--width", opt["--width"]));
+        if (opt.count("--steps")) steps = static_cast<int32_t>(to_int("--steps", opt["--steps"]));
         char *end = nullptr;
-        p.guidance_scale = std::strtod(opt["--guidance"].c_str(), &end);
-        if (*end || end == opt["--guidance"].c_str()) throw UsageError("--guidance wants a number, got '" + opt["--guidance"] + "'");
+        if (opt.count("--guidance")) {
+            guidance = std::strtod(opt["--guidance"].c_str(), &end);
+            if (*end || end == opt["--guidance"].c_str()) throw UsageError("--guidance wants a number, got '" + opt["--guidance"] + "'");
+        }
         const std::string seed = opt["--seed"];
         errno = 0;
         p.seed = std::strtoull(seed.c_str(), &end, 10);
@@ -105,6 +110,9 @@ int main(int argc, char **argv) {
         };
 
         const eclipse::Bundle bundle(opt["--bundle"], verify);
+        const eclipse::Params defaults = eclipse::default_params(bundle);
+        p.height = height.value_or(defaults.height), p.width = width.value_or(defaults.width);
+        p.steps = steps.value_or(defaults.steps), p.guidance_scale = guidance.value_or(defaults.guidance_scale);
         const eclipse::Backend backend =
             use_trt ? eclipse::Backend::tensorrt(low_memory, cuda_graphs, device)
                     : eclipse::Backend::onnxruntime(providers.empty() ? "cpu" : providers,

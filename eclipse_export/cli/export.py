@@ -88,11 +88,13 @@ def export_parser() -> argparse.ArgumentParser:
     t.add_argument("--serve-default-size", type=int, default=512, help="image side when a request gives none (default 512)")
     t.add_argument("--serve-default-steps", type=int, default=50, help="steps when a request gives none (default 50)")
     t.add_argument("--serve-threads", type=int, help="ONNX Runtime threads per instance (default: its own choice)")
-    g = p.add_argument_group("real checkpoints (--preset kandinsky22 or lambda): hub ids or local directories")
+    g = p.add_argument_group("real checkpoints (--preset kandinsky22, lambda or karlo): hub ids or local directories")
     g.add_argument("--prior", help="ECLIPSE prior (default: ECLIPSE-Community/ECLIPSE_KandinskyV22_Prior; "
-                                   "lambda: ECLIPSE-Community/Lambda-ECLIPSE-Prior-v1.0)")
+                                   "lambda: ECLIPSE-Community/Lambda-ECLIPSE-Prior-v1.0; "
+                                   "karlo: ECLIPSE-Community/ECLIPSE_Karlo_Prior)")
     g.add_argument("--text-encoder", help="CLIP bigG text encoder + tokenizer (default: laion/CLIP-ViT-bigG-14-laion2B-39B-b160k)")
-    g.add_argument("--decoder", help="Kandinsky 2.2 decoder with unet/, movq/, scheduler/ (default: kandinsky-community/kandinsky-2-2-decoder)")
+    g.add_argument("--decoder", help="Kandinsky 2.2 decoder with unet/, movq/, scheduler/ (default: kandinsky-community/kandinsky-2-2-decoder; "
+                                     "--preset karlo: the UnCLIPPipeline layout of kakaobrain/karlo-v1-alpha, text encoder and tokenizer included)")
     g.add_argument("--image-encoder-repo", help="repo with image_encoder/ (and, for lambda, image_processor/) (default: kandinsky-community/kandinsky-2-2-prior)")
     g.add_argument("--allow-pickle", action="store_true", help="allow pickled .bin weights (runs code from the file: trusted sources only)")
     return p
@@ -111,7 +113,7 @@ def export_main(argv=None) -> int:
         ExportOptions,
         export_bundle,
     )
-    from eclipse_export.families.kandinsky22.presets import REAL_PRESETS
+    from eclipse_export.families.karlo import presets as karlo_presets
 
     if args.exporter not in EXPORTERS:
         raise UserError(f"unknown exporter {args.exporter!r} (choose from {', '.join(EXPORTERS)})")
@@ -130,7 +132,8 @@ def export_main(argv=None) -> int:
         print(out)
         return 0
     try:  # the torch side: exporting from PyTorch checkpoints
-        from eclipse_export.export.sources import make_source
+        from eclipse_export.export.source_factory import make_source
+        from eclipse_export.export.sources import REAL_PRESETS
     except ImportError as e:
         raise UserError(f"exporting --preset {args.preset} needs PyTorch and the model libraries ({e.name} is "
                         "missing): pip install 'eclipse-export[export]' on a workstation; a device builds "
@@ -144,11 +147,20 @@ def export_main(argv=None) -> int:
         "scheduler": args.decoder,
         "image_encoder": args.image_encoder_repo,
     }
-    if args.preset == "lambda":
-        locations["image_processor"] = args.image_encoder_repo
-    if any(locations.values()) and args.preset not in REAL_PRESETS:
-        raise UserError("--prior/--text-encoder/--decoder/--image-encoder-repo apply to --preset "
-                        f"{' or '.join(REAL_PRESETS)} only")
+    if args.preset in karlo_presets.REAL_PRESETS:
+        if args.image_encoder_repo:
+            raise UserError("--image-encoder-repo applies to --preset kandinsky22 or lambda only (Karlo has no "
+                            "zero-image embedding)")
+        # one repository in diffusers' UnCLIPPipeline layout holds everything but the prior
+        karlo_repo = {c: args.decoder for c in karlo_presets.HUB_SOURCES if c != "prior"}
+        locations = {**karlo_repo, "prior": args.prior, "text_encoder": args.text_encoder or args.decoder,
+                     "tokenizer": args.text_encoder or args.decoder}
+    else:
+        if args.preset == "lambda":
+            locations["image_processor"] = args.image_encoder_repo
+        if any(locations.values()) and args.preset not in REAL_PRESETS:
+            raise UserError("--prior/--text-encoder/--decoder/--image-encoder-repo apply to --preset "
+                            f"{' or '.join((*REAL_PRESETS, *karlo_presets.REAL_PRESETS))} only")
     out = args.out or Path("engines") / f"{args.preset}-{args.target}"
     options = ExportOptions(target=args.target, exporter=args.exporter, opset=args.opset,
                             overwrite=args.overwrite, check_parity=not args.no_parity_check,

@@ -25,11 +25,16 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default=None,
                    help="what to steer away from; leave the flag out to use the bundle's zero-image embedding, "
                         "as the official ECLIPSE code does (\"\" runs the prior on the empty string)")
-    p.add_argument("--height", type=int, help=f"pixels, a multiple of 64 (default: {DEFAULTS['height']})")
-    p.add_argument("--width", type=int, help=f"pixels, a multiple of 64 (default: {DEFAULTS['width']})")
-    p.add_argument("--steps", type=int, help=f"sampling steps (default: {DEFAULTS['steps']})")
+    # defaults per family (Kandinsky 2.2 and λ: 512x512, 50 steps, 4.0; Karlo: its 256x256, 25 steps, 8.0)
+    p.add_argument("--height", type=int, help=f"pixels, a multiple of 64 (default: the bundle family's; "
+                                              f"Kandinsky 2.2 {DEFAULTS['height']})")
+    p.add_argument("--width", type=int, help=f"pixels, a multiple of 64 (default: the bundle family's; "
+                                             f"Kandinsky 2.2 {DEFAULTS['width']})")
+    p.add_argument("--steps", type=int, help=f"sampling steps (default: the bundle family's; Kandinsky 2.2 "
+                                             f"{DEFAULTS['steps']}; Karlo: decoder steps)")
     p.add_argument("--guidance", type=float,
-                   help=f"classifier-free guidance (CFG) scale; <= 1 turns it off (default: {DEFAULTS['guidance']})")
+                   help=f"classifier-free guidance (CFG) scale; <= 1 turns it off (default: the bundle family's; "
+                        f"Kandinsky 2.2 {DEFAULTS['guidance']})")
     p.add_argument("--seed", type=int, help="0..2^64-1; the same seed gives the same image (default: random, "
                                             "printed, and stored in the PNG)")
     p.add_argument("--scheduler", choices=("ddpm", "ddim"), default=None, help="(default: the bundle's)")
@@ -88,7 +93,8 @@ def _user_cache() -> Path:
 
 
 def _stage_line(timings: dict) -> str:
-    keys = ("text_encoder", "image_encoder", "prior", "unet", "unet_per_step", "movq", "total")
+    keys = ("text_encoder", "image_encoder", "prior", "unet", "unet_per_step", "movq", "text_proj", "decoder",
+            "decoder_per_step", "upsample", "super_res", "total")
     return "  ".join(f"{k} {timings[k] * 1000:.1f} ms" for k in keys if k in timings)
 
 
@@ -105,20 +111,36 @@ def _request_fields(args) -> dict:
         if stored is None:
             raise UserError(f"--from-png {args.from_png}: the file holds no eclipse-generate request "
                             "(written by another program, or its metadata was stripped)")
-    fields = {}
-    for key in ("prompt", "negative_prompt", "height", "width", "steps", "guidance", "seed", "scheduler"):
-        given = getattr(args, key)
-        fields[key] = given if given is not None else stored.get(key, DEFAULTS.get(key))
     bundle = args.bundle
     if bundle is None and isinstance(stored.get("bundle"), dict) and stored["bundle"].get("path"):
         bundle = Path(stored["bundle"]["path"])
     if bundle is None:
         raise UserError("--bundle is required (or --from-png FILE, whose request names its bundle)")
+    defaults = {**DEFAULTS, **_family_defaults(bundle)}
+    fields = {}
+    for key in ("prompt", "negative_prompt", "height", "width", "steps", "guidance", "seed", "scheduler"):
+        given = getattr(args, key)
+        fields[key] = given if given is not None else stored.get(key, defaults.get(key))
     if fields["prompt"] is None:
         raise UserError("--prompt is required (or --from-png FILE)")
     fields["bundle"] = bundle
     fields["stored_bundle"] = stored.get("bundle")
     return fields
+
+
+def _family_defaults(bundle: Path) -> dict:
+    """The bundle family's request defaults, read from its manifest only (a family's driver may
+    set them: Karlo 256x256, 25 steps, guidance 8)."""
+    from eclipse_export.runtime.bundle import BundleError, open_bundle
+    from eclipse_export.runtime.chains import driver_for
+
+    try:
+        b = open_bundle(bundle, verify_hashes=False)
+        family_defaults = getattr(driver_for(b.family.name), "request_defaults", None)
+        got = family_defaults(b) if family_defaults else {}
+    except (BundleError, KeyError):
+        return {}  # Pipeline.from_bundle reports what is wrong with the bundle
+    return {("guidance" if k == "guidance_scale" else k): v for k, v in got.items()}
 
 
 def generate_main(argv=None) -> int:

@@ -119,7 +119,9 @@ def _export_torch(component: str, graph, spec: ComponentSpec, example: dict, pat
     """Write the raw graph (weights possibly as many external files) to `path`."""
     import torch
 
-    args = tuple(torch.from_numpy(example[name]) for name in spec.input_names)
+    from eclipse_export.export.graphs import torch_inputs
+
+    args = torch_inputs(component, example, spec)
     if options.exporter == "torchscript":
         dynamic_axes = {t.name: t.dynamic_axes() for t in spec.inputs + spec.outputs if t.dynamic_axes()}
         with warnings.catch_warnings():
@@ -195,7 +197,7 @@ def export_component(source: StackSource, component: str, workdir: Path, options
 
     rng = np.random.default_rng(1234)
     checks = [spec.sample_inputs(d, rng) for d in _check_shapes(spec, dims)]
-    expected = [run_torch(component, graph, inputs, source.family.name) for inputs in checks] if options.check_parity else []
+    expected = [run_torch(component, graph, inputs, spec) for inputs in checks] if options.check_parity else []
 
     precision = TARGETS[options.target]
     if precision == "int8":
@@ -292,6 +294,10 @@ def export_bundle(source: StackSource, out: Path, options: ExportOptions = Expor
         raise ExportError(f"unknown target {options.target!r} (available: {', '.join(TARGETS)})")
     if options.exporter not in EXPORTERS:
         raise ExportError(f"unknown exporter {options.exporter!r} (choose from {', '.join(EXPORTERS)})")
+    if TARGETS[options.target] == "int8" and source.family.name != "kandinsky22":
+        # calibration (export/calibrate.py) drives the Kandinsky chain only so far
+        raise ExportError(f"{options.target}: INT8 calibration is not implemented for the {source.family.title} "
+                          "family yet (use onnx or onnx-fp16)")
     out = Path(out)
     if out.exists() and not options.overwrite:
         raise ExportError(f"{out} already exists; pass --overwrite to replace it")
@@ -299,8 +305,11 @@ def export_bundle(source: StackSource, out: Path, options: ExportOptions = Expor
     if not os.access(out.parent, os.W_OK):
         raise ExportError(f"cannot write to {out.parent}")
 
-    scheduler_config = source.scheduler_config()
-    _validate_scheduler(scheduler_config)
+    # a family with its own bundle files (Karlo: two scheduler configs) writes them itself
+    own_files = getattr(source, "write_bundle_files", None)
+    if own_files is None:
+        scheduler_config = source.scheduler_config()
+        _validate_scheduler(scheduler_config)
     dims = source.dims()
     build = None
     if options.target in ENGINE_TARGETS:
@@ -330,12 +339,15 @@ def export_bundle(source: StackSource, out: Path, options: ExportOptions = Expor
 
             log(f"[{len(names) + 1}/{len(names) + 1}] tokenizer, scheduler, negative image embedding")
             tokenizer_source = source.write_tokenizer(work / "tokenizer")
-            (work / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2, sort_keys=True))
-            negative = source.negative_image_embeds()
-            if negative.shape != (1, dims["D"]):
-                raise ExportError(f"negative image embedding has shape {negative.shape}, expected (1, {dims['D']})")
-            np.save(work / "negative_image_embeds.npy", negative)
-            extra_files = source.write_extra_files(work)
+            if own_files is not None:  # a family with its own bundle files (Karlo: two scheduler configs)
+                extra_files = own_files(work)
+            else:
+                (work / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2, sort_keys=True))
+                negative = source.negative_image_embeds()
+                if negative.shape != (1, dims["D"]):
+                    raise ExportError(f"negative image embedding has shape {negative.shape}, expected (1, {dims['D']})")
+                np.save(work / "negative_image_embeds.npy", negative)
+                extra_files = ["scheduler_config.json", "negative_image_embeds.npy", *source.write_extra_files(work)]
 
             if TARGETS[options.target] == "int8":
                 _quantize_bundle(work, source.family, components, dims, source, options, log)
@@ -347,7 +359,7 @@ def export_bundle(source: StackSource, out: Path, options: ExportOptions = Expor
             from eclipse_export.export.step_graph import write_step_graphs  # onnx: not at import time
 
             step_graphs = write_step_graphs(work)
-            files += ["scheduler_config.json", "negative_image_embeds.npy", *extra_files, *step_graphs.values()]
+            files += [*extra_files, *step_graphs.values()]
             files += sorted(str(p.relative_to(work)) for p in (work / "tokenizer").rglob("*") if p.is_file())
             manifest = {
                 "format": FORMAT,
@@ -493,6 +505,8 @@ def build_engines_for_bundle(src: Path, out: Path, target: str, build, engine_ca
     require_onnx(f"--from-bundle --target {target}")
     want = TARGETS[target]
     quantize = want == "int8" and bundle.precision == "fp32"
+    if quantize and bundle.family.name != "kandinsky22":
+        raise ExportError(f"{target}: INT8 calibration is not implemented for the {bundle.family.title} family yet")
     if target in ENGINE_TARGETS and want == "int8" and not quantize:
         shaped = {n: c.get("quantization_rules", "tensorrt") for n, c in bundle.manifest["components"].items()
                   if c.get("precision") == "int8"}

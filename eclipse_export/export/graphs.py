@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from eclipse_export.export import karlo_graphs
 from eclipse_export.families import DEFAULT_FAMILY, get_family
 from eclipse_export.families.kandinsky22.components import COMPONENTS
 
@@ -97,26 +98,33 @@ GRAPHS: dict[str, type[nn.Module]] = {
 FAMILY_GRAPHS: dict[str, dict[str, type[nn.Module]]] = {
     "kandinsky22": GRAPHS,
     "lambda": {**GRAPHS, "image_encoder": ImageEncoderGraph, "prior": LambdaPriorGraph},
+    # Karlo: text encoder and prior wrappers as above (ViT-L/14, 768-d), its decoder chain in karlo_graphs
+    "karlo": {"text_encoder": TextEncoderGraph, "prior": PriorGraph, **karlo_graphs.GRAPHS},
 }
 
 assert set(GRAPHS) == set(COMPONENTS), "every component spec needs a graph wrapper"
 assert all(set(g) == set(get_family(f).components) for f, g in FAMILY_GRAPHS.items())
 
 
+def _spec(component: str, spec=None, family: str = DEFAULT_FAMILY):
+    return spec or get_family(family).components[component]
+
+
 def wrap(component: str, module: nn.Module, family: str = DEFAULT_FAMILY) -> nn.Module:
     return FAMILY_GRAPHS[family][component](module).eval()
 
 
-def torch_inputs(component: str, arrays: dict, family: str = DEFAULT_FAMILY) -> tuple[torch.Tensor, ...]:
+def torch_inputs(component: str, arrays: dict, spec=None, family: str = DEFAULT_FAMILY) -> tuple[torch.Tensor, ...]:
     """Numpy inputs (by name) -> torch tensors in the spec's order."""
-    return tuple(torch.from_numpy(arrays[name]) for name in get_family(family).components[component].input_names)
+    return tuple(torch.from_numpy(arrays[name]) for name in _spec(component, spec, family).input_names)
 
 
-def run_torch(component: str, graph: nn.Module, arrays: dict, family: str = DEFAULT_FAMILY) -> dict:
-    """Run a wrapper on numpy inputs; outputs by name as float32 numpy arrays."""
+def run_torch(component: str, graph: nn.Module, arrays: dict, spec=None, family: str = DEFAULT_FAMILY) -> dict:
+    """Run a wrapper on numpy inputs; outputs by name as numpy arrays (float32; int32 outputs, e.g.
+    Karlo's text_proj mask, stay int32)."""
     with torch.no_grad():
-        out = graph(*torch_inputs(component, arrays, family))
+        out = graph(*torch_inputs(component, arrays, spec, family))
     if isinstance(out, torch.Tensor):
         out = (out,)
-    names = get_family(family).components[component].output_names
-    return {name: t.detach().float().numpy() for name, t in zip(names, out)}
+    return {name: t.detach().numpy() if t.dtype == torch.int32 else t.detach().float().numpy()
+            for name, t in zip(_spec(component, spec, family).output_names, out)}

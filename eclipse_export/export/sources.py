@@ -201,13 +201,21 @@ class PretrainedSource(StackSource):
     with allow_pickle=True, because unpickling runs arbitrary code from the file.
     """
 
+    # per family (export/karlo.py subclasses this with its own): where each component lives, which
+    # configs to read; kandinsky22 and lambda are chosen by `preset`
+    hub_sources = presets.HUB_SOURCES
+    config_components = ("text_encoder", "prior", "unet", "movq", "scheduler")
+    preset = "kandinsky22"
+
     def __init__(self, locations: dict[str, str] | None = None, allow_pickle: bool = False,
-                 preset: str = "kandinsky22"):
-        if preset not in REAL_PRESETS:
-            raise SourceError(f"unknown preset {preset!r} (choose from {', '.join(REAL_PRESETS)})")
-        self.name = preset
-        self.family = family_of_preset(preset)
-        self.hub_sources = FAMILY_PRESETS[self.family.name][0].HUB_SOURCES
+                 preset: str | None = None):
+        if preset is not None:
+            if preset not in REAL_PRESETS:
+                raise SourceError(f"unknown preset {preset!r} (choose from {', '.join(REAL_PRESETS)})")
+            self.preset = preset
+            self.family = family_of_preset(preset)
+            self.hub_sources = FAMILY_PRESETS[self.family.name][0].HUB_SOURCES
+        self.name = self.preset
         self.allow_pickle = allow_pickle
         self.locations = {k: v[0] for k, v in self.hub_sources.items()}
         self.locations.update({k: v for k, v in (locations or {}).items() if v})
@@ -219,7 +227,7 @@ class PretrainedSource(StackSource):
         for component, location in self.locations.items():
             if location.startswith((".", "/", "~")) and not Path(location).expanduser().is_dir():
                 raise SourceError(f"{component}: {location} is not a directory")
-        needed = ["text_encoder", "prior", "unet", "movq", "scheduler"]
+        needed = list(self.config_components)
         if self.family.name == "lambda":  # its dims include the image size; its bundles ship the processor config
             needed += ["image_encoder", "image_processor"]
         self.configs = {c: self._read_config(c) for c in needed}
@@ -258,8 +266,8 @@ class PretrainedSource(StackSource):
 
     def _read_config(self, component: str) -> dict:
         folder = self._dir(component)
-        name = {"scheduler": "scheduler_config.json", "image_processor": "preprocessor_config.json"}.get(
-            component, "config.json")
+        name = ("scheduler_config.json" if component.endswith("scheduler") else
+                "preprocessor_config.json" if component == "image_processor" else "config.json")
         try:
             config = json.loads((folder / name).read_text())
         except (OSError, ValueError) as e:

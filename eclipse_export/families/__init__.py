@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from eclipse_export.families.chain import Family, Stage  # noqa: F401 (the package's vocabulary)
 from eclipse_export.families.kandinsky22 import FAMILY as KANDINSKY22
+from eclipse_export.families.karlo import FAMILY as KARLO
 from eclipse_export.families.lambda_eclipse import FAMILY as LAMBDA
 
-
-FAMILIES: dict[str, Family] = {f.name: f for f in (KANDINSKY22, LAMBDA)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (KANDINSKY22, LAMBDA, KARLO)}
 # bundles of format 1 (before families) are all Kandinsky 2.2 + ECLIPSE
 DEFAULT_FAMILY = "kandinsky22"
 

@@ -9,7 +9,9 @@ numpy's `standard_normal` could not serve: its ziggurat depends on numpy's own c
 and libm-based tail, which another language would have to copy (see docs/decisions.md).
 
     seed   : 0 .. 2**64 - 1
-    stream : 0 prior noise, 1 initial latents, 2 DDPM variance noises (all steps, in order)
+    stream : 0 prior noise, 1 initial latents, 2 DDPM variance noises (all steps, in order);
+             Karlo (runtime/chains/karlo.py) adds 3 super-resolution initial noise, 4 its
+             per-step variance noises (1 and 2 are its 64 px decoder's)
     block n (n = 0, 1, ...) = Philox4x64-10(counter = (n, 0, 0, 0), key = (seed, stream))
              (Salmon et al. 2011, Random123's reference; 64-bit words, counter word 0 least
              significant), giving four uint64 words w0, w1, w2, w3, used in that order
@@ -40,6 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 
 STREAM_PRIOR, STREAM_LATENTS, STREAM_STEPS = 0, 1, 2
+STREAM_SR_LATENTS, STREAM_SR_STEPS = 3, 4  # Karlo's super-resolution loop
 SEED_MAX = 2**64 - 1
 _TWO_PI = 6.283185307179586  # float64 nearest to 2*pi (== 2 * math.pi exactly)
 _INV_2_53 = 2.0**-53

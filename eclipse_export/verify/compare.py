@@ -35,7 +35,7 @@ def lambda_stages(outputs: dict) -> tuple[str, ...]:
 
 def reference_for(bundle: Bundle, device: str = "cpu", keep_loaded: bool = False):
     """The PyTorch reference rebuilt from the bundle's recorded source (weights checked)."""
-    from eclipse_export.export.sources import source_from_manifest
+    from eclipse_export.export.source_factory import source_from_manifest
     from eclipse_export.verify.reference import ReferencePipeline
 
     manifest = bundle.manifest
@@ -78,6 +78,10 @@ def parity_report(outputs: dict, images, reference: dict, precision: str, timing
 
 def compare_with_reference(pipeline: Pipeline, generation: Generation, device: str = "cpu") -> tuple[ParityReport, dict]:
     """Run the reference on the generation's request and noises; returns (report, reference timings)."""
+    if pipeline.bundle.family.name == "karlo":
+        from eclipse_export.verify.karlo_reference import compare_karlo
+
+        return compare_karlo(pipeline, generation)
     reference = reference_for(pipeline.bundle, device)
     outputs, timings = reference.run(generation.request, generation.noises)
     report = parity_report(generation.intermediates, generation.images, outputs, pipeline.bundle.precision,

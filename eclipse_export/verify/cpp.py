@@ -97,6 +97,7 @@ def load_library(path: str | os.PathLike | None = None) -> C.CDLL:
         "eclipse_state_create": (C.c_int, [p, C.POINTER(p)]),
         "eclipse_state_free": (None, [p]),
         "eclipse_default_params": (Params, []),
+        "eclipse_bundle_default_params": (Params, [p]),
         "eclipse_generate": (C.c_int, [p, C.c_char_p, C.POINTER(Params), C.POINTER(p)]),
         "eclipse_result_width": (i32, [p]),
         "eclipse_result_height": (i32, [p]),

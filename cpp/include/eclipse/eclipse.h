@@ -258,6 +258,10 @@ typedef struct eclipse_params {
 
 /* 512x512, 50 steps, guidance 4, seed 0, the bundle's scheduler, no negative prompt. */
 ECLIPSE_API eclipse_params eclipse_default_params(void);
+/* The defaults of the bundle's model family: Kandinsky 2.2 as above; Karlo: the bundle's image
+ * size (256x256, its super-resolution UNets'; other sizes are refused), 25 decoder steps (the
+ * super-resolution runs 7), guidance 8. A NULL bundle gives eclipse_default_params(). */
+ECLIPSE_API eclipse_params eclipse_bundle_default_params(const eclipse_bundle *bundle);
 
 /* One image for one UTF-8 prompt ("" is accepted: unconditional generation, with a warning). */
 ECLIPSE_API eclipse_status eclipse_generate(eclipse_state *state, const char *prompt, const eclipse_params *params,

@@ -121,6 +121,14 @@ struct Params {
     std::function<bool(int step, int steps)> progress;  // return false to cancel
 };
 
+// The bundle family's defaults (Karlo: the bundle's image size, 25 steps, guidance 8).
+inline Params default_params(const Bundle &bundle) {
+    const eclipse_params c = eclipse_bundle_default_params(bundle.get());
+    Params p;
+    p.width = c.width, p.height = c.height, p.steps = c.steps, p.guidance_scale = c.guidance_scale;
+    return p;
+}
+
 class Result {
 public:
     explicit Result(eclipse_result *r) : handle_(r) {}

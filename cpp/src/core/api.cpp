@@ -301,6 +301,16 @@ eclipse_params eclipse_default_params(void) {
     return p;
 }
 
+eclipse_params eclipse_bundle_default_params(const eclipse_bundle *bundle) {
+    eclipse_params p = eclipse_default_params();
+    if (bundle && bundle->impl->family && bundle->impl->family->name == "karlo") {
+        p.width = p.height = static_cast<int32_t>(bundle->impl->Q);
+        p.steps = 25;  // the UnCLIPPipeline's defaults (families/karlo/presets.py PIPELINE_DEFAULTS)
+        p.guidance_scale = 8.0;
+    }
+    return p;
+}
+
 eclipse_status eclipse_generate(eclipse_state *state, const char *prompt, const eclipse_params *params,
                                 eclipse_result **out) {
     return guarded([&] {

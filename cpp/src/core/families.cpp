@@ -14,6 +14,10 @@ const std::vector<Family> &families() {
          {"T", "D", "E", "C", "S", "R"},
          {"scheduler_config.json", "negative_image_embeds.npy", "tokenizer/tokenizer.json",
           "image_processor/preprocessor_config.json"}},
+        {"karlo",
+         {"text_encoder", "prior", "text_proj", "decoder", "super_res_first", "super_res_last"},
+         {"T", "D", "E", "X", "L", "K", "M", "P", "Q"},
+         {"decoder_scheduler_config.json", "super_res_scheduler_config.json", "tokenizer/tokenizer.json"}},
     };
     return known;
 }

@@ -6,6 +6,8 @@
 #include <cstdio>
 #include <cstring>
 
+#include "core/chain.hpp"
+#include "core/chain_karlo.hpp"
 #include "core/noise.hpp"
 #include "core/scheduler.hpp"
 
@@ -13,8 +15,11 @@ using nlohmann::json;
 
 namespace eclipse::core {
 namespace {
-
 constexpr int32_t kMinSize = 64, kMaxSize = 2048, kSizeMultiple = 64;
+}  // namespace
+
+// the helpers every family's chain uses (core/chain.hpp)
+namespace chain {
 
 double seconds_since(std::chrono::steady_clock::time_point t0) {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -27,12 +32,6 @@ std::string format_number(double v) {
     std::snprintf(buf, sizeof buf, "%g", v);
     return buf;
 }
-
-// One graph's inputs and outputs as the manifest's I/O spec declares them, with symbolic dims
-// ("B", "S*h", ...) resolved for this request.
-struct GraphIO {
-    std::vector<TensorView> inputs, outputs;
-};
 
 [[noreturn]] void bad_io(const std::string &component, const std::string &why) {
     throw Error(ECLIPSE_ERR_BUNDLE, "the manifest's I/O spec of " + component + " " + why +
@@ -81,12 +80,6 @@ std::vector<TensorView> views(const std::string &component, const json &specs, c
     return out;
 }
 
-struct Feed {
-    const void *data;
-    size_t count;  // elements the pipeline holds: the spec's shape must agree, or the graph would read past them
-    DType dtype;
-};
-using Outputs = std::map<std::string, std::vector<float>>;
 
 const std::vector<float> &output(const Outputs &out, const std::string &component, const std::string &name) {
     auto it = out.find(name);
@@ -109,8 +102,7 @@ Outputs run_component(State &state, const std::string &name, const std::map<std:
         t.data = const_cast<void *>(it->second.data);  // backends read inputs only
     }
     Outputs out;
-    for (auto &t : outputs) {
-        if (t.dtype != DType::Float32) throw Error(ECLIPSE_ERR_UNSUPPORTED, name + "." + t.name + " is not float32");
+    for (auto &t : outputs) {  // int32 outputs land in a float buffer of the same count (4 bytes each): int32_output()
         auto &buf = out[t.name];
         buf.assign(static_cast<size_t>(t.count()), 0.0f);
         t.data = buf.data();
@@ -129,6 +121,12 @@ void stage_done(State &state, const std::string &name, Result &result) {
 }
 
 Feed f32(const std::vector<float> &v) { return {v.data(), v.size(), DType::Float32}; }
+
+}  // namespace chain
+
+using namespace chain;  // NOLINT: this file is the chain's home
+
+namespace {
 
 struct Noise {
     std::vector<float> prior, latents, steps;
@@ -174,13 +172,17 @@ std::shared_ptr<const BundleData> BundleData::open(const std::string &path, bool
     auto data = std::make_shared<BundleData>();
     data->bundle = Bundle::open(path, verify_hashes);
     const Bundle &b = *data->bundle;
-    // Bundle::open refused families this library does not know; the chain below is Kandinsky 2.2's
+    // Bundle::open refused families this library does not know; each has its chain here
     data->family = find_family(family_name(b.manifest()));
-    if (!data->family || data->family->name != "kandinsky22")
+    if (!data->family || (data->family->name != "kandinsky22" && data->family->name != "karlo"))
         throw Error(ECLIPSE_ERR_BUNDLE, path + ": this library has no chain for model family '" +
                                             family_name(b.manifest()) + "'");
     const json config = b.listed("tokenizer/tokenizer_config.json") ? b.read_json("tokenizer/tokenizer_config.json") : json();
     data->tokenizer = std::make_unique<ClipTokenizer>(b.read_json("tokenizer/tokenizer.json"), config);
+    if (data->family->name == "karlo") {
+        open_karlo(*data, path);
+        return data;
+    }
     data->scheduler_config = b.read_json("scheduler_config.json");
     data->C = b.dim("C"), data->D = b.dim("D"), data->S = b.dim("S");
     if (data->C <= 0 || data->D <= 0 || data->S <= 0)
@@ -229,6 +231,7 @@ std::string scheduler_kind_name(eclipse_scheduler s) {
 
 Result generate(State &state, const char *prompt, const eclipse_params &p) {
     const BundleData &data = *state.context->data;
+    if (data.family->name == "karlo") return generate_karlo(state, prompt, p);
     Result result;
     auto warn = [&](const std::string &w) {
         result.warnings.push_back(w);

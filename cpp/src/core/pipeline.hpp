@@ -24,7 +24,10 @@ struct BundleData {
     std::unique_ptr<ClipTokenizer> tokenizer;
     nlohmann::json scheduler_config;
     std::vector<float> negative_image_embeds;  // (D): CLIP image embedding of a zeros image
-    int64_t C, D, S;
+    int64_t C = 0, D = 0, S = 0;
+    // Karlo (core/chain_karlo.cpp): its two UnCLIP scheduler configs, decoder and super-resolution sizes
+    nlohmann::json decoder_scheduler_config, super_res_scheduler_config;
+    int64_t P = 0, Q = 0;
 
     static std::shared_ptr<const BundleData> open(const std::string &path, bool verify_hashes);
 };

@@ -6,10 +6,11 @@ runs a graph."""
 from __future__ import annotations
 
 from eclipse_export.runtime.chains.kandinsky22 import Kandinsky22Chain
+from eclipse_export.runtime.chains.karlo import KarloChain
 from eclipse_export.runtime.chains.lambda_eclipse import LambdaEclipseChain
 
 # family name (manifest "family") -> driver class
-DRIVERS = {"kandinsky22": Kandinsky22Chain, "lambda": LambdaEclipseChain}
+DRIVERS = {"kandinsky22": Kandinsky22Chain, "lambda": LambdaEclipseChain, "karlo": KarloChain}
 
 
 def driver_for(family_name: str):

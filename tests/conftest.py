@@ -11,7 +11,8 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory) -> Path:
-    from eclipse_export.export.exporter import ExportOptions, export_bundle
+    from eclipse_export.export.options import ExportOptions
+    from eclipse_export.export.exporter import export_bundle
     from eclipse_export.export.sources import RandomSource
 
     out = tmp_path_factory.mktemp("bundles") / "tiny-onnx"
@@ -36,7 +37,8 @@ def tiny_pipeline(tiny_bundle):
 
 @pytest.fixture(scope="session")
 def tiny_lambda_bundle(tmp_path_factory) -> Path:
-    from eclipse_export.export.exporter import ExportOptions, export_bundle
+    from eclipse_export.export.options import ExportOptions
+    from eclipse_export.export.exporter import export_bundle
     from eclipse_export.export.sources import RandomSource
 
     out = tmp_path_factory.mktemp("bundles") / "tiny-lambda-onnx"
@@ -46,7 +48,8 @@ def tiny_lambda_bundle(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_fp16_bundle(tmp_path_factory) -> Path:
-    from eclipse_export.export.exporter import ExportOptions, export_bundle
+    from eclipse_export.export.options import ExportOptions
+    from eclipse_export.export.exporter import export_bundle
     from eclipse_export.export.sources import RandomSource
 
     out = tmp_path_factory.mktemp("bundles") / "tiny-onnx-fp16"

@@ -47,7 +47,7 @@ def test_help_shows_choices_and_defaults():
 
 def test_export_targets_in_help_match_the_exporter():
     from eclipse_export.cli.export import TARGET_HELP
-    from eclipse_export.export.exporter import TARGETS
+    from eclipse_export.export.options import TARGETS
 
     assert set(TARGET_HELP) == set(TARGETS) | {"triton"}  # triton: a serving repository (serve/), not an export
 

@@ -210,7 +210,7 @@ needs_rtx_build = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def rtx_plan(tiny_fp16_bundle, tmp_path_factory) -> Path:
     from eclipse_export.export.engines import BuildOptions
-    from eclipse_export.export.exporter import build_engines_for_bundle
+    from eclipse_export.export.derive import build_engines_for_bundle
 
     out = build_engines_for_bundle(tiny_fp16_bundle, tmp_path_factory.mktemp("rtx") / "b", "trt-rtx-fp16",
                                    BuildOptions(workspace_mib=8192, max_batch=1), log=lambda m: None)

@@ -106,7 +106,8 @@ def test_incompatible_engines_are_named():
 
 @needs_rtx
 def test_trt_rtx_bundle_builds_all_four_engines(tmp_path):
-    from eclipse_export.export.exporter import ExportOptions, export_bundle
+    from eclipse_export.export.options import ExportOptions
+    from eclipse_export.export.exporter import export_bundle
     from eclipse_export.export.sources import RandomSource
     from eclipse_export.runtime.bundle import open_bundle
 
@@ -154,7 +155,8 @@ def test_trt_fp16_target_needs_tensorrt(tmp_path):
     """Full TensorRT cannot be installed here (PyPI has stubs): the target says so up front."""
     if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("TensorRT is installed: this machine can build trt-fp16 engines")
-    from eclipse_export.export.exporter import ExportError, ExportOptions, export_bundle
+    from eclipse_export.export.options import ExportError, ExportOptions
+    from eclipse_export.export.exporter import export_bundle
     from eclipse_export.export.sources import RandomSource
 
     with pytest.raises(ExportError, match="tensorrt is not installed"):
@@ -165,7 +167,8 @@ def test_trt_fp16_target_needs_tensorrt(tmp_path):
 @needs_rtx
 def test_engines_from_a_shipped_fp16_bundle(tiny_fp16_bundle, tiny_bundle, tmp_path):
     """--from-bundle: the device workflow (engines from the ONNX a workstation exported)."""
-    from eclipse_export.export.exporter import ExportError, build_engines_for_bundle
+    from eclipse_export.export.options import ExportError
+    from eclipse_export.export.derive import build_engines_for_bundle
     from eclipse_export.runtime.bundle import open_bundle
 
     out = build_engines_for_bundle(tiny_fp16_bundle, tmp_path / "trt", "trt-rtx-fp16", BuildOptions(**OPTIONS),
@@ -183,7 +186,8 @@ def test_weight_stripped_rtx_builds_are_refused_up_front_without_a_gpu(tiny_fp16
     """NVIDIA documents a GPU at build time for STRIP_PLAN + REFIT (seen here: every refittable
     build fails in Myelin without one); the refusal comes before any work, nothing is written."""
     from eclipse_export.export.engines import build_gpu_compute_capability
-    from eclipse_export.export.exporter import ExportError, build_engines_for_bundle
+    from eclipse_export.export.options import ExportError
+    from eclipse_export.export.derive import build_engines_for_bundle
 
     two = BuildOptions(strip_weights=True, compute_capabilities=("SM86", "SM89"), **OPTIONS)
     with pytest.raises(ExportError, match="exactly one compute capability"):
@@ -245,11 +249,9 @@ def test_a_failed_engine_build_leaves_nothing(tiny_fp16_bundle, tmp_path, monkey
     written (export, and --from-bundle derivation) leaves no bundle and no partial files; the
     engine cache keeps only complete plans."""
     from eclipse_export.export import engines
-    from eclipse_export.export.exporter import (
-        ExportOptions,
-        build_engines_for_bundle,
-        export_bundle,
-    )
+    from eclipse_export.export.options import ExportOptions
+    from eclipse_export.export.derive import build_engines_for_bundle
+    from eclipse_export.export.exporter import export_bundle
     from eclipse_export.export.sources import RandomSource
 
     real = engines.build_engine
@@ -282,7 +284,7 @@ def test_ctrl_c_during_a_tensorrt_build_leaves_nothing(tiny_fp16_bundle, tmp_pat
     import threading
     import time
 
-    from eclipse_export.export.exporter import build_engines_for_bundle
+    from eclipse_export.export.derive import build_engines_for_bundle
 
     started = []
 

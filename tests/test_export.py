@@ -9,12 +9,8 @@ import onnx
 import pytest
 
 from eclipse_export.export import exporter as export_mod
-from eclipse_export.export.exporter import (
-    ExportError,
-    ExportOptions,
-    export_bundle,
-    export_component,
-)
+from eclipse_export.export.options import ExportError, ExportOptions
+from eclipse_export.export.exporter import export_bundle, export_component
 from eclipse_export.export.sources import RandomSource
 from eclipse_export.families.kandinsky22.components import COMPONENTS
 from eclipse_export.runtime.bundle import FORMAT_VERSION, open_bundle, sha256_file

@@ -95,7 +95,7 @@ def test_format_1_bundles_still_run(tiny_bundle, tiny_pipeline, tmp_path):
 
 @pytest.mark.slow
 def test_from_bundle_repackages_a_format_1_bundle(tiny_bundle, tiny_pipeline, tmp_path):
-    from eclipse_export.export.exporter import build_engines_for_bundle
+    from eclipse_export.export.derive import build_engines_for_bundle
 
     old = _as_format_1(tiny_bundle, tmp_path / "v1")
     new = build_engines_for_bundle(old, tmp_path / "v2", "onnx", None, log=lambda m: None)

@@ -22,7 +22,7 @@ from eclipse_export.cli.common import EXIT_USAGE, _run
 from eclipse_export.cli.export import export_main
 from eclipse_export.cli.generate import generate_main
 from eclipse_export.export.engines import RTX_COMPUTE_CAPABILITIES as RTX_CCS
-from eclipse_export.export.exporter import EXPORTERS, MAX_OPSET, MIN_OPSET, TARGETS
+from eclipse_export.export.options import EXPORTERS, MAX_OPSET, MIN_OPSET, TARGETS
 from eclipse_export.families.kandinsky22.presets import ALL_PRESETS
 from eclipse_export.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from eclipse_export.runtime.bundle import BundleError, open_bundle

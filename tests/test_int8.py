@@ -73,7 +73,8 @@ def test_capture_records_real_inputs_and_resumes(tiny_pipeline, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_int8_bundle(tmp_path_factory):
-    from eclipse_export.export.exporter import ExportOptions, Int8Options, export_bundle
+    from eclipse_export.export.options import ExportOptions, Int8Options
+    from eclipse_export.export.exporter import export_bundle
     from eclipse_export.export.sources import RandomSource
 
     out = tmp_path_factory.mktemp("int8") / "tiny-onnx-int8"
@@ -226,7 +227,8 @@ def test_int8_bundle_derived_from_an_fp32_bundle(tiny_bundle, tiny_int8_trt_rule
     # resumable, and the same calibration data: the ORT-shaped derivation finds every shard in the cache
     logs = []
     from eclipse_export.export.calibrate import CaptureOptions
-    from eclipse_export.export.exporter import Int8Options, build_engines_for_bundle
+    from eclipse_export.export.options import Int8Options
+    from eclipse_export.export.derive import build_engines_for_bundle
 
     before = open_bundle(tiny_bundle).manifest["files"]
     cache = tiny_int8_trt_rules_bundle.parent / "cal"
@@ -247,7 +249,8 @@ def test_failed_or_interrupted_int8_derivation_leaves_no_bundle(tiny_bundle, tmp
     """--from-bundle quantization that fails (or is interrupted) half-way: no output bundle, no
     partial directory; complete calibration shards stay in the cache for the next run."""
     import eclipse_export.export.quantize as quantize_mod
-    from eclipse_export.export.exporter import Int8Options, build_engines_for_bundle
+    from eclipse_export.export.options import Int8Options
+    from eclipse_export.export.derive import build_engines_for_bundle
 
     def boom(src, dst, *args, **kwargs):
         Path(dst).write_bytes(b"half a graph")
@@ -326,7 +329,7 @@ def test_rule_checks_read_zero_points_stored_as_external_data(tmp_path):
 def test_exported_graphs_hold_standard_onnx_ops_only(tiny_bundle, tiny_int8_bundle, tiny_int8_trt_rules_bundle):
     """No fusion with ONNX Runtime's own ops (com.microsoft) is written into a bundle: every graph
     stays a valid TensorRT input (ORT fuses at session creation); engine builds refuse otherwise."""
-    from eclipse_export.export.exporter import non_standard_ops
+    from eclipse_export.export.derive import non_standard_ops
 
     for bundle in (tiny_bundle, tiny_int8_bundle, tiny_int8_trt_rules_bundle):
         manifest = json.loads((bundle / "manifest.json").read_text())

@@ -195,7 +195,8 @@ def test_karlo_noises_use_their_own_streams():
 
 @pytest.fixture(scope="module")
 def karlo_bundle(tmp_path_factory):
-    from eclipse_export.export.exporter import ExportOptions, export_bundle
+    from eclipse_export.export.options import ExportOptions
+    from eclipse_export.export.exporter import export_bundle
     from eclipse_export.export.source_factory import make_source
 
     out = tmp_path_factory.mktemp("karlo") / "tiny-karlo-onnx"
@@ -275,7 +276,8 @@ def test_generate_cli_takes_the_family_defaults(karlo_bundle, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_int8_is_refused_until_calibration_drives_karlo(tmp_path):
-    from eclipse_export.export.exporter import ExportError, ExportOptions, export_bundle
+    from eclipse_export.export.options import ExportError, ExportOptions
+    from eclipse_export.export.exporter import export_bundle
     from eclipse_export.export.source_factory import make_source
 
     with pytest.raises(ExportError, match="INT8 calibration is not implemented"):
@@ -319,7 +321,8 @@ def test_karlo_preset_loads_local_directories_in_the_unclip_layout(tmp_path):
 
 @pytest.fixture(scope="module")
 def karlo_fp16_bundle(tmp_path_factory):
-    from eclipse_export.export.exporter import ExportOptions, export_bundle
+    from eclipse_export.export.options import ExportOptions
+    from eclipse_export.export.exporter import export_bundle
     from eclipse_export.export.source_factory import make_source
 
     out = tmp_path_factory.mktemp("karlo") / "tiny-karlo-onnx-fp16"
@@ -350,7 +353,7 @@ def test_fp16_bundle_parity(karlo_fp16_bundle):
 @pytest.mark.slow
 def test_trt_rtx_engines_build_from_the_fp16_bundle(karlo_fp16_bundle, tmp_path):
     pytest.importorskip("tensorrt_rtx")
-    from eclipse_export.export.exporter import build_engines_for_bundle
+    from eclipse_export.export.derive import build_engines_for_bundle
     from eclipse_export.runtime.bundle import open_bundle
 
     out = build_engines_for_bundle(karlo_fp16_bundle, tmp_path / "rtx", "trt-rtx-fp16", None, log=lambda m: None)

@@ -22,7 +22,8 @@ import pytest
 from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
 
 from eclipse_export.export import exporter as export_mod
-from eclipse_export.export.exporter import ExportOptions, export_component
+from eclipse_export.export.options import ExportOptions
+from eclipse_export.export.exporter import export_component
 from eclipse_export.export.onnx_io import save_external
 from eclipse_export.export.sources import RandomSource
 from eclipse_export.runtime.bundle import BundleError, file_entry, open_bundle, trusted_bundle
@@ -369,7 +370,8 @@ def test_graph_path_checks_bundles_built_in_memory(tmp_path, no_ort_session):
 def test_export_never_publishes_a_graph_whose_files_are_not_its_external_data(tmp_path, monkeypatch):
     """`files` is the exact record of a graph's external data: an exporter that forgot the data
     file (here: _finalise reporting the graph alone) fails, and leaves nothing."""
-    from eclipse_export.export.exporter import ExportError, export_bundle
+    from eclipse_export.export.options import ExportError
+    from eclipse_export.export.exporter import export_bundle
 
     monkeypatch.setattr(export_mod, "EXTERNAL_DATA_BYTES", 1024 * 1024)  # the tiny UNet and text encoder only
     finalise = export_mod._finalise

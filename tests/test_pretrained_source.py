@@ -8,7 +8,8 @@ import shutil
 
 import pytest
 
-from eclipse_export.export.exporter import ExportOptions, export_bundle
+from eclipse_export.export.options import ExportOptions
+from eclipse_export.export.exporter import export_bundle
 from eclipse_export.export.sources import RandomSource, SourceError, make_source
 from eclipse_export.export.tokenizer_files import write_tokenizer_files
 from eclipse_export.runtime.bundle import open_bundle

@@ -32,7 +32,8 @@ def test_heartbeat_fills_silent_gaps_and_stops_with_the_block():
 
 
 def test_export_prints_while_a_phase_is_silent(tmp_path, monkeypatch):
-    from eclipse_export.export.exporter import ExportOptions, export_bundle
+    from eclipse_export.export.options import ExportOptions
+    from eclipse_export.export.exporter import export_bundle
     from eclipse_export.export.sources import RandomSource
 
     def slow(source, component, workdir, options, log):

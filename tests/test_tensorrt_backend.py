@@ -461,7 +461,8 @@ def test_real_engines_on_the_gpu_match_onnx_runtime(tmp_path):
     """On a GPU: build the tiny bundle's engines here, run the chain on them (device loop, CUDA
     graphs) and check it against the same FP16 graphs on ONNX Runtime."""
     from eclipse_export.export.engines import BuildOptions
-    from eclipse_export.export.exporter import ExportOptions, export_bundle
+    from eclipse_export.export.options import ExportOptions
+    from eclipse_export.export.exporter import export_bundle
     from eclipse_export.export.sources import RandomSource
     from eclipse_export.metrics.parity import compare
     from eclipse_export.runtime.backends.tensorrt import TensorRTBackend

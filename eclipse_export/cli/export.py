@@ -105,14 +105,8 @@ def export_main(argv=None) -> int:
     if args.target == "triton":  # serving needs no torch: nothing from export/ is imported
         return _triton_main(args)
     # torch-free so far: --from-bundle (engines, INT8 graphs) runs on a device without torch
-    from eclipse_export.export.exporter import (
-        DEFAULT_OPSET,
-        EXPORTERS,
-        MAX_OPSET,
-        MIN_OPSET,
-        ExportOptions,
-        export_bundle,
-    )
+    from eclipse_export.export.options import DEFAULT_OPSET, EXPORTERS, MAX_OPSET, MIN_OPSET, ExportOptions
+    from eclipse_export.export.exporter import export_bundle
     from eclipse_export.families.karlo import presets as karlo_presets
 
     if args.exporter not in EXPORTERS:
@@ -122,7 +116,7 @@ def export_main(argv=None) -> int:
     if not MIN_OPSET <= args.opset <= MAX_OPSET:
         raise UserError(f"--opset must be between {MIN_OPSET} and {MAX_OPSET} (default {DEFAULT_OPSET})")
     if args.from_bundle is not None:
-        from eclipse_export.export.exporter import build_engines_for_bundle
+        from eclipse_export.export.derive import build_engines_for_bundle
 
         if args.out is None:
             raise UserError("--from-bundle needs --out (the new bundle with engines)")
@@ -214,7 +208,7 @@ def _image_size(flag: str, value: str) -> tuple[int, int]:
 
 def _int8_options(args):
     from eclipse_export.export.calibrate import CaptureOptions
-    from eclipse_export.export.exporter import Int8Options
+    from eclipse_export.export.options import Int8Options
     from eclipse_export.export.quantize import METHODS, RULES
     from eclipse_export.families import FAMILIES
 

@@ -97,3 +97,13 @@ def external_data_mismatch(root: Path, components: dict, files) -> list[str]:
         except BundleError as e:  # a graph or data file missing from `files`
             problems.append(f"{name}: {e}")
     return problems
+
+
+def ort_session(path: Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

@@ -45,12 +45,12 @@ def test_tiny_karlo_keeps_every_structural_feature():
 
 
 def test_every_karlo_component_has_a_graph_and_fitting_sample_inputs():
-    from eclipse_export.export.graphs import GRAPHS
+    from eclipse_export.export.graphs import FAMILY_GRAPHS
     from eclipse_export.families.spec import PRECISIONS
 
     dims = dict(components.stack_dims(presets.PRESETS["tiny-karlo"]), B=2)
     for spec in components.COMPONENTS.values():
-        assert spec.name in GRAPHS
+        assert spec.name in FAMILY_GRAPHS["karlo"]
         assert all(spec.tolerance(p).min_cosine >= 0.99 for p in PRECISIONS)
         sample = spec.sample_inputs(dims, np.random.default_rng(0))
         assert list(sample) == spec.input_names

@@ -119,7 +119,8 @@ def test_the_cpp_library_reads_format_1_bundles(tiny_bundle, tiny_pipeline, tmp_
     except (OSError, FileNotFoundError) as e:
         pytest.skip(f"build/cpp is not built ({e}); make test builds it")
     old = _as_format_1(tiny_bundle, tmp_path / "v1")
-    rt = Runtime(lib, old, OrtGraphs().table)
+    graphs = OrtGraphs()  # its ctypes callbacks must outlive the library objects that call them
+    rt = Runtime(lib, old, graphs.table)
     try:
         got = rt.generate("a red cube", height=64, width=64, steps=3, seed=5)
     finally:

@@ -374,7 +374,8 @@ def test_cpp_library_generates_the_same_pixels(karlo_bundle, karlo_pipeline):
         lib = load_library()
     except (OSError, FileNotFoundError) as e:
         pytest.skip(f"build/cpp is not built ({e}); make test builds it")
-    rt = Runtime(lib, karlo_bundle, OrtGraphs().table)
+    graphs = OrtGraphs()  # its ctypes callbacks must outlive the library objects that call them
+    rt = Runtime(lib, karlo_bundle, graphs.table)
     try:
         defaults = lib.eclipse_bundle_default_params(rt.bundle)
         assert (defaults.height, defaults.width, defaults.steps, defaults.guidance_scale) == (64, 64, 25, 8.0)

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import gc
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
-from unittest import mock
 
 import numpy as np
 import torch
@@ -30,6 +28,7 @@ from eclipse_export.metrics.parity import ParityReport, compare, psnr
 from eclipse_export.runtime.images import to_uint8
 from eclipse_export.runtime.request import Request
 from eclipse_export.verify.reference import ReferenceError
+from eclipse_export.verify.torch_noise import inject_unclip_variance_noise
 
 # per-stage outputs compared (names as in the Karlo driver's intermediates), in chain order;
 # those after a sampling loop are bounded by cosine + the image PSNR (Tolerance.chained)
@@ -73,21 +72,6 @@ class _PassThroughScheduler:
 
     def step(self, model_output, timestep, sample, generator=None, prev_timestep=None):
         return SimpleNamespace(prev_sample=model_output)
-
-
-@contextmanager
-def _inject_unclip_noise(noises):
-    def next_noise(shape, generator=None, device=None, dtype=None, layout=None):
-        try:
-            value = next(noises)
-        except StopIteration:
-            raise RuntimeError("diffusers asked for more variance noises than were injected") from None
-        if tuple(value.shape) != tuple(shape):
-            raise RuntimeError(f"injected noise has shape {value.shape}, diffusers wants {tuple(shape)}")
-        return torch.from_numpy(np.ascontiguousarray(value)).to(device=device, dtype=dtype)
-
-    with mock.patch("diffusers.schedulers.scheduling_unclip.randn_tensor", next_noise):
-        yield
 
 
 class KarloReference:
@@ -163,7 +147,7 @@ class KarloReference:
         injected = iter(list(noises.steps[:-1]) + list(noises.sr_steps[:-1]))
         t0 = time.perf_counter()
         try:
-            with _inject_unclip_noise(injected):
+            with inject_unclip_variance_noise(injected):
                 image = pipe(list(req.prompts), prior_num_inference_steps=1, decoder_num_inference_steps=req.steps,
                              super_res_num_inference_steps=super_res_steps,
                              prior_latents=torch.zeros(req.batch, embeds.shape[1]),

@@ -1,8 +1,8 @@
-"""Feed pre-drawn noises into diffusers' DDPM step (reference and tests only; imports torch).
+"""Feed pre-drawn noises into diffusers' scheduler steps (reference and tests only; imports torch).
 
-diffusers draws the DDPM variance noise inside `DDPMScheduler.step` from a torch generator.
-To compare the runtime with diffusers exactly, both must add the same noise: this scoped patch
-makes `step` take the next array from an iterator instead of drawing.
+diffusers draws the variance noise inside `DDPMScheduler.step` / `UnCLIPScheduler.step` from a
+torch generator. To compare the runtime with diffusers exactly, both must add the same noise:
+these scoped patches make `step` take the next array from an iterator instead of drawing.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 
 @contextmanager
-def inject_ddpm_variance_noise(noises: Iterator[np.ndarray]):
+def _inject_variance_noise(noises: Iterator[np.ndarray], scheduler_module: str):
     def next_noise(shape, generator=None, device=None, dtype=None, layout=None):
         try:
             value = next(noises)
@@ -26,5 +26,13 @@ def inject_ddpm_variance_noise(noises: Iterator[np.ndarray]):
             raise RuntimeError(f"injected noise has shape {value.shape}, diffusers wants {tuple(shape)}")
         return torch.from_numpy(np.ascontiguousarray(value)).to(device=device, dtype=dtype)
 
-    with mock.patch("diffusers.schedulers.scheduling_ddpm.randn_tensor", next_noise):
+    with mock.patch(f"diffusers.schedulers.{scheduler_module}.randn_tensor", next_noise):
         yield
+
+
+def inject_ddpm_variance_noise(noises: Iterator[np.ndarray]):
+    return _inject_variance_noise(noises, "scheduling_ddpm")
+
+
+def inject_unclip_variance_noise(noises: Iterator[np.ndarray]):
+    return _inject_variance_noise(noises, "scheduling_unclip")

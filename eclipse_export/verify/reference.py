@@ -84,19 +84,14 @@ class ReferencePipeline:
             torch.cuda.synchronize()
 
     @torch.no_grad()
-    def run(self, req: Request, noises: Noises) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-        """Returns (stage outputs named like the runtime's intermediates, seconds per stage)."""
+    def _encode_text(self, texts: list[str], timings: dict):
+        """transformers' CLIPTokenizer + the text encoder (timed, then freed): (the tokenizer,
+        tokens, pooled text_embeds, last hidden state)."""
         from transformers import CLIPTokenizer
-
-        out: dict[str, np.ndarray] = {}
-        timings: dict[str, float] = {}
-        batch = req.batch
-        texts = list(req.prompts) + ([req.negative_prompt] * batch if req.negative_prompt is not None else [])
 
         tokenizer = CLIPTokenizer.from_pretrained(self.tokenizer_dir)
         tok = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt")
-
         text_encoder = self._load("text_encoder")
         self._sync()
         t0 = time.perf_counter()
@@ -106,6 +101,18 @@ class ReferencePipeline:
         text_embeds, hidden = enc.text_embeds, enc.last_hidden_state
         del text_encoder, enc
         gc.collect()
+        return tokenizer, tok, text_embeds, hidden
+
+    @torch.no_grad()
+    def run(self, req: Request, noises: Noises) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """Returns (stage outputs named like the runtime's intermediates, seconds per stage)."""
+
+        out: dict[str, np.ndarray] = {}
+        timings: dict[str, float] = {}
+        batch = req.batch
+        texts = list(req.prompts) + ([req.negative_prompt] * batch if req.negative_prompt is not None else [])
+
+        _, tok, text_embeds, hidden = self._encode_text(texts, timings)
 
         prior = self._load("prior")
         self._sync()

@@ -36,24 +36,11 @@ class LambdaReferencePipeline(ReferencePipeline):
     @torch.no_grad()
     def run(self, req: Request, noises: Noises) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         from PIL import Image
-        from transformers import CLIPTokenizer
 
         out: dict[str, np.ndarray] = {}
         timings: dict[str, float] = {}
         batch = req.batch
-        tokenizer = CLIPTokenizer.from_pretrained(self.tokenizer_dir)
-        tok = tokenizer(list(req.prompts), padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt")
-
-        text_encoder = self._load("text_encoder")
-        self._sync()
-        t0 = time.perf_counter()
-        enc = text_encoder(tok.input_ids.to(self.device))
-        self._sync()
-        timings["text_encoder"] = time.perf_counter() - t0
-        text_embeds, hidden = enc.text_embeds, enc.last_hidden_state
-        del text_encoder, enc
-        gc.collect()
+        tokenizer, tok, text_embeds, hidden = self._encode_text(list(req.prompts), timings)
 
         processor = self._processor()
         image_encoder = self._load("image_encoder")

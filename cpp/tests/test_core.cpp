@@ -331,8 +331,18 @@ int main(int argc, char **argv) {
             const char *providers;
             int32_t intra_op_threads, device_id;
         };
-        static_assert(sizeof(params_v1) == sizeof(eclipse_params), "eclipse_params grew: add params_v2, keep v1");
+        struct params_v2 {  // API 2: API 1's fields, then λ-ECLIPSE subjects, control image, named noises
+            params_v1 v1;
+            const eclipse_subject *subjects;
+            size_t subject_count;
+            const eclipse_image *control_image;
+            const eclipse_noise *noises;
+            size_t noise_count;
+        };
+        static_assert(offsetof(eclipse_params, subjects) == sizeof(params_v1), "API 1's layout must stay a prefix");
         static_assert(offsetof(eclipse_params, step_noise_count) == offsetof(params_v1, step_noise_count), "layout");
+        static_assert(sizeof(params_v2) == sizeof(eclipse_params), "eclipse_params grew: add params_v3, keep v1 and v2");
+        static_assert(offsetof(eclipse_params, noise_count) == offsetof(params_v2, noise_count), "layout");
         eclipse_result *r = nullptr;
         eclipse_params p = eclipse_default_params();
         eclipse_state *state = reinterpret_cast<eclipse_state *>(&p);  // never reached: params are checked first
@@ -344,7 +354,7 @@ int main(int argc, char **argv) {
         EXPECT(eclipse_generate(state, "x", reinterpret_cast<const eclipse_params *>(&v1), &r) ==
                ECLIPSE_ERR_INVALID_ARGUMENT);
         EXPECT(std::string(eclipse_last_error()).find("scheduler 99") != std::string::npos);
-        for (uint32_t bad : {0u, 4u, 12u, 16u, uint32_t(sizeof(p) - 8), uint32_t(sizeof(p) + 8)}) {
+        for (uint32_t bad : {0u, 4u, 12u, 16u, uint32_t(sizeof(params_v1) + 8), uint32_t(sizeof(p) - 8), uint32_t(sizeof(p) + 8)}) {
             p.struct_size = bad;
             EXPECT(eclipse_generate(state, "x", &p, &r) == ECLIPSE_ERR_INVALID_ARGUMENT && r == nullptr);
             EXPECT(std::string(eclipse_last_error()).find("not the size of any released eclipse_params") !=
@@ -394,6 +404,77 @@ int main(int argc, char **argv) {
         table.struct_size = 12;
         EXPECT(eclipse_backend_custom_create(&table, &backend) == ECLIPSE_ERR_INVALID_ARGUMENT);
         EXPECT(std::string(eclipse_last_error()).find("not the size of a released") != std::string::npos);
+    });
+
+    run("C API 2: subject/control images, keywords and named noises are checked before any work (issue 19)", [] {
+        // the state is never reached: every case is refused while the request is read
+        eclipse_params base = eclipse_default_params();
+        eclipse_state *state = reinterpret_cast<eclipse_state *>(&base);
+        const fs::path d = temp_dir("api2");
+        write(d / "empty.png", "");
+        write(d / "text.png", "not an image");
+        auto refused = [&](const eclipse_params &p, const std::string &words) {
+            eclipse_result *r = nullptr;
+            const eclipse_status s = eclipse_generate(state, "a dog", &p, &r);
+            const std::string message = eclipse_last_error();
+            EXPECT(s == ECLIPSE_ERR_INVALID_ARGUMENT && r == nullptr && message.find('\n') == std::string::npos);
+            if (message.find(words) == std::string::npos) std::fprintf(stderr, "  message: %s\n", message.c_str());
+            EXPECT(message.find(words) != std::string::npos);
+        };
+        const uint8_t pixel[4] = {1, 2, 3, 4};
+        eclipse_subject subject{};
+        subject.keyword = "dog";
+        eclipse_params p = base;
+        p.subjects = &subject;
+        p.subject_count = 1;
+        const std::string missing = (d / "missing.png").string(), empty = (d / "empty.png").string(),
+                          text = (d / "text.png").string();
+        subject.image.path = missing.c_str();
+        refused(p, "subject image 1 (dog) " + missing + ": no such file");
+        subject.image.path = empty.c_str();
+        refused(p, "the file is empty");
+        subject.image.path = text.c_str();
+        refused(p, "not a readable image");
+        subject.image = eclipse_image{nullptr, pixel, 0, 1, 3, 0};
+        refused(p, "subject image 1 (dog): the image is empty (0x1)");
+        subject.image = eclipse_image{nullptr, pixel, 1, 1, 5, 0};
+        refused(p, "channels 5 is not 1 (grey), 3 (RGB8) or 4 (RGBA8)");
+        subject.image = eclipse_image{nullptr, nullptr, 1, 1, 3, 0};
+        refused(p, "neither a path nor pixels");
+        subject.image = eclipse_image{nullptr, pixel, 2, 1, 3, 4};
+        refused(p, "stride 4 is less than a row (6 bytes)");
+        subject.image = eclipse_image{nullptr, pixel, 1, 1, 3, 0};
+        subject.keyword = " \t";
+        refused(p, "subject 1: the keyword ' \\t' tokenizes to nothing");
+        subject.keyword = nullptr;
+        refused(p, "subject 1: the keyword must be a string");
+        p.subjects = nullptr;
+        refused(p, "subject_count is 1 but subjects is NULL");
+        p = base;
+        eclipse_image control{missing.c_str(), nullptr, 0, 0, 0, 0};
+        p.control_image = &control;
+        refused(p, "control image " + missing + ": no such file");
+        p = base;
+        const float values[2] = {0, 0};
+        eclipse_noise noises[2] = {{"latents", values, 2}, {"sr_latents", values, 2}};
+        p.noises = noises;
+        p.noise_count = 2;
+        noises[1].name = "nope";
+        refused(p, "noises[1].name 'nope' is not a noise");
+        noises[1].name = nullptr;
+        refused(p, "noises[1].name is NULL");
+        noises[1] = {"latents", values, 2};
+        refused(p, "noise 'latents' is given twice in eclipse_params.noises");
+        noises[1] = {"steps", nullptr, 2};
+        refused(p, "noises[1] ('steps') has no data");
+        p.noise_count = 1;
+        p.latent_noise = values;
+        p.latent_noise_count = 2;
+        refused(p, "noise 'latents' is given twice (in eclipse_params.noises and its own field)");
+        p = base;
+        p.noise_count = 3;
+        refused(p, "noise_count is 3 but noises is NULL");
+        fs::remove_all(d);
     });
 
     return finish();

@@ -1,8 +1,11 @@
 /*
  * eclipse: the eclipse-export runtime for C and C++ applications.
  *
- * Opens a bundle made by eclipse-export, runs the chain
+ * Opens a bundle made by eclipse-export, runs the chain of its model family, e.g. Kandinsky 2.2's
  *   prompt -> CLIP tokenizer -> text encoder -> ECLIPSE prior -> UNet x N (CFG) -> MoVQ -> RGB8
+ * (λ-ECLIPSE: subject images -> image encoder -> their embeddings in the keywords' places of the
+ * prompt's text states -> λ prior -> the same decoder; Karlo: text_proj -> 64 px decoder ->
+ * super-resolution)
  * through a backend (ONNX Runtime, or the caller's own engine), and gives the same image as the
  * Python runtime for the same prompt and seed.
  *
@@ -39,8 +42,10 @@
 extern "C" {
 #endif
 
-/* Version of this header's API; eclipse_params.api_version carries it. */
-#define ECLIPSE_API_VERSION 1
+/* Version of this header's API; eclipse_params.api_version carries it. 2 added the λ-ECLIPSE
+ * subjects, the control image and named noises to eclipse_params (a caller built against API 1
+ * passes the shorter struct and keeps working). */
+#define ECLIPSE_API_VERSION 2
 
 typedef enum eclipse_status {
     ECLIPSE_OK = 0,
@@ -179,7 +184,8 @@ typedef struct eclipse_custom_backend {
     uint32_t struct_size;  /* sizeof(eclipse_custom_backend) */
     void *user_data;       /* passed to every function below */
     const char *name;      /* shown in logs and reports */
-    /* Load one component ("text_encoder", "prior", "unet", "movq") from its verified graph
+    /* Load one component ("text_encoder", "prior", "unet", "movq"; λ-ECLIPSE also "image_encoder";
+     * Karlo: "text_proj", "decoder", "super_res_first", "super_res_last") from its verified graph
      * file; store the caller's session handle in *session. Return 0 on success. */
     int (*load)(void *user_data, const char *component, const char *graph_path, void **session);
     /* Run a loaded component. Inputs and outputs come in the graph's order with their shapes;
@@ -221,7 +227,7 @@ ECLIPSE_API void eclipse_normals(uint64_t seed, uint32_t stream, float *out, siz
 
 /* ---- context, state, generation ----------------------------------------------------------- */
 
-/* Loads the bundle's four graphs on the backend. The context keeps the bundle and backend
+/* Loads the bundle's graphs on the backend. The context keeps the bundle and backend
  * alive: both may be freed by the caller right after. */
 ECLIPSE_API eclipse_status eclipse_context_create(const eclipse_bundle *bundle, eclipse_backend *backend,
                                                   eclipse_context **out);
@@ -232,6 +238,41 @@ ECLIPSE_API void eclipse_state_free(eclipse_state *state);
 
 /* Return non-zero to cancel (eclipse_generate then returns ECLIPSE_ERR_CANCELLED). */
 typedef int (*eclipse_progress_fn)(int32_t step, int32_t steps, void *user_data);
+
+/* An image the caller gives (λ-ECLIPSE subject or control image): a PNG file, or pixels in memory.
+ * Files: 8- or 16-bit, grey, RGB or palette, with or without alpha; transparency is composited on
+ * white, as the Python runtime's runtime/subjects.py load_image does (JPEG and other formats:
+ * decode them yourself and pass the pixels). The image is decoded and checked when
+ * eclipse_generate starts, before any graph runs, and then CLIP-preprocessed exactly as the
+ * Python runtime does (shortest edge bicubic, centre crop, mean/std from the bundle). */
+typedef struct eclipse_image {
+    const char *path;        /* a PNG file; NULL: the pixels below */
+    const uint8_t *pixels;   /* row-major, top row first; `channels` bytes a pixel */
+    int32_t width, height;
+    int32_t channels;        /* 1: grey8; 3: RGB8; 4: RGBA8, composited on white */
+    size_t stride;           /* bytes from one row to the next; 0: packed (width * channels) */
+} eclipse_image;
+
+/* One λ-ECLIPSE subject: its image and the prompt word it stands for (UTF-8). Every prompt
+ * position holding any sub-token of the keyword gets the image's embedding; a later subject wins
+ * a token two keywords share; a keyword absent from the prompt gives a warning on the result. */
+typedef struct eclipse_subject {
+    eclipse_image image;
+    const char *keyword;
+} eclipse_subject;
+
+/* One injected noise, by name (float32, C order; count must be the request's exactly):
+ *   every family:  "prior" (prior batch * D), "latents" (the first latents), "steps" (one noise
+ *                  per sampler step: steps * latents; DDPM / unCLIP only)
+ *   Karlo also:    "sr_latents" (3*Q*Q), "sr_steps" (7 * 3*Q*Q): the super-resolution loop's
+ * Names not drawn by the bundle's family are refused; a name not given is drawn from the seed
+ * (README: "The noise generator", streams 0-4). */
+typedef struct eclipse_noise {
+    const char *name;
+    const float *data;
+    size_t count;
+} eclipse_noise;
+
 
 typedef struct eclipse_params {
     uint32_t struct_size;     /* sizeof(eclipse_params) as the caller was compiled */
@@ -254,9 +295,23 @@ typedef struct eclipse_params {
     size_t latent_noise_count;
     const float *step_noise;
     size_t step_noise_count;
+    /* ---- API 2 (a struct_size without these fields reads them as NULL / 0) ---- */
+    /* λ-ECLIPSE bundles: the subject images and keywords (at least one: a λ bundle refuses a
+     * request without subjects, as the Python runtime does); other families refuse subjects. */
+    const eclipse_subject *subjects;
+    size_t subject_count;
+    /* λ-ECLIPSE: an edge map used as it is (white edges on black, as Canny draws them); NULL: the
+     * bundle's zero-image embedding. Canny edges of a photo are computed by the Python runtime
+     * only (OpenCV: eclipse-generate --canny); compute them yourself and pass the edge image. */
+    const eclipse_image *control_image;
+    /* Named noises (see eclipse_noise), for every family; Karlo's super-resolution noises can be
+     * injected only this way. A noise given here and in the fields above is refused. */
+    const eclipse_noise *noises;
+    size_t noise_count;
 } eclipse_params;
 
-/* 512x512, 50 steps, guidance 4, seed 0, the bundle's scheduler, no negative prompt. */
+/* 512x512, 50 steps, guidance 4, seed 0, the bundle's scheduler, no negative prompt, no subjects,
+ * no control image, every noise from the seed. */
 ECLIPSE_API eclipse_params eclipse_default_params(void);
 /* The defaults of the bundle's model family: Kandinsky 2.2 as above; Karlo: the bundle's image
  * size (256x256, its super-resolution UNets'; other sizes are refused), 25 decoder steps (the
@@ -272,7 +327,9 @@ ECLIPSE_API int32_t eclipse_result_height(const eclipse_result *result);
 /* height * width * 3 bytes, RGB, row-major; owned by the result. */
 ECLIPSE_API const uint8_t *eclipse_result_pixels(const eclipse_result *result);
 /* Seconds spent in a stage: "text_encoder", "prior", "unet", "unet_per_step", "movq", "total";
- * -1 for an unknown name. */
+ * λ-ECLIPSE also "image_encoder" (all images) and "image_encoder.subject0", ...,
+ * "image_encoder.control"; Karlo "text_proj", "decoder", "decoder_per_step", "upsample",
+ * "super_res"; -1 for a stage the generation did not run. */
 ECLIPSE_API double eclipse_result_timing(const eclipse_result *result, const char *stage);
 ECLIPSE_API size_t eclipse_result_warning_count(const eclipse_result *result);
 ECLIPSE_API const char *eclipse_result_warning(const eclipse_result *result, size_t index);

@@ -5,6 +5,7 @@
 //   eclipse::State state(ctx);
 //   eclipse::Params p;  p.seed = 7;
 //   state.generate("a red cube on a blue sphere", p).save_png("out.png");
+//   // λ-ECLIPSE bundle: p.subjects = {{eclipse::Image::file("dog.png"), "dog"}};
 #pragma once
 
 #include <cstdint>
@@ -112,6 +113,38 @@ private:
     detail::Handle<eclipse_context, eclipse_context_free> handle_;
 };
 
+// A λ-ECLIPSE subject or control image (eclipse_image): a PNG file, or RGB8/RGBA8 pixels the
+// caller keeps alive until generate() returns.
+struct Image {
+    std::string path;
+    const uint8_t *pixels = nullptr;
+    int32_t width = 0, height = 0, channels = 3;
+    size_t stride = 0;  // 0: packed rows
+    static Image file(const std::string &path) {
+        Image i;
+        i.path = path;
+        return i;
+    }
+    static Image rgb8(const uint8_t *pixels, int32_t width, int32_t height, size_t stride = 0, int32_t channels = 3) {
+        Image i;
+        i.pixels = pixels, i.width = width, i.height = height, i.stride = stride, i.channels = channels;
+        return i;
+    }
+    eclipse_image c() const { return {path.empty() ? nullptr : path.c_str(), pixels, width, height, channels, stride}; }
+};
+
+struct Subject {
+    Image image;
+    std::string keyword;  // the prompt word the image stands for
+};
+
+// An injected noise by name ("prior", "latents", "steps"; Karlo also "sr_latents", "sr_steps"): see eclipse_noise
+struct Noise {
+    std::string name;
+    const float *data = nullptr;
+    size_t count = 0;
+};
+
 struct Params {
     std::optional<std::string> negative_prompt;  // nullopt: the bundle's zero-image embedding
     int32_t width = 512, height = 512, steps = 50;
@@ -119,6 +152,9 @@ struct Params {
     uint64_t seed = 0;
     eclipse_scheduler scheduler = ECLIPSE_SCHEDULER_BUNDLE;
     std::function<bool(int step, int steps)> progress;  // return false to cancel
+    std::vector<Subject> subjects;        // λ-ECLIPSE bundles (at least one there; refused elsewhere)
+    std::optional<Image> control_image;   // λ-ECLIPSE: an edge map; nullopt: the zero-image embedding
+    std::vector<Noise> noises;            // injected; the rest is drawn from the seed
 };
 
 // The bundle family's defaults (Karlo: the bundle's image size, 25 steps, guidance 8).
@@ -172,6 +208,17 @@ public:
             };
             c.progress_data = const_cast<std::function<bool(int, int)> *>(&p.progress);
         }
+        std::vector<eclipse_subject> subjects;
+        for (const Subject &sub : p.subjects) subjects.push_back({sub.image.c(), sub.keyword.c_str()});
+        c.subjects = subjects.data(), c.subject_count = subjects.size();
+        eclipse_image control{};
+        if (p.control_image) {
+            control = p.control_image->c();
+            c.control_image = &control;
+        }
+        std::vector<eclipse_noise> noises;
+        for (const Noise &n : p.noises) noises.push_back({n.name.c_str(), n.data, n.count});
+        c.noises = noises.data(), c.noise_count = noises.size();
         eclipse_result *r = nullptr;
         check(eclipse_generate(handle_.get(), prompt.c_str(), &c, &r));
         return Result(r);

@@ -1,5 +1,6 @@
 // The C API: handles over the C++ core, exceptions turned into status codes + a per-thread
 // message, buffers owned by the library.
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdio>
@@ -9,8 +10,11 @@
 #include <mutex>
 #include <string>
 #include <new>
+#include <tuple>
 
 #include "core/backend.hpp"
+#include "core/chain_lambda.hpp"
+#include "core/image_input.hpp"
 #include "core/noise.hpp"
 #include "core/pipeline.hpp"
 #include "core/scheduler.hpp"
@@ -104,6 +108,92 @@ int32_t raw_enum(const E &value) {
 template <class T>
 void require(const T *p, const char *what) {
     if (p == nullptr) throw Error(ECLIPSE_ERR_INVALID_ARGUMENT, std::string(what) + " is NULL");
+}
+
+// The caller's image: decoded and checked now, before any graph runs (runtime/subjects.py
+// load_image's rules and words; `what` names it as the Python runtime does)
+Rgb8Image read_image(const eclipse_image &image, const std::string &field, const std::string &what) {
+    if (image.path != nullptr) {
+        if (image.pixels != nullptr)
+            throw Error(ECLIPSE_ERR_INVALID_ARGUMENT, field + " has both a path and pixels: give one");
+        return decode_png_file(image.path, what);
+    }
+    if (image.channels != 1 && image.channels != 3 && image.channels != 4)
+        throw Error(ECLIPSE_ERR_INVALID_ARGUMENT, field + ".channels " + std::to_string(image.channels) +
+                                                      " is not 1 (grey), 3 (RGB8) or 4 (RGBA8)");
+    if (image.width <= 0 || image.height <= 0)
+        throw Error(ECLIPSE_ERR_INVALID_ARGUMENT, what + ": the image is empty (" + std::to_string(image.width) + "x" +
+                                                      std::to_string(image.height) + ")");
+    if (image.pixels == nullptr) throw Error(ECLIPSE_ERR_INVALID_ARGUMENT, field + " has neither a path nor pixels");
+    const size_t row = static_cast<size_t>(image.width) * static_cast<size_t>(image.channels);
+    if (image.stride != 0 && image.stride < row)
+        throw Error(ECLIPSE_ERR_INVALID_ARGUMENT, field + ".stride " + std::to_string(image.stride) + " is less than a row (" +
+                                                      std::to_string(row) + " bytes)");
+    return rgb8_from_buffer(image.pixels, image.width, image.height, image.stride, image.channels, what);
+}
+
+// str.strip() of the keyword for the ASCII whitespace and the Unicode spaces a keyword may carry
+std::string strip(const std::string &s) {
+    static const char *kSpaces[] = {" ", "\t", "\n", "\v", "\f", "\r", "\xc2\x85", "\xc2\xa0", "\xe3\x80\x80"};
+    size_t begin = 0, end = s.size();
+    for (bool again = true; again;) {
+        again = false;
+        for (const char *sp : kSpaces) {
+            const size_t k = std::strlen(sp);
+            if (end - begin >= k && s.compare(begin, k, sp) == 0) begin += k, again = true;
+            if (end - begin >= k && s.compare(end - k, k, sp) == 0) end -= k, again = true;
+        }
+    }
+    return s.substr(begin, end - begin);
+}
+
+// eclipse_params' API 2 fields (and the API 1 noise pointers) as the core's Inputs, every count
+// and pointer checked before use
+Inputs read_inputs(const eclipse_params &p) {
+    Inputs in;
+    constexpr const char *kNoiseNames[] = {"prior", "latents", "steps", "sr_latents", "sr_steps"};
+    if (p.noise_count > 0 && p.noises == nullptr)
+        throw Error(ECLIPSE_ERR_INVALID_ARGUMENT, "eclipse_params.noise_count is " + std::to_string(p.noise_count) +
+                                                      " but noises is NULL");
+    for (size_t i = 0; i < p.noise_count; ++i) {
+        const eclipse_noise &nz = p.noises[i];
+        const std::string field = "eclipse_params.noises[" + std::to_string(i) + "]";
+        if (nz.name == nullptr) throw Error(ECLIPSE_ERR_INVALID_ARGUMENT, field + ".name is NULL");
+        const std::string name = nz.name;
+        if (std::find_if(std::begin(kNoiseNames), std::end(kNoiseNames), [&](const char *k) { return name == k; }) ==
+            std::end(kNoiseNames))
+            throw Error(ECLIPSE_ERR_INVALID_ARGUMENT, field + ".name '" + name +
+                                                          "' is not a noise (prior, latents, steps, sr_latents, sr_steps)");
+        if (nz.data == nullptr) throw Error(ECLIPSE_ERR_INVALID_ARGUMENT, field + " ('" + name + "') has no data");
+        if (!in.noises.emplace(name, NoiseInput{nz.data, nz.count}).second)
+            throw Error(ECLIPSE_ERR_INVALID_ARGUMENT, "noise '" + name + "' is given twice in eclipse_params.noises");
+    }
+    for (const auto &[name, data, count] : {std::tuple{"prior", p.prior_noise, p.prior_noise_count},
+                                            std::tuple{"latents", p.latent_noise, p.latent_noise_count},
+                                            std::tuple{"steps", p.step_noise, p.step_noise_count}}) {
+        if (data == nullptr) continue;
+        if (!in.noises.emplace(name, NoiseInput{data, count}).second)
+            throw Error(ECLIPSE_ERR_INVALID_ARGUMENT, std::string("noise '") + name +
+                                                          "' is given twice (in eclipse_params.noises and its own field)");
+    }
+    if (p.subject_count > 0 && p.subjects == nullptr)
+        throw Error(ECLIPSE_ERR_INVALID_ARGUMENT, "eclipse_params.subject_count is " + std::to_string(p.subject_count) +
+                                                      " but subjects is NULL");
+    for (size_t i = 0; i < p.subject_count; ++i) {  // as runtime/request.py: keyword, then its image, in order
+        const eclipse_subject &sub = p.subjects[i];
+        const std::string n = std::to_string(i + 1);
+        if (sub.keyword == nullptr)
+            throw Error(ECLIPSE_ERR_INVALID_ARGUMENT, "subject " + n + ": the keyword must be a string, got NULL");
+        const std::string keyword = sub.keyword;
+        if (is_blank(keyword))
+            throw Error(ECLIPSE_ERR_INVALID_ARGUMENT, "subject " + n + ": the keyword " + py_repr(keyword) +
+                                                          " tokenizes to nothing; give the prompt word the image stands for");
+        Rgb8Image image = read_image(sub.image, "eclipse_params.subjects[" + std::to_string(i) + "].image",
+                                     "subject image " + n + " (" + keyword + ")");
+        in.subjects.push_back({std::move(image), strip(keyword)});
+    }
+    if (p.control_image != nullptr) in.control = read_image(*p.control_image, "eclipse_params.control_image", "control image");
+    return in;
 }
 
 }  // namespace
@@ -319,9 +409,11 @@ eclipse_status eclipse_generate(eclipse_state *state, const char *prompt, const 
         require(state, "state");
         eclipse_params p = eclipse_default_params();
         if (params) {
-            // one released layout so far; a caller built against an older header will pass a
-            // smaller one, and the fields it lacks keep their defaults
-            check_struct_size(params->struct_size, {sizeof(eclipse_params)}, "eclipse_params", "eclipse_default_params()");
+            // released layouts: API 1 (up to step_noise_count) and API 2 (subjects, control image,
+            // named noises); a caller built against the older header passes the smaller one, and
+            // the fields it lacks keep their defaults (NULL / 0)
+            check_struct_size(params->struct_size, {offsetof(eclipse_params, subjects), sizeof(eclipse_params)},
+                              "eclipse_params", "eclipse_default_params()");
             if (params->api_version == 0)
                 throw Error(ECLIPSE_ERR_INVALID_ARGUMENT, "eclipse_params.api_version is 0: set it to ECLIPSE_API_VERSION "
                                                           "(eclipse_default_params() does)");
@@ -335,8 +427,9 @@ eclipse_status eclipse_generate(eclipse_state *state, const char *prompt, const 
         if (scheduler < ECLIPSE_SCHEDULER_BUNDLE || scheduler > ECLIPSE_SCHEDULER_DDIM)
             throw Error(ECLIPSE_ERR_INVALID_ARGUMENT, "eclipse_params.scheduler " + std::to_string(scheduler) +
                                                           " is not an eclipse_scheduler (0 bundle, 1 ddpm, 2 ddim)");
+        const Inputs inputs = read_inputs(p);
         auto result = std::make_unique<eclipse_result>();
-        result->impl = generate(state->impl, prompt, p);
+        result->impl = generate(state->impl, prompt, p, inputs);
         *out = result.release();
     });
 }

@@ -79,7 +79,7 @@ void open_karlo(BundleData &data, const std::string &path) {
     UnclipScheduler check_decoder(data.decoder_scheduler_config), check_super_res(data.super_res_scheduler_config);
 }
 
-Result generate_karlo(State &state, const char *prompt, const eclipse_params &p) {
+Result generate_karlo(State &state, const char *prompt, const eclipse_params &p, const Inputs &inputs) {
     const BundleData &data = *state.context->data;
     Result result;
     auto warn = [&](const std::string &w) {
@@ -95,8 +95,8 @@ Result generate_karlo(State &state, const char *prompt, const eclipse_params &p)
         bad_request("this Karlo bundle generates " + std::to_string(data.Q) + "x" + std::to_string(data.Q) +
                     " images (its super-resolution UNets' size), not " + std::to_string(p.height) + "x" + std::to_string(p.width));
     if (p.scheduler != ECLIPSE_SCHEDULER_BUNDLE) bad_request("Karlo bundles sample with the unCLIP scheduler only");
-    if (p.prior_noise || p.latent_noise || p.step_noise)
-        throw Error(ECLIPSE_ERR_UNSUPPORTED, "injected noises are not supported for Karlo bundles yet (use the seed)");
+    refuse_subjects(data, inputs);
+    require_noise_names(inputs, {"prior", "latents", "steps", "sr_latents", "sr_steps"}, family_title(data));
     if (!std::isfinite(p.guidance_scale)) bad_request("guidance scale must be a finite number, got " + format_number(p.guidance_scale));
     if (is_blank(prompt)) warn("the prompt is empty: generating without text conditioning");
     if (p.guidance_scale < 1)
@@ -110,13 +110,17 @@ Result generate_karlo(State &state, const char *prompt, const eclipse_params &p)
     const int64_t B = 1, rows = cfg ? 2 : 1, D = data.D, P = data.P, Q = data.Q, C = kChannels;
     const size_t n = static_cast<size_t>(B * C * P * P), m = static_cast<size_t>(B * C * Q * Q);
     const size_t dec_steps = dec.timesteps().size(), sr_steps = sr.timesteps().size(), total_steps = dec_steps + sr_steps;
-    std::vector<float> prior_noise(static_cast<size_t>(B * D)), latents(n), step_noise(dec_steps * n), x(m),
-        sr_noise(sr_steps * m);
-    standard_normal(p.seed, ECLIPSE_STREAM_PRIOR, prior_noise.data(), prior_noise.size());
-    standard_normal(p.seed, ECLIPSE_STREAM_LATENTS, latents.data(), n);
-    standard_normal(p.seed, ECLIPSE_STREAM_STEPS, step_noise.data(), step_noise.size());
-    standard_normal(p.seed, kStreamSrLatents, x.data(), m);
-    standard_normal(p.seed, kStreamSrSteps, sr_noise.data(), sr_noise.size());
+    // injected (by name, as KarloNoises' fields) or drawn from the seed's streams
+    std::string problems;
+    const std::vector<float> prior_noise = noise_or_seed(inputs, "prior", "prior noise", p.seed, ECLIPSE_STREAM_PRIOR,
+                                                         static_cast<size_t>(B * D), problems);
+    std::vector<float> latents = noise_or_seed(inputs, "latents", "latent noise", p.seed, ECLIPSE_STREAM_LATENTS, n, problems);
+    const std::vector<float> step_noise =
+        noise_or_seed(inputs, "steps", "step noise", p.seed, ECLIPSE_STREAM_STEPS, dec_steps * n, problems);
+    std::vector<float> x = noise_or_seed(inputs, "sr_latents", "super-resolution latent noise", p.seed, kStreamSrLatents, m, problems);
+    const std::vector<float> sr_noise =
+        noise_or_seed(inputs, "sr_steps", "super-resolution step noise", p.seed, kStreamSrSteps, sr_steps * m, problems);
+    if (!problems.empty()) bad_request("injected noises do not fit: " + problems);
     auto progress = [&](size_t done) {
         if (p.progress && p.progress(static_cast<int32_t>(done), static_cast<int32_t>(total_steps), p.progress_data) != 0)
             throw Error(ECLIPSE_ERR_CANCELLED, "generation cancelled by the progress callback at step " +

@@ -12,7 +12,7 @@ namespace eclipse::core {
 
 // Reads a Karlo bundle's scheduler configs and sizes into `data` (the tokenizer is read already).
 void open_karlo(BundleData &data, const std::string &path);
-Result generate_karlo(State &state, const char *prompt, const eclipse_params &params);
+Result generate_karlo(State &state, const char *prompt, const eclipse_params &params, const Inputs &inputs);
 
 // torch's F.interpolate(mode="bicubic", align_corners=False, antialias=True) of (planes, h, w)
 // float32 to (planes, out_h, out_w), as runtime/resample.py computes it (float64 sums, one rounding).

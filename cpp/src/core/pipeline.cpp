@@ -5,9 +5,11 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 
 #include "core/chain.hpp"
 #include "core/chain_karlo.hpp"
+#include "core/chain_lambda.hpp"
 #include "core/noise.hpp"
 #include "core/scheduler.hpp"
 
@@ -126,35 +128,48 @@ Feed f32(const std::vector<float> &v) { return {v.data(), v.size(), DType::Float
 
 using namespace chain;  // NOLINT: this file is the chain's home
 
-namespace {
+namespace chain {
 
-struct Noise {
-    std::vector<float> prior, latents, steps;
-};
+void require_noise_names(const Inputs &inputs, const std::vector<std::string> &names, const std::string &family_title) {
+    for (const auto &[name, noise] : inputs.noises) {
+        if (std::find(names.begin(), names.end(), name) == names.end())
+            bad_request("injected noise '" + name + "' is not drawn by " + family_title + " bundles (they draw " +
+                        join(names, ", ") + ")");
+    }
+}
 
-Noise noises_for(const eclipse_params &p, size_t prior_count, size_t latent_count, size_t step_count) {
-    Noise n;
-    std::string problems;
-    auto take = [&](const float *given, size_t given_count, size_t want, uint32_t stream, const char *what,
-                    std::vector<float> &dst) {
-        if (given != nullptr) {
-            if (given_count != want) {
-                problems += std::string(problems.empty() ? "" : "; ") + what + " has " + std::to_string(given_count) +
-                            " values, the request needs " + std::to_string(want);
-                return;
-            }
-            dst.assign(given, given + want);
-        } else {
-            dst.resize(want);
-            standard_normal(p.seed, stream, dst.data(), want);
+std::vector<float> noise_or_seed(const Inputs &inputs, const char *name, const char *what, uint64_t seed, uint32_t stream,
+                                 size_t want, std::string &problems) {
+    std::vector<float> dst;
+    auto it = inputs.noises.find(name);
+    if (it != inputs.noises.end()) {
+        if (it->second.count != want) {
+            problems += std::string(problems.empty() ? "" : "; ") + what + " has " + std::to_string(it->second.count) +
+                        " values, the request needs " + std::to_string(want);
+            return dst;
         }
-    };
-    take(p.prior_noise, p.prior_noise_count, prior_count, ECLIPSE_STREAM_PRIOR, "prior noise", n.prior);
-    take(p.latent_noise, p.latent_noise_count, latent_count, ECLIPSE_STREAM_LATENTS, "latent noise", n.latents);
-    if (step_count) take(p.step_noise, p.step_noise_count, step_count, ECLIPSE_STREAM_STEPS, "step noise", n.steps);
+        dst.assign(it->second.data, it->second.data + want);
+    } else {
+        dst.resize(want);
+        standard_normal(seed, stream, dst.data(), want);
+    }
+    return dst;
+}
+
+DecoderNoise decoder_noises(const eclipse_params &p, const Inputs &inputs, size_t prior_count, size_t latent_count,
+                            size_t step_count) {
+    DecoderNoise n;
+    std::string problems;
+    n.prior = noise_or_seed(inputs, "prior", "prior noise", p.seed, ECLIPSE_STREAM_PRIOR, prior_count, problems);
+    n.latents = noise_or_seed(inputs, "latents", "latent noise", p.seed, ECLIPSE_STREAM_LATENTS, latent_count, problems);
+    if (step_count) n.steps = noise_or_seed(inputs, "steps", "step noise", p.seed, ECLIPSE_STREAM_STEPS, step_count, problems);
     if (!problems.empty()) bad_request("injected noises do not fit: " + problems);
     return n;
 }
+
+}  // namespace chain
+
+namespace {
 
 struct ProgressRelay {  // turns the user's callback into the device loop's and remembers a cancel
     const eclipse_params *params;
@@ -174,7 +189,8 @@ std::shared_ptr<const BundleData> BundleData::open(const std::string &path, bool
     const Bundle &b = *data->bundle;
     // Bundle::open refused families this library does not know; each has its chain here
     data->family = find_family(family_name(b.manifest()));
-    if (!data->family || (data->family->name != "kandinsky22" && data->family->name != "karlo"))
+    if (!data->family ||
+        (data->family->name != "kandinsky22" && data->family->name != "karlo" && data->family->name != "lambda"))
         throw Error(ECLIPSE_ERR_BUNDLE, path + ": this library has no chain for model family '" +
                                             family_name(b.manifest()) + "'");
     const json config = b.listed("tokenizer/tokenizer_config.json") ? b.read_json("tokenizer/tokenizer_config.json") : json();
@@ -194,6 +210,7 @@ std::shared_ptr<const BundleData> BundleData::open(const std::string &path, bool
                                             std::to_string(data->D) + ")");
     data->negative_image_embeds = std::move(neg.data);
     Scheduler(data->scheduler_config, "");  // refuse an unsupported scheduler now, not mid-request
+    if (data->family->name == "lambda") open_lambda(*data, path);
     return data;
 }
 
@@ -229,17 +246,12 @@ std::string scheduler_kind_name(eclipse_scheduler s) {
     bad_request("unknown scheduler " + std::to_string(static_cast<int>(s)) + " (choose bundle, ddpm or ddim)");
 }
 
-Result generate(State &state, const char *prompt, const eclipse_params &p) {
-    const BundleData &data = *state.context->data;
-    if (data.family->name == "karlo") return generate_karlo(state, prompt, p);
-    Result result;
-    auto warn = [&](const std::string &w) {
-        result.warnings.push_back(w);
-        log(ECLIPSE_LOG_WARN, w);
-    };
+namespace chain {
 
-    // 0. validate everything before any work (as runtime/pipeline.py's Request.make)
+void check_decoder_request(const char *prompt, const eclipse_params &p, const std::function<void(const std::string &)> &warn) {
+    // as runtime/request.py's Request.make, in its order
     if (prompt == nullptr) bad_request("no prompt given");
+    if (is_blank(prompt)) warn("the prompt is empty: generating without text conditioning");
     for (const auto &[name, value] : {std::pair{"height", p.height}, std::pair{"width", p.width}}) {
         if (value % kSizeMultiple != 0 || value < kMinSize || value > kMaxSize)
             bad_request(std::string(name) + " " + std::to_string(value) + " must be a multiple of " +
@@ -247,87 +259,36 @@ Result generate(State &state, const char *prompt, const eclipse_params &p) {
     }
     if (p.steps < 1) bad_request("steps must be a whole number >= 1, got " + std::to_string(p.steps));
     if (!std::isfinite(p.guidance_scale)) bad_request("guidance scale must be a finite number, got " + format_number(p.guidance_scale));
-    if (is_blank(prompt)) warn("the prompt is empty: generating without text conditioning");
     if (p.guidance_scale < 1)
         warn("guidance scale " + format_number(p.guidance_scale) + " < 1 means no classifier-free guidance (same as 1)");
     if (p.negative_prompt != nullptr && p.guidance_scale <= 1)
         warn("the negative prompt has no effect without classifier-free guidance (guidance <= 1)");
-    Scheduler sched(data.scheduler_config, scheduler_kind_name(p.scheduler));
-    sched.set_timesteps(p.steps);
+}
 
-    const bool negative = p.negative_prompt != nullptr;
-    const int64_t B = 1, prior_batch = negative ? 2 : 1, C = data.C, D = data.D;
-    const int64_t h = p.height / data.S, w = p.width / data.S;
-    const size_t n = static_cast<size_t>(B * C * h * w);
-    const auto steps = sched.timesteps().size();
-    Noise noise = noises_for(p, static_cast<size_t>(prior_batch * D), n, sched.needs_noise() ? steps * n : 0);
-
-    const auto t_start = std::chrono::steady_clock::now();  // "total" as the Python runtime counts it
-
-    // 1. tokens: the prompt, then the negative prompt (it shares the batch)
-    std::vector<std::string> texts{prompt};
-    if (negative) texts.emplace_back(p.negative_prompt);
-    const int64_t T = data.tokenizer->max_length();
-    std::vector<int32_t> ids, mask;
-    for (size_t i = 0; i < texts.size(); ++i) {
-        const std::string &text = texts[i];
-        const char *which = i == 0 ? "the prompt" : "the negative prompt";
-        Tokens tok;
-        try {
-            tok = data.tokenizer->encode(text);
-        } catch (const Error &e) {  // the tokenizer speaks of "the prompt": say which one
-            std::string message = e.what();
-            if (i > 0 && message.rfind("the prompt", 0) == 0) message = which + message.substr(10);
-            throw Error(e.status, message);
-        }
-        if (tok.truncated)
-            warn(std::string(i == 0 ? "prompt" : "negative prompt") + " truncated to " + std::to_string(T) + " tokens: '" +
-                 text.substr(0, 60) + "'...");
-        ids.insert(ids.end(), tok.ids.begin(), tok.ids.end());
-        mask.insert(mask.end(), tok.mask.begin(), tok.mask.end());
-    }
+std::map<std::string, int64_t> manifest_dims(const BundleData &data) {
     std::map<std::string, int64_t> dims;
     for (const auto &[k, v] : data.bundle->manifest().at("dims").items()) {
-        if (v.is_number_integer()) dims[k] = v.get<int64_t>();  // C, D, E, S, T are checked at open
+        if (v.is_number_integer()) dims[k] = v.get<int64_t>();  // the family's dims are checked at open
     }
-    dims["T"] = T;
+    dims["T"] = data.tokenizer->max_length();
+    return dims;
+}
 
-    // 2. text encoder
-    dims["B"] = prior_batch;
-    auto t0 = std::chrono::steady_clock::now();
-    auto text = run_component(state, "text_encoder", {{"input_ids", {ids.data(), ids.size(), DType::Int32}}}, dims);
-    const std::vector<float> &text_embeds = output(text, "text_encoder", "text_embeds");
-    const std::vector<float> &text_hidden = output(text, "text_encoder", "text_hidden_states");
-    result.timings["text_encoder"] = seconds_since(t0);
-    stage_done(state, "text_encoder", result);
-
-    // 3. prior: one forward pass, noise in the hidden_states slot
-    t0 = std::chrono::steady_clock::now();
-    auto prior = run_component(state, "prior",
-                               {{"noise", f32(noise.prior)}, {"text_embeds", f32(text_embeds)},
-                                {"text_hidden_states", f32(text_hidden)},
-                                {"attention_mask", {mask.data(), mask.size(), DType::Int32}}},
-                               dims);
-    result.timings["prior"] = seconds_since(t0);
-    stage_done(state, "prior", result);
-    const std::vector<float> &embeds = output(prior, "prior", "image_embeds");
-    if (static_cast<int64_t>(embeds.size()) != prior_batch * D) bad_io("prior", "does not give (B, D) image embeddings");
-    const float *positive = embeds.data();
-    const float *negative_embeds = negative ? embeds.data() + D : data.negative_image_embeds.data();
-
-    // 4. UNet loop; guidance only for scale > 1 (diffusers' rule)
-    const bool cfg = p.guidance_scale > 1.0;
+std::vector<float> denoise_and_decode(State &state, const eclipse_params &p, Scheduler &sched, const DecoderNoise &noise,
+                                      const std::vector<float> &unet_embeds, bool cfg, int64_t h, int64_t w,
+                                      std::map<std::string, int64_t> &dims, Result &result) {
+    const BundleData &data = *state.context->data;
+    const int64_t B = 1, C = data.C, D = data.D;
+    const size_t n = static_cast<size_t>(B * C * h * w);
+    const size_t steps = sched.timesteps().size();
     const float scale = static_cast<float>(p.guidance_scale);  // float32, as np.float32(scale)
-    std::vector<float> unet_embeds;
-    if (cfg) unet_embeds.insert(unet_embeds.end(), negative_embeds, negative_embeds + D);
-    unet_embeds.insert(unet_embeds.end(), positive, positive + D);
     std::vector<float> latents(n);
     for (size_t i = 0; i < n; ++i) latents[i] = noise.latents[i] * sched.init_noise_sigma();
     const int64_t unet_batch = cfg ? 2 * B : B;
     dims["B"] = unet_batch, dims["h"] = h, dims["w"] = w;
 
     const Backend &backend = *state.context->backend;
-    t0 = std::chrono::steady_clock::now();
+    auto t0 = std::chrono::steady_clock::now();
     if (backend.has_device_loop() && sched.prediction() == Prediction::Epsilon) {
         std::vector<float> timesteps;
         std::vector<eclipse_step_coefficients> coefficients;
@@ -386,7 +347,7 @@ Result generate(State &state, const char *prompt, const eclipse_params &p) {
     result.timings["unet"] = seconds_since(t0);
     result.timings["unet_per_step"] = result.timings["unet"] / static_cast<double>(steps);
 
-    // 5. MoVQ decode (post-processing is inside the graph: image in [0, 1], (B, H, W, 3))
+    // MoVQ decode (post-processing is inside the graph: image in [0, 1], (B, H, W, 3))
     dims["B"] = B;
     t0 = std::chrono::steady_clock::now();
     auto image = run_component(state, "movq", {{"latents", f32(latents)}}, dims);
@@ -402,6 +363,105 @@ Result generate(State &state, const char *prompt, const eclipse_params &p) {
         const float v = std::min(std::max(rgb[i], 0.0f), 1.0f) * 255.0f;
         result.pixels[i] = static_cast<uint8_t>(std::nearbyint(v));
     }
+    return latents;
+}
+
+std::string family_title(const BundleData &data) {
+    // families/<name>/__init__.py's titles (the words the Python runtime's messages use)
+    if (data.family->name == "kandinsky22") return "ECLIPSE + Kandinsky 2.2";
+    if (data.family->name == "karlo") return "ECLIPSE + Karlo (unCLIP)";
+    if (data.family->name == "lambda") return "λ-ECLIPSE + Kandinsky 2.2";
+    return data.family->name;
+}
+
+void refuse_subjects(const BundleData &data, const Inputs &inputs) {
+    if (!inputs.subjects.empty() || inputs.control)
+        bad_request("this bundle is plain ECLIPSE (" + family_title(data) +
+                    "): it takes no subject or control images; export a λ-ECLIPSE bundle (eclipse-export --preset "
+                    "lambda) for those");
+}
+
+}  // namespace chain
+
+Result generate(State &state, const char *prompt, const eclipse_params &p, const Inputs &inputs) {
+    const BundleData &data = *state.context->data;
+    if (data.family->name == "karlo") return generate_karlo(state, prompt, p, inputs);
+    if (data.family->name == "lambda") return generate_lambda(state, prompt, p, inputs);
+    Result result;
+    auto warn = [&](const std::string &w) {
+        result.warnings.push_back(w);
+        log(ECLIPSE_LOG_WARN, w);
+    };
+
+    // 0. validate everything before any work (as runtime/request.py + runtime/chains/kandinsky22.py)
+    check_decoder_request(prompt, p, warn);
+    refuse_subjects(data, inputs);
+    require_noise_names(inputs, {"prior", "latents", "steps"}, family_title(data));
+    Scheduler sched(data.scheduler_config, scheduler_kind_name(p.scheduler));
+    sched.set_timesteps(p.steps);
+
+    const bool negative = p.negative_prompt != nullptr;
+    const int64_t B = 1, prior_batch = negative ? 2 : 1, C = data.C, D = data.D;
+    const int64_t h = p.height / data.S, w = p.width / data.S;
+    const size_t n = static_cast<size_t>(B * C * h * w);
+    const auto steps = sched.timesteps().size();
+    const DecoderNoise noise = decoder_noises(p, inputs, static_cast<size_t>(prior_batch * D), n, sched.needs_noise() ? steps * n : 0);
+
+    const auto t_start = std::chrono::steady_clock::now();  // "total" as the Python runtime counts it
+
+    // 1. tokens: the prompt, then the negative prompt (it shares the batch)
+    std::vector<std::string> texts{prompt};
+    if (negative) texts.emplace_back(p.negative_prompt);
+    const int64_t T = data.tokenizer->max_length();
+    std::vector<int32_t> ids, mask;
+    for (size_t i = 0; i < texts.size(); ++i) {
+        const std::string &text = texts[i];
+        const char *which = i == 0 ? "the prompt" : "the negative prompt";
+        Tokens tok;
+        try {
+            tok = data.tokenizer->encode(text);
+        } catch (const Error &e) {  // the tokenizer speaks of "the prompt": say which one
+            std::string message = e.what();
+            if (i > 0 && message.rfind("the prompt", 0) == 0) message = which + message.substr(10);
+            throw Error(e.status, message);
+        }
+        if (tok.truncated)
+            warn(std::string(i == 0 ? "prompt" : "negative prompt") + " truncated to " + std::to_string(T) + " tokens: '" +
+                 text.substr(0, 60) + "'...");
+        ids.insert(ids.end(), tok.ids.begin(), tok.ids.end());
+        mask.insert(mask.end(), tok.mask.begin(), tok.mask.end());
+    }
+    std::map<std::string, int64_t> dims = manifest_dims(data);
+
+    // 2. text encoder
+    dims["B"] = prior_batch;
+    auto t0 = std::chrono::steady_clock::now();
+    auto text = run_component(state, "text_encoder", {{"input_ids", {ids.data(), ids.size(), DType::Int32}}}, dims);
+    const std::vector<float> &text_embeds = output(text, "text_encoder", "text_embeds");
+    const std::vector<float> &text_hidden = output(text, "text_encoder", "text_hidden_states");
+    result.timings["text_encoder"] = seconds_since(t0);
+    stage_done(state, "text_encoder", result);
+
+    // 3. prior: one forward pass, noise in the hidden_states slot
+    t0 = std::chrono::steady_clock::now();
+    auto prior = run_component(state, "prior",
+                               {{"noise", f32(noise.prior)}, {"text_embeds", f32(text_embeds)},
+                                {"text_hidden_states", f32(text_hidden)},
+                                {"attention_mask", {mask.data(), mask.size(), DType::Int32}}},
+                               dims);
+    result.timings["prior"] = seconds_since(t0);
+    stage_done(state, "prior", result);
+    const std::vector<float> &embeds = output(prior, "prior", "image_embeds");
+    if (static_cast<int64_t>(embeds.size()) != prior_batch * D) bad_io("prior", "does not give (B, D) image embeddings");
+    const float *positive = embeds.data();
+    const float *negative_embeds = negative ? embeds.data() + D : data.negative_image_embeds.data();
+
+    // 4. UNet loop; guidance only for scale > 1 (diffusers' rule), 5. MoVQ
+    const bool cfg = p.guidance_scale > 1.0;
+    std::vector<float> unet_embeds;
+    if (cfg) unet_embeds.insert(unet_embeds.end(), negative_embeds, negative_embeds + D);
+    unet_embeds.insert(unet_embeds.end(), positive, positive + D);
+    denoise_and_decode(state, p, sched, noise, unet_embeds, cfg, h, w, dims, result);
     result.timings["total"] = seconds_since(t_start);
     return result;
 }

@@ -7,12 +7,14 @@
 
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "core/backend.hpp"
 #include "core/bundle.hpp"
 #include "core/families.hpp"
+#include "core/image_input.hpp"
 #include "core/npy.hpp"
 #include "core/tokenizer.hpp"
 
@@ -28,6 +30,9 @@ struct BundleData {
     // Karlo (core/chain_karlo.cpp): its two UnCLIP scheduler configs, decoder and super-resolution sizes
     nlohmann::json decoder_scheduler_config, super_res_scheduler_config;
     int64_t P = 0, Q = 0;
+    // λ-ECLIPSE (core/chain_lambda.cpp): the CLIP image preprocessing of its image encoder (R x R input)
+    std::optional<ClipImageConfig> image_processor;
+    int64_t R = 0;
 
     static std::shared_ptr<const BundleData> open(const std::string &path, bool verify_hashes);
 };
@@ -55,7 +60,23 @@ struct Result {
 
 std::string scheduler_kind_name(eclipse_scheduler s);  // "" for the bundle's own
 
-Result generate(State &state, const char *prompt, const eclipse_params &params);
+// What a request carries besides eclipse_params' scalars, decoded and checked at the C boundary
+// (api.cpp) before any graph runs, as runtime/request.py's Request.make does.
+struct Subject {
+    Rgb8Image image;
+    std::string keyword;  // stripped of surrounding whitespace, as the Python request stores it
+};
+struct NoiseInput {
+    const float *data;
+    size_t count;
+};
+struct Inputs {
+    std::vector<Subject> subjects;
+    std::optional<Rgb8Image> control;
+    std::map<std::string, NoiseInput> noises;  // injected, by name (eclipse_noise; the API 1 fields folded in)
+};
+
+Result generate(State &state, const char *prompt, const eclipse_params &params, const Inputs &inputs);
 
 // Writes an RGB8 image as PNG (libpng) atomically: a temporary file renamed into place.
 void save_png(const std::string &path, const uint8_t *pixels, int32_t width, int32_t height);

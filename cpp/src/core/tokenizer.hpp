@@ -38,9 +38,11 @@ public:
 
     Tokens encode(const std::string &utf8) const;  // throws Error on invalid UTF-8
     int32_t max_length() const { return max_length_; }
+    // ids without bos/eos, never truncated (λ-ECLIPSE keywords: runtime/tokenizer.py encode_words);
+    // throws Error on invalid UTF-8
+    std::vector<int32_t> encode_ids(const std::string &utf8) const;
 
 private:
-    std::vector<int32_t> encode_ids(const std::string &utf8) const;  // without bos/eos
     void bpe(const std::string &word, std::vector<int32_t> &out) const;
 
     std::unordered_map<std::string, int32_t> vocab_;

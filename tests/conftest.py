@@ -36,6 +36,17 @@ def tiny_pipeline(tiny_bundle):
 
 
 @pytest.fixture(scope="session")
+def tiny_karlo_bundle(tmp_path_factory) -> Path:
+    from eclipse_export.export.exporter import export_bundle
+    from eclipse_export.export.options import ExportOptions
+    from eclipse_export.export.source_factory import make_source
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-karlo-onnx"
+    export_bundle(make_source("tiny-karlo"), out, ExportOptions(), log=lambda m: None)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_lambda_bundle(tmp_path_factory) -> Path:
     from eclipse_export.export.options import ExportOptions
     from eclipse_export.export.exporter import export_bundle

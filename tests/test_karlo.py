@@ -194,14 +194,8 @@ def test_karlo_noises_use_their_own_streams():
 
 
 @pytest.fixture(scope="module")
-def karlo_bundle(tmp_path_factory):
-    from eclipse_export.export.options import ExportOptions
-    from eclipse_export.export.exporter import export_bundle
-    from eclipse_export.export.source_factory import make_source
-
-    out = tmp_path_factory.mktemp("karlo") / "tiny-karlo-onnx"
-    export_bundle(make_source("tiny-karlo"), out, ExportOptions(), log=lambda m: None)
-    return out
+def karlo_bundle(tiny_karlo_bundle):
+    return tiny_karlo_bundle  # conftest: exported once a session (tests/test_cpp_lambda.py uses it too)
 
 
 @pytest.fixture(scope="module")

@@ -230,13 +230,4 @@ def test_cli_generates_with_two_subjects_and_an_edge_image(tiny_lambda_bundle, t
         assert stage in proc.stdout
 
 
-def test_the_cpp_library_refuses_lambda_bundles_by_name(tiny_lambda_bundle):
-    """The C library reads λ manifests (families.cpp) but has no λ chain yet: one clear error."""
-    from eclipse_export.verify.cpp import EclipseError, OrtGraphs, Runtime, load_library
-
-    try:
-        lib = load_library()
-    except (OSError, FileNotFoundError) as e:
-        pytest.skip(f"build/cpp is not built ({e}); make test builds it")
-    with pytest.raises(EclipseError, match="no chain for model family 'lambda'"):
-        Runtime(lib, tiny_lambda_bundle, OrtGraphs().table).close()
+# the C library's λ chain: tests/test_cpp_lambda.py

@@ -1,5 +1,6 @@
 // eclipse-generate-cpp: the Python CLI's main flags over the C++ wrapper.
 //   eclipse-generate-cpp --bundle engines/tiny-onnx --prompt "a red cube" --seed 0 --out out.png
+//   eclipse-generate-cpp --bundle engines/lambda-onnx --prompt "a dog on the beach" --subject dog.png=dog
 // User mistakes: one "error:" line and exit status 2; other failures exit 1.
 #include <algorithm>
 #include <cerrno>
@@ -9,6 +10,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "eclipse/eclipse.hpp"
 
@@ -22,7 +24,8 @@ const char *kUsage =
     "usage: eclipse-generate-cpp --bundle DIR --prompt TEXT [--negative-prompt TEXT] [--height N] [--width N]\n"
     "                            [--steps N] [--guidance S] [--seed N] [--scheduler ddpm|ddim] [--out FILE.png]\n"
     "                            [--backend auto|onnxruntime|tensorrt|tensorrt-rtx] [--provider cpu|cuda]... [--threads N]\n"
-    "                            [--low-memory] [--no-cuda-graphs] [--device N] [--skip-hash-check]\n";
+    "                            [--low-memory] [--no-cuda-graphs] [--device N] [--skip-hash-check]\n"
+    "                            [--subject IMAGE.png=KEYWORD]... [--control-image EDGES.png]  (λ-ECLIPSE bundles)\n";
 
 long long to_int(const std::string &flag, const std::string &v) {
     char *end = nullptr;
@@ -40,6 +43,8 @@ int main(int argc, char **argv) {
         std::map<std::string, std::string> opt{{"--seed", "0"}, {"--out", "out.png"},
                                                {"--backend", "auto"}, {"--threads", "0"}, {"--device", "0"}};
         std::string providers;
+        std::vector<eclipse::Subject> subjects;
+        std::optional<std::string> control;
         bool verify = true, has_negative = false, low_memory = false, cuda_graphs = true;
         for (int i = 1; i < argc; ++i) {
             const std::string a = argv[i];
@@ -55,13 +60,26 @@ int main(int argc, char **argv) {
             }
             static const char *kFlags[] = {"--bundle", "--prompt", "--negative-prompt", "--height", "--width", "--steps",
                                            "--guidance", "--seed", "--scheduler", "--out", "--backend", "--provider", "--threads",
-                                           "--device"};
+                                           "--device", "--subject", "--control-image", "--control", "--canny"};
             bool known = false;
             for (const char *f : kFlags) known = known || a == f;
             if (!known) throw UsageError("unknown argument " + a);
             if (i + 1 >= argc) throw UsageError(a + " needs a value");
             const std::string v = argv[++i];
             if (a == "--provider") providers += (providers.empty() ? "" : ",") + v;
+            else if (a == "--subject") {  // IMAGE=KEYWORD, split at the last '=' as eclipse-generate does
+                const size_t eq = v.rfind('=');
+                const bool blank = eq == std::string::npos ||
+                                   v.find_first_not_of(" \t\n\r\f\v", eq + 1) == std::string::npos;
+                if (eq == std::string::npos || eq == 0 || blank)
+                    throw UsageError("--subject '" + v + "': expected IMAGE=KEYWORD, e.g. --subject dog.png=dog");
+                subjects.push_back({eclipse::Image::file(v.substr(0, eq)), v.substr(eq + 1)});
+            } else if (a == "--control-image" || a == "--control") {
+                if (control) throw UsageError("--control-image is given twice");
+                control = v;
+            } else if (a == "--canny")
+                throw UsageError("--canny: Canny edges are computed by the Python runtime only (OpenCV); pass an edge "
+                                 "image with --control-image (eclipse-generate --canny makes one)");
             else opt[a] = v;
             has_negative = has_negative || a == "--negative-prompt";
         }
@@ -109,6 +127,8 @@ int main(int argc, char **argv) {
             return true;
         };
 
+        p.subjects = subjects;
+        if (control) p.control_image = eclipse::Image::file(*control);
         const eclipse::Bundle bundle(opt["--bundle"], verify);
         const eclipse::Params defaults = eclipse::default_params(bundle);
         p.height = height.value_or(defaults.height), p.width = width.value_or(defaults.width);
@@ -122,8 +142,9 @@ int main(int argc, char **argv) {
         const eclipse::Result result = state.generate(opt["--prompt"], p);
         result.save_png(out);
         std::fprintf(stderr, "wrote %s\nlatency:", out.c_str());
-        for (const char *stage : {"text_encoder", "prior", "unet", "unet_per_step", "movq", "total"})
-            std::fprintf(stderr, " %s %.1f ms ", stage, result.timing(stage) * 1000);
+        for (const char *stage : {"text_encoder", "image_encoder", "prior", "unet", "unet_per_step", "movq", "text_proj",
+                                  "decoder", "super_res", "total"})
+            if (result.timing(stage) >= 0) std::fprintf(stderr, " %s %.1f ms ", stage, result.timing(stage) * 1000);
         std::fprintf(stderr, "\n");
         return 0;
     } catch (const UsageError &e) {

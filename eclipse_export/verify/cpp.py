@@ -63,13 +63,42 @@ class OrtOptions(C.Structure):
                 ("device_id", C.c_int32), ("library_path", C.c_char_p)]
 
 
+class Image(C.Structure):
+    _fields_ = [("path", C.c_char_p), ("pixels", C.POINTER(C.c_uint8)), ("width", C.c_int32), ("height", C.c_int32),
+                ("channels", C.c_int32), ("stride", C.c_size_t)]
+
+
+class Subject(C.Structure):
+    _fields_ = [("image", Image), ("keyword", C.c_char_p)]
+
+
+class Noise(C.Structure):
+    _fields_ = [("name", C.c_char_p), ("data", C.POINTER(C.c_float)), ("count", C.c_size_t)]
+
+
 class Params(C.Structure):
     _fields_ = [("struct_size", C.c_uint32), ("api_version", C.c_uint32), ("negative_prompt", C.c_char_p),
                 ("width", C.c_int32), ("height", C.c_int32), ("steps", C.c_int32), ("guidance_scale", C.c_double),
                 ("seed", C.c_uint64), ("scheduler", C.c_int), ("progress", PROGRESS), ("progress_data", C.c_void_p),
                 ("prior_noise", C.POINTER(C.c_float)), ("prior_noise_count", C.c_size_t),
                 ("latent_noise", C.POINTER(C.c_float)), ("latent_noise_count", C.c_size_t),
-                ("step_noise", C.POINTER(C.c_float)), ("step_noise_count", C.c_size_t)]
+                ("step_noise", C.POINTER(C.c_float)), ("step_noise_count", C.c_size_t),
+                # API 2
+                ("subjects", C.POINTER(Subject)), ("subject_count", C.c_size_t),
+                ("control_image", C.POINTER(Image)), ("noises", C.POINTER(Noise)), ("noise_count", C.c_size_t)]
+
+
+def image_arg(image, keep: list) -> Image:
+    """A path (str/Path) or an (H,W), (H,W,3) or (H,W,4) uint8 array (any row stride) as an eclipse_image."""
+    if isinstance(image, (str, os.PathLike)):
+        return Image(os.fsencode(image), None, 0, 0, 0, 0)
+    a = np.asarray(image)
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.dtype != np.uint8 or a.ndim != 3 or a.strides[1] != a.shape[2] or a.strides[2] != 1:
+        a = np.ascontiguousarray(a, np.uint8)
+    keep.append(a)
+    return Image(None, a.ctypes.data_as(C.POINTER(C.c_uint8)), a.shape[1], a.shape[0], a.shape[2], a.strides[0])
 
 
 def load_library(path: str | os.PathLike | None = None) -> C.CDLL:
@@ -261,7 +290,9 @@ class Runtime:
 
     def generate(self, prompt: str, negative_prompt: str | None = None, height: int = 64, width: int = 64,
                  steps: int = 3, guidance_scale: float = 4.0, seed: int = 0, scheduler: str | None = None,
-                 progress=None, noises=None, state=None, png: Path | None = None) -> dict:
+                 progress=None, noises=None, state=None, png: Path | None = None, subjects=(), control_image=None,
+                 named_noises: dict | None = None) -> dict:
+        """subjects: [(path or uint8 array, keyword)]; named_noises: {name: array} (eclipse_params.noises)."""
         lib = self.lib
         p = lib.eclipse_default_params()
         p.negative_prompt = None if negative_prompt is None else negative_prompt.encode()
@@ -280,6 +311,21 @@ class Runtime:
                 if a is not None:
                     setattr(p, field, _f32(a))
                     setattr(p, field + "_count", a.size)
+        if subjects:
+            array = (Subject * len(subjects))(*[Subject(image_arg(image, keep), keyword.encode())
+                                                for image, keyword in subjects])
+            keep.append(array)
+            p.subjects, p.subject_count = array, len(subjects)
+        if control_image is not None:
+            control = image_arg(control_image, keep)
+            keep.append(control)
+            p.control_image = C.pointer(control)
+        if named_noises:
+            arrays = {k: np.ascontiguousarray(v, np.float32) for k, v in named_noises.items()}
+            keep.append(arrays)
+            table = (Noise * len(arrays))(*[Noise(k.encode(), _f32(a), a.size) for k, a in arrays.items()])
+            keep.append(table)
+            p.noises, p.noise_count = table, len(arrays)
         own_state = state is None
         if own_state:
             state = C.c_void_p()
@@ -290,7 +336,8 @@ class Runtime:
             h, w = lib.eclipse_result_height(result), lib.eclipse_result_width(result)
             pixels = np.ctypeslib.as_array(lib.eclipse_result_pixels(result), shape=(h * w * 3,)).reshape(h, w, 3).copy()
             timings = {k: lib.eclipse_result_timing(result, k.encode())
-                       for k in ("text_encoder", "prior", "unet", "unet_per_step", "movq", "total")}
+                       for k in ("text_encoder", "image_encoder", "prior", "unet", "unet_per_step", "movq", "total")}
+            timings = {k: v for k, v in timings.items() if v >= 0}  # -1: a stage this family does not run
             warnings = [lib.eclipse_result_warning(result, i).decode()
                         for i in range(lib.eclipse_result_warning_count(result))]
             if png is not None:

@@ -118,6 +118,9 @@ class KarloChain:
         return unclip_scheduler_from_config(self.scheduler_configs[which])
 
     def _check_request(self, req: Request) -> None:
+        if req.subjects or req.control is not None:  # the words of Kandinsky22Chain.run (and the C library's)
+            raise GenerationError(f"this bundle is plain ECLIPSE ({self.family.title}): it takes no subject or control "
+                                  "images; export a λ-ECLIPSE bundle (eclipse-export --preset lambda) for those")
         if req.negative_prompt is not None:
             raise GenerationError("Karlo bundles take no negative prompt (the unconditional half is the empty "
                                   "prompt with text_proj's learned embedding)")

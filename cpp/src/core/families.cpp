@@ -8,7 +8,7 @@ const std::vector<Family> &families() {
          {"text_encoder", "prior", "unet", "movq"},
          {"T", "D", "E", "C", "S"},
          {"scheduler_config.json", "negative_image_embeds.npy", "tokenizer/tokenizer.json"}},
-        // λ-ECLIPSE: read and checked here; pipeline.cpp has no chain for it yet (refused there)
+        // λ-ECLIPSE: its chain is core/chain_lambda.cpp
         {"lambda",
          {"text_encoder", "image_encoder", "prior", "unet", "movq"},
          {"T", "D", "E", "C", "S", "R"},

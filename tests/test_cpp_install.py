@@ -173,11 +173,12 @@ def test_cmake_package(prefix, tmp_path, static):
     assert _run_app(exe).split()[1:] == ["1", "msg"]
 
 
-def test_installed_onnxruntime_example_gives_the_python_image(tiny_bundle, tiny_pipeline, tmp_path):
+def test_installed_onnxruntime_example_gives_the_python_image(request, tmp_path):
     """README's C/C++ sequence ends here: the ONNX Runtime build, installed, run on a bundle."""
     if not (BUILD_ORT / "libeclipse.so").is_file():
-        pytest.skip(f"{BUILD_ORT} is not built: ONNX Runtime's C headers are not in CI (no registry it reaches ships "
-                    "them); make cpp-ort with the headers in cpp/third_party/onnxruntime/include (README)")
+        pytest.skip(f"{BUILD_ORT} is not built: ONNX Runtime's C headers are not in CI (neither PyPI nor Debian "
+                    "ships them); make cpp-ort with the headers in cpp/third_party/onnxruntime/include (README)")
+    tiny_bundle, tiny_pipeline = request.getfixturevalue("tiny_bundle"), request.getfixturevalue("tiny_pipeline")
     from PIL import Image
 
     from eclipse_export.runtime.pipeline import Request

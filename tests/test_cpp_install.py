@@ -127,7 +127,7 @@ def test_pkg_config_links_a_c_program_to_the_shared_and_the_static_library(prefi
 
 CONSUMER = """
 cmake_minimum_required(VERSION 3.22)
-project(app C CXX)
+project(app C)  # a C program, also with the static library (C++ inside)
 find_package(eclipse REQUIRED {components})
 add_executable(app app.c)
 target_link_libraries(app PRIVATE {target})

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from eclipse_export.runtime.request import GenerationError
-from eclipse_export.verify.cpp import ERR_INVALID_ARGUMENT, ROOT, EclipseError, OrtGraphs, Runtime, load_library
+from eclipse_export.verify.cpp import ERR_BACKEND, ERR_INVALID_ARGUMENT, ROOT, EclipseError, OrtGraphs, Runtime, load_library
 
 SANITIZER_CHILD = os.environ.get("ECLIPSE_SANITIZER_CHILD") == "1"
 KW = dict(height=64, width=64, steps=3, seed=7)
@@ -290,3 +290,55 @@ def test_readme_lambda_c_example_compiles(lib, tmp_path):
     # a NULL state: the call is refused, proving the program runs against the library
     run = subprocess.run(["./app"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert run.returncode == 1
+
+
+WRAPPER_APP = r"""
+#include <cstdio>
+#include <eclipse/eclipse.hpp>
+// a backend that loads anything and runs nothing: what reaches the graphs is not the point here
+static int load(void *, const char *, const char *, void **session) { *session = &session; return 0; }
+static int run(void *, void *, const eclipse_tensor *, size_t, eclipse_tensor *, size_t) { return 1; }
+static void free_session(void *, void *) {}
+int main(int, char **argv) {
+    eclipse_custom_backend table{};
+    table.struct_size = sizeof table, table.name = "none", table.load = load, table.run = run;
+    table.free_session = free_session;
+    eclipse::Bundle bundle(argv[1], false);
+    eclipse::Backend backend = eclipse::Backend::custom(table);
+    eclipse::Context context(bundle, backend);
+    eclipse::State state(context);
+    eclipse::Params p = eclipse::default_params(bundle);
+    p.height = p.width = 64, p.steps = 1;
+    static const uint8_t rgba[2 * 3 * 4] = {0, 1, 2, 255, 3, 4, 5, 0, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21};
+    p.subjects = {{eclipse::Image::file(argv[2]), "dog"}, {eclipse::Image::rgb8(rgba, 3, 2, 0, 4), "hat"}};
+    p.control_image = eclipse::Image::file(argv[3]);
+    try {
+        state.generate("a dog in a hat", p);
+    } catch (const eclipse::Error &e) {
+        std::printf("%d %s\n", static_cast<int>(e.status()), e.what());
+    }
+    return 0;
+}
+"""
+
+
+def test_cpp_wrapper_passes_subjects_and_the_control_image(lib, lambda_bundle, images, tmp_path):
+    """eclipse.hpp's Params::subjects / control_image reach the library: a missing file is named,
+    good images pass decoding and the request reaches the graphs (a backend that runs nothing)."""
+    (tmp_path / "app.cpp").write_text(WRAPPER_APP)
+    build = Path(os.environ.get("ECLIPSE_LIB") or ROOT / "build" / "cpp" / "libeclipse.so").resolve().parent
+    cc = subprocess.run(["c++", "-std=c++17", "-Wall", "-Werror", "-I", str(ROOT / "cpp" / "include"), "app.cpp", "-o",
+                         "app", "-L", str(build), "-leclipse", f"-Wl,-rpath,{build}"], cwd=tmp_path, capture_output=True,
+                        text=True)
+    assert cc.returncode == 0, cc.stderr
+    missing = images["dir"] / "missing.png"
+
+    def run(subject, control):
+        done = subprocess.run(["./app", str(lambda_bundle), str(subject), str(control)], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    assert run(missing, images["edges"]) == f"{ERR_INVALID_ARGUMENT} subject image 1 (dog) {missing}: no such file"
+    assert run(images["dog"], missing) == f"{ERR_INVALID_ARGUMENT} control image {missing}: no such file"
+    assert run(images["dog"], images["edges"]).startswith(f"{ERR_BACKEND} ")  # decoded, then the graphs were asked

@@ -52,7 +52,7 @@ class CaptureOptions:
     guidance_scale: float | None = None
     seed: int = 0
 
-    def resolved(self, driver) -> "CaptureOptions":
+    def resolved(self, driver) -> CaptureOptions:
         """Sizes and guidance filled in from the family's driver (its request_defaults)."""
         from dataclasses import replace
 

@@ -19,8 +19,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from eclipse_export.families.spec import MIN_IMAGE_PSNR_DB as _MIN_IMAGE_PSNR_DB
 from eclipse_export.families.kandinsky22 import components as k22
+from eclipse_export.families.spec import MIN_IMAGE_PSNR_DB as _MIN_IMAGE_PSNR_DB
 from eclipse_export.families.spec import NORMS, TOLERANCES, ComponentSpec, TensorSpec, Tolerance
 
 _f32 = k22._f32

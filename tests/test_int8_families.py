@@ -116,7 +116,8 @@ def test_karlo_onnx_int8_chain_parity_against_pytorch(karlo_int8_bundle):
 
 
 @pytest.mark.slow
-def test_karlo_tensorrt_shaped_int8_from_the_same_calibration(karlo_fp32_bundle, karlo_int8_bundle, tmp_path):
+def test_karlo_tensorrt_shaped_int8_from_the_same_calibration(karlo_fp32_bundle, karlo_int8_bundle, tmp_path,
+                                                               capsys):
     """The graphs trt-int8 builds its engines from (TensorRT's Q/DQ rules), quantized from the
     cached calibration of the ORT-shaped bundle (nothing captured again); TensorRT-RTX's parser
     reads them (trt-int8 engines themselves need TensorRT, not installed here)."""
@@ -139,8 +140,16 @@ def test_karlo_tensorrt_shaped_int8_from_the_same_calibration(karlo_fp32_bundle,
         assert bundle.component(name)["int8_parity"]["ok"]
     assert bundle.component("decoder")["calibration"]["resumed"] == 12
     # trt-int8 refuses the ORT-shaped graphs (one line, exit 2), as for Kandinsky
+    capsys.readouterr()
     assert _run(export_main, ["--from-bundle", str(karlo_int8_bundle), "--target", "trt-int8",
                               "--out", str(tmp_path / "e")]) == 2
+    assert "not TensorRT" in capsys.readouterr().err
+    if importlib.util.find_spec("tensorrt") is None:
+        # trt-int8 from the fp32 Karlo bundle gets as far as the engine build (no family refusal)
+        assert _run(export_main, ["--from-bundle", str(karlo_fp32_bundle), "--target", "trt-int8",
+                                  "--out", str(tmp_path / "t")]) == 2
+        assert "tensorrt is not installed" in capsys.readouterr().err
+        assert not (tmp_path / "t").exists()
     if importlib.util.find_spec("tensorrt_rtx") is None:
         pytest.skip("tensorrt-rtx is not installed")
     import tensorrt_rtx as trt

@@ -1,0 +1,115 @@
+"""Karlo's device loops on ONNX Runtime (issue 20 item 4): the unCLIP step graphs
+(export/step_graph.py unclip_step_model) and the loop with IO binding
+(runtime/backends/ort_unclip_loop.py), held to the host loop on the CPU provider with the rule
+of the Kandinsky loop's test (tests/test_ort_device_loop.py): equal, bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from eclipse_export.runtime.backends.onnxruntime import OnnxRuntimeBackend
+from eclipse_export.runtime.backends.ort_unclip_loop import UNCLIP_FILES, UNCLIP_KINDS, unclip_params
+from tests.test_unclip_device_step import CASES, _case, chain_step
+
+
+@pytest.mark.parametrize("kind", list(UNCLIP_KINDS))
+def test_the_unclip_step_graph_is_the_numpy_step_bit_for_bit(kind):
+    """Every step of a 5-step schedule (the last adds no noise), NaN carried, on the CPU provider."""
+    import onnxruntime as ort
+
+    from eclipse_export.export.step_graph import unclip_step_model
+
+    cfg, learned = UNCLIP_KINDS[kind]
+    session = ort.InferenceSession(unclip_step_model(cfg, learned).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    for case in [c for c in CASES if (CASES[c][1] == 2) == learned]:
+        config, per = CASES[case]
+        rng = np.random.default_rng(4)
+        sched, pred, x, noise = _case(rng, config, per, cfg, shape=(2, 3, 16, 16))
+        x[0, 0, 0, 0] = np.nan
+        noises = np.stack([rng.standard_normal(x.shape).astype(np.float32), noise])
+        scale = 8.0 if cfg else None
+        for i, t in enumerate(sched.timesteps):
+            k = sched.step_terms(int(t), sched.prev_timestep(i))
+            feed = {"noise_pred": pred, "latents": x, "step_noise": noises, "params": unclip_params(k, scale, 1)}
+            if learned:
+                feed["log_params"] = np.array([k.min_log, k.max_log], np.float64)
+            latents_next, sample_next = session.run(None, feed)
+            want = chain_step(sched, pred, x, i, noise, scale)
+            np.testing.assert_array_equal(latents_next, want, err_msg=f"{case} step {i}")
+            np.testing.assert_array_equal(sample_next, np.concatenate([want] * (2 if cfg else 1)))
+            assert np.isnan(latents_next[0, 0, 0, 0])
+
+
+@pytest.fixture(scope="module")
+def karlo_bundle(tmp_path_factory):
+    from eclipse_export.export.exporter import export_bundle
+    from eclipse_export.export.options import ExportOptions
+    from eclipse_export.export.source_factory import make_source
+
+    out = tmp_path_factory.mktemp("karlo-loop") / "tiny-karlo-onnx"
+    export_bundle(make_source("tiny-karlo"), out, ExportOptions(), log=lambda m: None)
+    return out
+
+
+@pytest.mark.slow
+def test_karlo_bundles_carry_the_unclip_step_graphs(karlo_bundle):
+    from eclipse_export.runtime.bundle import open_bundle
+
+    bundle = open_bundle(karlo_bundle)
+    assert bundle.manifest["step_graphs"] == UNCLIP_FILES
+    for kind in UNCLIP_KINDS:
+        assert bundle.step_graph_path(kind).is_file()
+
+
+def _generate(pipe, **kw):
+    args = dict(prompt=["a red frog", "two dogs in the snow"], height=64, width=64, steps=4, seed=3, record=True)
+    return pipe.generate(**{**args, **kw})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("guidance", [8.0, 1.0], ids=["cfg", "no-cfg"])
+def test_the_device_loops_equal_the_host_loops(karlo_bundle, guidance):
+    """Same graphs, same noises: the decoder and super-resolution loops with IO binding and the
+    step graphs give the host loops' results exactly, twice in a row; progress counts every step
+    of both loops once."""
+    from eclipse_export.runtime.pipeline import Pipeline
+
+    host = Pipeline.from_bundle(karlo_bundle)
+    backend = OnnxRuntimeBackend(["cpu"], device_loop=True, cuda_graphs=False)
+    device = Pipeline.from_bundle(karlo_bundle, backend)
+    calls = []
+    backend_calls = []
+    real = backend.denoise_unclip
+    backend.denoise_unclip = lambda *a, **k: backend_calls.append(len(a[0])) or real(*a, **k)
+    ref = _generate(host, guidance_scale=guidance)
+    for _ in range(2):
+        got = _generate(device, guidance_scale=guidance, progress=lambda d, n: calls.append((d, n)))
+        for key in ("decoder.noise_pred_step0", "decoder.image_small", "super_res_first.noise_pred_step0",
+                    "super_res.image"):
+            np.testing.assert_array_equal(got.intermediates[key], ref.intermediates[key], err_msg=key)
+        np.testing.assert_array_equal(got.images, ref.images)
+    assert backend_calls == [1, 2, 1, 2]  # the decoder, then both super-resolution UNets, on the device
+    total = 4 + 7
+    assert calls[:total] == [(i, total) for i in range(1, total + 1)]
+
+
+@pytest.mark.slow
+def test_a_karlo_bundle_without_unclip_step_graphs_loops_on_the_host_with_a_note(karlo_bundle, tmp_path):
+    import json
+    import shutil
+
+    from eclipse_export.runtime.pipeline import Pipeline
+
+    old = tmp_path / "old"
+    shutil.copytree(karlo_bundle, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    for rel in manifest.pop("step_graphs").values():
+        manifest["files"].pop(rel)
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    backend = OnnxRuntimeBackend(["cpu"], device_loop=True, cuda_graphs=False)
+    pipe = Pipeline.from_bundle(old, backend)
+    got = _generate(pipe, guidance_scale=8.0)
+    np.testing.assert_array_equal(got.images, _generate(Pipeline.from_bundle(karlo_bundle), guidance_scale=8.0).images)
+    assert any("no unCLIP step graph" in n for n in backend.describe().get("notes", []))

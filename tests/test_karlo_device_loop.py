@@ -10,7 +10,7 @@ import pytest
 
 from eclipse_export.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from eclipse_export.runtime.backends.ort_unclip_loop import UNCLIP_FILES, UNCLIP_KINDS, unclip_params
-from tests.test_unclip_device_step import CASES, _case, chain_step
+from tests.test_unclip_device_step import CASES, _case, chain_step, host_kernels  # noqa: F401 (fixture)
 
 
 @pytest.mark.parametrize("kind", list(UNCLIP_KINDS))
@@ -113,3 +113,99 @@ def test_a_karlo_bundle_without_unclip_step_graphs_loops_on_the_host_with_a_note
     got = _generate(pipe, guidance_scale=8.0)
     np.testing.assert_array_equal(got.images, _generate(Pipeline.from_bundle(karlo_bundle), guidance_scale=8.0).images)
     assert any("no unCLIP step graph" in n for n in backend.describe().get("notes", []))
+    # the note's command adds them: --from-bundle writes the family's missing step graphs
+    from eclipse_export.export.derive import build_engines_for_bundle
+    from eclipse_export.runtime.bundle import open_bundle
+
+    new = build_engines_for_bundle(old, tmp_path / "new", "onnx", None, log=lambda m: None)
+    assert open_bundle(new).manifest["step_graphs"] == UNCLIP_FILES
+    backend = OnnxRuntimeBackend(["cpu"], device_loop=True, cuda_graphs=False)
+    np.testing.assert_array_equal(_generate(Pipeline.from_bundle(new, backend), guidance_scale=8.0).images, got.images)
+    assert not backend.notes
+
+
+# --- the TensorRT backends' loop (runtime/backends/trt_unclip_loop.py) on the emulated device ------
+# tests/test_tensorrt_backend.py's emulation (device memory a numpy heap, engines the bundle's
+# ONNX on ONNX Runtime); the unclip_step kernel is the kernel's own source built for the host
+# (tests/test_unclip_device_step.py), run on that heap.
+
+
+@pytest.fixture()
+def trt_karlo(karlo_bundle, tmp_path, host_kernels):
+    import shutil
+
+    from tests.test_tensorrt_backend import FakeCuda, fake_backend
+    from tests.test_unclip_device_step import U32P, _ptr
+
+    class KarloFakeCuda(FakeCuda):
+        def unclip_step(self, pred, latents, noise, sample_out, latent_shape, pred_channels, cfg, scale, k,
+                        bad_step=0, step=0):
+            b, c, h, w = latent_shape
+            n, rows = b * c * h * w, (2 if cfg else 1) * b
+
+            def run():
+                self.kernel_launches += 1
+                view = (lambda ptr, count: self.view(ptr, count * 4).view(np.float32) if ptr else None)
+                flag = self.view(bad_step, 4).view(np.uint32)
+                host_kernels.host_unclip_step(
+                    _ptr(view(pred, rows * pred_channels * h * w)), _ptr(view(latents, n)), _ptr(view(noise, n)),
+                    _ptr(view(sample_out, rows * c * h * w)), n, h * w, c, pred_channels, int(cfg), scale, k.a, k.b,
+                    k.clip, k.c_x0, k.c_x, int(k.learned), k.std, k.min_log, k.max_log, _ptr(flag, U32P), step)
+            self._do(run)
+
+    root = tmp_path / "bundle"
+    shutil.copytree(karlo_bundle, root)
+
+    def make(low_memory=False):
+        backend = fake_backend(root, low_memory=low_memory)
+        backend.cuda = KarloFakeCuda()
+        return backend
+    return root, make
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("low_memory", [False, True], ids=["resident", "low-memory"])
+@pytest.mark.parametrize("guidance", [8.0, 1.0], ids=["cfg", "no-cfg"])
+def test_the_tensorrt_loops_equal_the_host_loops(trt_karlo, karlo_bundle, guidance, low_memory):
+    """The TensorRT backends' Karlo loops (binding, CUDA-graph capture and replay, the switch to
+    super_res_last, low-memory release) with the kernel's source give the host loops' results
+    exactly; per step only the kernel's launch arguments come from the host."""
+    from eclipse_export.runtime.pipeline import Pipeline
+
+    root, make = trt_karlo
+    backend = make(low_memory)
+    device = Pipeline.from_bundle(root, backend)
+    ref = _generate(Pipeline.from_bundle(karlo_bundle), guidance_scale=guidance)
+    calls = []
+    got = _generate(device, guidance_scale=guidance, progress=lambda d, n: calls.append((d, n)))
+    for key in ("decoder.noise_pred_step0", "decoder.image_small", "super_res_first.noise_pred_step0",
+                "super_res.image"):
+        np.testing.assert_array_equal(got.intermediates[key], ref.intermediates[key], err_msg=key)
+    np.testing.assert_array_equal(got.images, ref.images)
+    cuda = backend.cuda
+    assert cuda.kernel_launches == 4 + 7
+    # replays: the decoder's steps after the first, super_res_first's 6 steps after the first;
+    # super_res_last runs once, uncaptured
+    assert cuda.graph_launches == (4 - 1) + (6 - 1)
+    assert calls[-1] == (11, 11) and sorted(set(calls)) == calls
+    if low_memory:
+        assert all(s.engine is None for s in backend.sessions)
+
+
+@pytest.mark.slow
+def test_nan_in_the_tensorrt_karlo_loop_names_the_step(trt_karlo):
+    from eclipse_export.runtime.backends.base import BackendError
+    from eclipse_export.runtime.pipeline import Pipeline
+
+    root, make = trt_karlo
+    backend = make()
+    pipe = Pipeline.from_bundle(root, backend)
+    real = backend.cuda.unclip_step
+
+    def poisoned(pred, latents, *a):  # the loop passes every argument, the step last
+        if a[-1] == 2:  # NaN latents at step 2: the kernel flags step + 1 = 3
+            backend.cuda._do(lambda: backend.cuda.view(latents, 4).view(np.float32).__setitem__(0, np.nan))
+        real(pred, latents, *a)
+    backend.cuda.unclip_step = poisoned
+    with pytest.raises(BackendError, match="decoder loop produced NaN/Inf at step 3 of 4"):
+        _generate(pipe, guidance_scale=8.0)

@@ -10,7 +10,7 @@ import pytest
 
 from eclipse_export.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from eclipse_export.runtime.backends.ort_unclip_loop import UNCLIP_FILES, UNCLIP_KINDS, unclip_params
-from tests.test_unclip_device_step import CASES, _case, chain_step, host_kernels  # noqa: F401 (fixture)
+from tests.test_unclip_device_step import CASES, _case, build_host_kernels, chain_step
 
 
 @pytest.mark.parametrize("kind", list(UNCLIP_KINDS))
@@ -64,7 +64,8 @@ def test_karlo_bundles_carry_the_unclip_step_graphs(karlo_bundle):
 
 
 def _generate(pipe, **kw):
-    args = dict(prompt=["a red frog", "two dogs in the snow"], height=64, width=64, steps=4, seed=3, record=True)
+    args = {"prompt": ["a red frog", "two dogs in the snow"], "height": 64, "width": 64, "steps": 4, "seed": 3,
+            "record": True}
     return pipe.generate(**{**args, **kw})
 
 
@@ -128,6 +129,11 @@ def test_a_karlo_bundle_without_unclip_step_graphs_loops_on_the_host_with_a_note
 # tests/test_tensorrt_backend.py's emulation (device memory a numpy heap, engines the bundle's
 # ONNX on ONNX Runtime); the unclip_step kernel is the kernel's own source built for the host
 # (tests/test_unclip_device_step.py), run on that heap.
+
+
+@pytest.fixture(scope="module")
+def host_kernels(tmp_path_factory):
+    return build_host_kernels(tmp_path_factory)
 
 
 @pytest.fixture()

@@ -36,6 +36,11 @@ U32P = ctypes.POINTER(ctypes.c_uint)
 
 @pytest.fixture(scope="module")
 def host_kernels(tmp_path_factory):
+    return build_host_kernels(tmp_path_factory)
+
+
+def build_host_kernels(tmp_path_factory) -> ctypes.CDLL:
+    """tests/data/kernel_host.cpp with the kernels' source, built and loaded."""
     cxx = shutil.which("c++") or shutil.which("g++")
     if cxx is None:
         pytest.fail("no C++ compiler for the host build of the kernels: apt-get install g++")
@@ -61,7 +66,7 @@ def host_unclip_step(lib, pred, x, noise, pred_channels, cfg, scale, k, step):
     """One launch of the host-built unclip_step; returns (latents, sample_out, NaN flag)."""
     latents, sample = x.copy(), np.zeros((2 if cfg else 1) * x.size, np.float32)
     flag = np.zeros(1, np.uint32)
-    b, c, h, w = x.shape
+    _, c, h, w = x.shape
     lib.host_unclip_step(_ptr(pred), _ptr(latents), _ptr(noise if k.noise else None), _ptr(sample), x.size, h * w, c,
                          pred_channels, int(cfg), scale, k.a, k.b, k.clip, k.c_x0, k.c_x, int(k.learned), k.std,
                          k.min_log, k.max_log, _ptr(flag, U32P), step)
@@ -152,7 +157,7 @@ def test_nvrtc_compiles_the_unclip_entry_point_without_nan_dropping_min_max():
     archs = nvrtc.nvrtcGetSupportedArchs()[1]
     kind, ptx = compile_kernel(nvrtc, kernel_source("guided_step"), "guided_step", max(archs) + 500)
     text = ptx.decode()
-    entry = re.search(r"\.entry unclip_step\((.*?)\)", text, re.S)
+    entry = re.search(r"\.entry unclip_step\((.*?)\)", text, re.DOTALL)
     assert kind == "ptx" and entry
     assert entry.group(1).count(".param") == 21
     assert not re.findall(r"\b(?:min|max)(?!\.NaN)[.\w]*\.f32", text)

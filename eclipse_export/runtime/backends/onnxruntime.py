@@ -14,8 +14,8 @@ import numpy as np
 from eclipse_export.families.spec import ComponentSpec
 from eclipse_export.runtime.backends.base import BackendError, check_io, checked_inputs
 from eclipse_export.runtime.backends.ort_device_loop import OrtDeviceLoop
-from eclipse_export.runtime.backends.ort_unclip_loop import OrtUnclipLoop, unclip_kind
 from eclipse_export.runtime.backends.ort_errors import ORT_GRAPH_ERRORS, ort_error_line
+from eclipse_export.runtime.backends.ort_unclip_loop import OrtUnclipLoop, unclip_kind
 from eclipse_export.runtime.bundle import Bundle, BundleError
 
 # Short names users type -> ONNX Runtime execution providers. tensorrt-rtx is a plugin EP

@@ -66,7 +66,7 @@ class OrtUnclipLoop(OrtDeviceLoop):
                               record_step0)
         except BackendError:
             raise
-        except Exception as e:  # onnxruntime's own error types, raised by a Run
+        except Exception as e:  # noqa: BLE001 (onnxruntime's own error types, raised by a Run)
             raise BackendError(f"ONNX Runtime failed in the unCLIP loop: {ort_error_line(e)}") from None
 
     def _loop(self, unets, latents, constants, scheduler, guidance_scale, step_noise, progress, record_step0):

@@ -215,3 +215,68 @@ def test_nan_in_the_tensorrt_karlo_loop_names_the_step(trt_karlo):
     backend.cuda.unclip_step = poisoned
     with pytest.raises(BackendError, match="decoder loop produced NaN/Inf at step 3 of 4"):
         _generate(pipe, guidance_scale=8.0)
+
+
+# --- on a GPU (bench/gpu window 1: gpu_verify.py GPU_TESTS) -----------------------------------------
+
+
+def _ort_cuda_reason() -> str | None:
+    from tests.test_ort_device_loop import _cuda_reason
+
+    return _cuda_reason()
+
+
+@pytest.mark.parametrize("kind", list(UNCLIP_KINDS))
+def test_the_unclip_step_graphs_on_cuda_are_the_numpy_step(kind):
+    """The step graphs through IO binding on CUDA memory: numpy's step within float32 rounding
+    (CUDA's element-wise kernels and its double exp), NaN carried."""
+    from tests.gpu_required import need
+
+    need("ort-cuda", _ort_cuda_reason())
+    import onnxruntime as ort
+
+    from eclipse_export.export.step_graph import unclip_step_model
+
+    cfg, learned = UNCLIP_KINDS[kind]
+    s = ort.InferenceSession(unclip_step_model(cfg, learned).SerializeToString(), providers=["CUDAExecutionProvider"],
+                             enable_fallback=0)
+    config, per = CASES["decoder-learned" if learned else "super-res-fixed"]
+    sched, pred, x, noise = _case(np.random.default_rng(6), config, per, cfg, shape=(2, 3, 64, 64))
+    x[0, 0, 0, 0] = np.nan
+    for i, t in enumerate(sched.timesteps):
+        k = sched.step_terms(int(t), sched.prev_timestep(i))
+        io = s.io_binding()
+        feed = {"noise_pred": pred, "latents": x, "step_noise": noise[None], "params": unclip_params(k, 8.0 if cfg else None, 0)}
+        if learned:
+            feed["log_params"] = np.array([k.min_log, k.max_log], np.float64)
+        for name, value in feed.items():
+            io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
+        for name in ("latents_next", "sample_next"):
+            io.bind_output(name, "cuda")
+        s.run_with_iobinding(io)
+        got = io.copy_outputs_to_cpu()[0]
+        want = chain_step(sched, pred, x, i, noise, 8.0 if cfg else None)
+        assert np.isnan(got[0, 0, 0, 0])
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6, err_msg=f"step {i}")
+
+
+@pytest.mark.slow
+def test_the_karlo_cuda_device_loops_match_the_cuda_host_loops(karlo_bundle):
+    """On the GPU: Karlo's decoder and super-resolution loops on ONNX Runtime's CUDA provider
+    (IO binding, the unCLIP step graphs) against the host loops on the same provider."""
+    from tests.gpu_required import need
+
+    need("ort-cuda", _ort_cuda_reason())
+    from eclipse_export.runtime.pipeline import Pipeline
+
+    host = Pipeline.from_bundle(karlo_bundle, OnnxRuntimeBackend(["cuda"], device_loop=False))
+    backend = OnnxRuntimeBackend(["cuda"])
+    assert backend.device_loop  # on by default on a GPU provider
+    device = Pipeline.from_bundle(karlo_bundle, backend)
+    for guidance in (8.0, 1.0):
+        ref = _generate(host, guidance_scale=guidance)
+        got = _generate(device, guidance_scale=guidance)
+        for key in ("decoder.image_small", "super_res.image"):
+            np.testing.assert_allclose(got.intermediates[key], ref.intermediates[key], rtol=1e-4, atol=1e-4, err_msg=key)
+        assert np.abs(got.images.astype(int) - ref.images.astype(int)).max() <= 1
+    assert not backend.notes

@@ -1,9 +1,9 @@
 """The little of CUDA the TensorRT backend needs, through cuda-python (`cuda.bindings`), not torch.
 
 Device buffers, one non-default stream, async copies, CUDA-graph capture, device facts, and one
-NVRTC-compiled source of elementwise kernels (classifier-free guidance + scheduler step fused;
-Kandinsky's schedulers and Karlo's unCLIP step) so the
-latents stay on the device between UNet steps. cuda-bindings 12.x serves JetPack 6 (CUDA 12.6),
+NVRTC-compiled source of elementwise kernels (classifier-free guidance + scheduler step fused:
+guided_step for Kandinsky's schedulers, unclip_step for Karlo's) so the latents stay on the
+device between UNet steps. cuda-bindings 12.x serves JetPack 6 (CUDA 12.6),
 13.x serves CUDA 13; the calls used here exist in both.
 """
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from eclipse_export.families.karlo.presets import DECODER_SCHEDULER_KARLO as DECODER_SCHEDULER
+from eclipse_export.families.karlo.presets import SUPER_RES_SCHEDULER_KARLO as SUPER_RES_SCHEDULER
 from eclipse_export.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from eclipse_export.runtime.backends.ort_unclip_loop import UNCLIP_FILES, UNCLIP_KINDS, unclip_params
 from tests.test_unclip_device_step import CASES, _case, build_host_kernels, chain_step
@@ -280,3 +282,142 @@ def test_the_karlo_cuda_device_loops_match_the_cuda_host_loops(karlo_bundle):
             np.testing.assert_allclose(got.intermediates[key], ref.intermediates[key], rtol=1e-4, atol=1e-4, err_msg=key)
         assert np.abs(got.images.astype(int) - ref.images.astype(int)).max() <= 1
     assert not backend.notes
+
+
+# the TensorRT backends' Karlo loop on a real device, TensorRT replaced by a stand-in engine whose
+# enqueue launches an NVRTC kernel (as tests/test_tensorrt_backend.py's kernel engine for Kandinsky)
+KARLO_UNET = r"""
+extern "C" __global__ void karlo_unet(const float* sample, const float* t, const float* cond, const int* mask,
+                                      float* out, long long rows, long long c, long long oc, long long plane, float w) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= rows * oc * plane) return;
+    long long r = i / (oc * plane), ch = (i / plane) % oc, q = i % plane;
+    float v = w * sample[(r * c + ch % c) * plane + q] + 1e-3f * t[0] + 0.1f * cond[r] + 0.01f * (float)mask[r];
+    out[i] = v / (1.0f + fabsf(v));  // softsign: IEEE operations only, so numpy gives the same bits
+}
+"""
+KARLO_IO = (("sample", np.float32, True), ("timestep", np.float32, True), ("cond", np.float32, True),
+            ("mask", np.int32, True), ("noise_pred", np.float32, False))
+
+
+def _karlo_unet_host(sample, t, cond, mask, oc, w):
+    c = sample.shape[1]
+    v = (np.float32(w) * sample[:, np.arange(oc) % c] + np.float32(1e-3) * np.float32(t)
+         + np.float32(0.1) * cond[:, :, None, None] + np.float32(0.01) * mask.astype(np.float32)[:, :, None, None])
+    return v / (np.float32(1) + np.abs(v))
+
+
+class _KarloKernelContext:
+    def __init__(self, engine):
+        self.engine, self.shapes, self.addresses, self.executions = engine, {}, {}, 0
+
+    def set_input_shape(self, name, shape):
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def get_tensor_shape(self, name):
+        if name != "noise_pred":
+            return self.shapes[name]
+        rows, _, h, w = self.shapes["sample"]
+        return (rows, self.engine.oc, h, w)
+
+    def set_tensor_address(self, name, ptr):
+        self.addresses[name] = ptr
+
+    def execute_async_v3(self, stream):
+        import ctypes
+
+        rows, c, h, w = self.shapes["sample"]
+        a, p, ll = self.addresses, ctypes.c_void_p, ctypes.c_longlong
+        args = ((a["sample"], a["timestep"], a["cond"], a["mask"], a["noise_pred"], rows, c, self.engine.oc, h * w,
+                 self.engine.w), (p, p, p, p, p, ll, ll, ll, ll, ctypes.c_float))
+        n = rows * self.engine.oc * h * w
+        err, = self.engine.cuda.driver.cuLaunchKernel(self.engine.function, (n + 255) // 256, 1, 1, 256, 1, 1, 0,
+                                                      stream, args, 0)
+        self.executions += 1
+        return int(err) == 0
+
+
+class _KarloKernelEngine:
+    def __init__(self, cuda, oc, w):
+        from eclipse_export.runtime.backends.cuda import _ok, compile_kernel
+
+        self.cuda, self.oc, self.w = cuda, oc, w
+        _, image = compile_kernel(cuda.nvrtc, KARLO_UNET, "karlo_unet", cuda.info().sm)
+        self.module = _ok(cuda.driver.cuModuleLoadData(image), "cuModuleLoadData(karlo_unet)")
+        self.function = cuda._function(self.module, "karlo_unet")
+        self.num_io_tensors = len(KARLO_IO)
+
+    def get_tensor_name(self, i):
+        return KARLO_IO[i][0]
+
+    def get_tensor_dtype(self, name):
+        return next(t for n, t, _ in KARLO_IO if n == name)
+
+    def get_tensor_mode(self, name):
+        return next("in" if i else "out" for n, _, i in KARLO_IO if n == name)
+
+    def create_execution_context(self):
+        return _KarloKernelContext(self)
+
+
+WEIGHTS = {"decoder": 0.8, "super_res_first": 0.8, "super_res_last": 0.3}
+
+
+def _kernel_karlo_backend(tmp_path, names, oc, low_memory):
+    import types
+
+    from eclipse_export.runtime.backends import tensorrt as tb
+    from eclipse_export.runtime.backends.cuda import Cuda
+
+    backend = tb.TensorRTBackend.__new__(tb.TensorRTBackend)
+    backend.flavour, backend.low_memory, backend.cuda_graphs = "tensorrt", low_memory, True
+    backend.runtime_cache_dir = None
+    backend.cuda = Cuda(0)
+    backend.device = backend.cuda.info()
+    backend.trt = types.SimpleNamespace(nptype=np.dtype, TensorIOMode=types.SimpleNamespace(INPUT="in"))
+    backend.runtime = types.SimpleNamespace(
+        deserialize_cuda_engine=lambda data: _KarloKernelEngine(backend.cuda, oc, WEIGHTS[data.decode()]))
+    backend.name, backend._loop_buffers, backend.sessions, backend.warnings = "tensorrt", {}, [], []
+    bundle = types.SimpleNamespace(root=tmp_path, path=lambda name: tmp_path / name)
+    for name in names:
+        (tmp_path / f"{name}.plan").write_bytes(name.encode())
+        spec = types.SimpleNamespace(name=name, input_names=["sample", "timestep", "cond", "mask"],
+                                     output_names=["noise_pred"])
+        backend.sessions.append(tb.TrtSession(backend, spec, bundle, {"file": f"{name}.plan", "key": name, "profile": {}}))
+    return backend
+
+
+@pytest.mark.parametrize("loop", ["decoder-cfg", "decoder", "super-res-low-memory"])
+def test_the_tensorrt_karlo_loop_on_a_gpu_with_kernel_engines_matches_the_host_loop(tmp_path, loop):
+    """On the real device: trt_unclip_loop's buffers, constant uploads (float32 and int32), graph
+    capture and replay, the unclip_step launches and the switch to super_res_last (low-memory: the
+    first engine freed), against numpy's loop of the same functions; 1e-5 (the learned std's
+    float64 exp may differ by an ulp from numpy's and the loop carries it)."""
+    from tests.gpu_required import need
+    from tests.test_unclip_device_step import _cuda_reason
+
+    need("cuda", _cuda_reason())
+    learned, cfg = loop.startswith("decoder"), loop == "decoder-cfg"
+    names = ["decoder"] if learned else ["super_res_first", "super_res_last"]
+    sched, _, x, _ = _case(np.random.default_rng(8), DECODER_SCHEDULER if learned else SUPER_RES_SCHEDULER,
+                           2 if learned else 1, cfg, shape=(1, 3, 32, 32))
+    sched.set_timesteps(6)
+    rows = 2 if cfg else 1
+    noise = np.random.default_rng(9).standard_normal((6, *x.shape)).astype(np.float32)
+    constants = {"cond": np.array([[-0.4], [0.7]][-rows:], np.float32), "mask": np.array([[3], [5]][-rows:], np.int32)}
+    backend = _kernel_karlo_backend(tmp_path, names, 6 if learned else 3, low_memory=not learned)
+    try:
+        got = backend.denoise_unclip(backend.sessions, x, constants, sched, 8.0 if cfg else None, noise)
+        want = x.copy()
+        for i, t in enumerate(sched.timesteps):
+            w = WEIGHTS[names[-1] if i == 5 else names[0]]
+            sample = np.concatenate([want] * rows)
+            pred = _karlo_unet_host(sample, t, constants["cond"], constants["mask"], 6 if learned else 3, w)
+            want = chain_step(sched, pred, want, i, noise[i], 8.0 if cfg else None)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        if not learned:
+            assert backend.sessions[0].engine is None  # freed at the switch (low-memory)
+        assert backend.drain_warnings() == []
+    finally:
+        backend.close()

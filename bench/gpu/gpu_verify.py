@@ -443,6 +443,7 @@ GPU_TESTS = (
     "tests/test_unclip_device_step.py::test_the_unclip_kernel_on_the_gpu_is_the_numpy_step",
     "tests/test_karlo_device_loop.py::test_the_unclip_step_graphs_on_cuda_are_the_numpy_step",
     "tests/test_karlo_device_loop.py::test_the_karlo_cuda_device_loops_match_the_cuda_host_loops",
+    "tests/test_karlo_device_loop.py::test_the_tensorrt_karlo_loop_on_a_gpu_with_kernel_engines_matches_the_host_loop",
 )
 
 

@@ -100,8 +100,14 @@ cpp-asan: cpp-deps
 	cmake -S cpp -B $(CPP_ASAN) -DCMAKE_BUILD_TYPE=Debug -DECLIPSE_SANITIZE=ON > /dev/null
 	cmake --build $(CPP_ASAN) -j $(JOBS)
 
-# with the ONNX Runtime backend (needs ORT_INCLUDE; see README "Embedding in C/C++")
+# with the ONNX Runtime backend (needs ORT_INCLUDE; see README "Embedding in C/C++"): core, backend,
+# example (opening the wheel's libonnxruntime by default) and tests in build/cpp-ort
 cpp-ort: cpp-deps $(STAMP)
+	@test -f $(ORT_INCLUDE)/onnxruntime_c_api.h || { \
+	  v=$$($(BIN)/python -c 'import onnxruntime; print(onnxruntime.__version__)'); \
+	  echo "error: no onnxruntime_c_api.h in $(ORT_INCLUDE): put there the include/ of ONNX Runtime $$v's release" \
+	       "(onnxruntime-linux-$$(uname -m | sed s/x86_64/x64/)-$$v.tgz; README: Embedding in C/C++) or pass ORT_INCLUDE=DIR" >&2; \
+	  exit 2; }
 	cmake -S cpp -B $(CPP_ORT) -DCMAKE_BUILD_TYPE=Release -DECLIPSE_WITH_ONNXRUNTIME=ON \
 	  -DECLIPSE_ORT_INCLUDE_DIR=$(abspath $(ORT_INCLUDE)) -DECLIPSE_ORT_LIBRARY=$(abspath $(ORT_LIBRARY)) > /dev/null
 	cmake --build $(CPP_ORT) -j $(JOBS)

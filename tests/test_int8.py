@@ -20,7 +20,7 @@ from eclipse_export.export.calibrate import (
     stratified_steps,
 )
 
-SMALL = CaptureOptions(height=64, width=64, steps=8, unet_steps_per_prompt=3)
+SMALL = CaptureOptions(height=64, width=64, steps=8, loop_calls_per_prompt=3)
 
 
 def test_stratified_steps_cover_the_schedule():
@@ -43,7 +43,8 @@ def test_capture_records_real_inputs_and_resumes(tiny_pipeline, tmp_path):
     assert info["captured"] == 3 and info["resumed"] == 0 and len(logs) == 3
     with np.load(tmp_path / "00001.npz") as z:
         assert str(z["prompt"]) == prompts[1]
-        steps = z["unet_steps"].tolist()
+        steps = z["calls/unet"].tolist()  # which of the UNet's calls (= steps) were kept
+        assert str(z["family"]) == "kandinsky22"
         assert len(steps) == 3
         sample = z["unet/sample"]
         # the full CFG batch: [unconditional; conditional] halves share the latents
@@ -58,7 +59,7 @@ def test_capture_records_real_inputs_and_resumes(tiny_pipeline, tmp_path):
     # the recorded UNet input at the first step is what the chain really fed it
     gen = tiny_pipeline.generate(prompts[0], height=64, width=64, steps=8, seed=SMALL.seed, record=True)
     with np.load(tmp_path / "00000.npz") as z:
-        if 0 in z["unet_steps"].tolist():
+        if 0 in z["calls/unet"].tolist():
             np.testing.assert_array_equal(z["unet/sample"][0][:1], gen.noises.latents)
         np.testing.assert_array_equal(z["movq/latents"][0], gen.intermediates["unet.latents"])
     # resumable: a second run only does what is missing
@@ -79,7 +80,7 @@ def tiny_int8_bundle(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("int8") / "tiny-onnx-int8"
     int8 = Int8Options(components=("unet", "movq"), calibration_prompts=16, validation_prompts=6,
-                       capture=CaptureOptions(height=64, width=64, steps=12, unet_steps_per_prompt=4))
+                       capture=CaptureOptions(height=64, width=64, steps=12, loop_calls_per_prompt=4))
     export_bundle(RandomSource("tiny"), out, ExportOptions(target="onnx-int8", int8=int8), log=lambda m: None)
     return out
 

@@ -274,17 +274,6 @@ def test_generate_cli_takes_the_family_defaults(karlo_bundle, tmp_path, capsys):
     assert timings["decoder"] > 0 and timings["super_res"] > 0
 
 
-@pytest.mark.slow
-def test_int8_is_refused_until_calibration_drives_karlo(tmp_path):
-    from eclipse_export.export.options import ExportError, ExportOptions
-    from eclipse_export.export.exporter import export_bundle
-    from eclipse_export.export.source_factory import make_source
-
-    with pytest.raises(ExportError, match="INT8 calibration is not implemented"):
-        export_bundle(make_source("tiny-karlo"), tmp_path / "x", ExportOptions(target="onnx-int8"), log=lambda m: None)
-    assert not (tmp_path / "x").exists()
-
-
 # --- the real-checkpoint path -----------------------------------------------------------------
 
 

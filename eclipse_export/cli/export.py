@@ -56,14 +56,16 @@ def export_parser() -> argparse.ArgumentParser:
     e.add_argument("--engine-cache", type=Path, default=Path("engines/.engine-cache"),
                    help="engines by key, reused when nothing they depend on changed (default engines/.engine-cache)")
     q = p.add_argument_group("int8 (onnx-int8, trt-int8 targets)")
-    q.add_argument("--int8-components", default="unet",
-                   help="comma-separated components to quantize: unet (default), text_encoder, movq, prior")
+    q.add_argument("--int8-components",
+                   help="comma-separated components to quantize (default: the family's denoisers: unet for "
+                        "Kandinsky 2.2 and λ-ECLIPSE; decoder, super_res_first, super_res_last for Karlo)")
     q.add_argument("--calibration-prompts", type=Path,
                    help="prompt file (.jsonl or one prompt per line; default: the project's calibration/prompts.jsonl)")
     q.add_argument("--calibration-count", type=int, default=64, help="calibration prompts used (default 64)")
     q.add_argument("--validation-count", type=int, default=8,
                    help="held-out validation prompts for the export-time INT8 check (default 8)")
-    q.add_argument("--calibration-size", default="256x256", metavar="HxW", help="image size during calibration (default 256x256)")
+    q.add_argument("--calibration-size", metavar="HxW",
+                   help="image size during calibration (default 256x256, or the size a Karlo bundle fixes)")
     q.add_argument("--calibration-steps", type=int, default=25, help="sampling steps during calibration (default 25)")
     q.add_argument("--calibration-method", default="minmax", help="minmax (default), percentile or entropy")
     q.add_argument("--int8-rules", help="whose kernels the Q/DQ graphs are shaped for: ort-cpu (onnx-int8's default) "
@@ -214,9 +216,9 @@ def _int8_options(args):
 
     # any family's component here; the export checks them against the bundle's own family
     COMPONENTS = list(dict.fromkeys(c for f in FAMILIES.values() for c in f.components))
-    components = tuple(c.strip() for c in args.int8_components.split(",") if c.strip())
+    components = tuple(c.strip() for c in (args.int8_components or "").split(",") if c.strip())
     unknown = [c for c in components if c not in COMPONENTS]
-    if not components or unknown:
+    if (args.int8_components is not None and not components) or unknown:
         raise UserError(f"--int8-components: unknown {', '.join(unknown) or '(none given)'} "
                         f"(choose from {', '.join(COMPONENTS)})")
     if args.calibration_prompts is not None and not args.calibration_prompts.is_file():
@@ -231,7 +233,7 @@ def _int8_options(args):
         raise UserError(f"--calibration-method must be one of {', '.join(METHODS)}")
     if args.int8_rules is not None and args.int8_rules not in RULES:
         raise UserError(f"--int8-rules must be one of {', '.join(RULES)}")
-    h, w = _image_size("--calibration-size", args.calibration_size)
+    h, w = _image_size("--calibration-size", args.calibration_size) if args.calibration_size else (None, None)
     return Int8Options(rules=args.int8_rules, components=components, prompts=args.calibration_prompts,
                        calibration_prompts=args.calibration_count, validation_prompts=args.validation_count,
                        capture=CaptureOptions(height=h, width=w, steps=args.calibration_steps),

@@ -35,7 +35,7 @@ def quantize_bundle(work: Path, family: Family, components: dict, dims: dict, so
                      log: Log) -> None:
     """Calibrate on the FP32 chain, quantize the chosen components in place, check each against
     its FP32 graph on held-out validation prompts (the INT8 tolerance), and record it all."""
-    from eclipse_export.export.calibrate import CaptureOptions, capture, iter_feeds
+    from eclipse_export.export.calibrate import CaptureOptions, ForeignShard, capture, iter_feeds
     from eclipse_export.export.calibration_prompts import load_prompts, take_balanced
     from eclipse_export.export.quantize import (
         check_rules,
@@ -45,34 +45,49 @@ def quantize_bundle(work: Path, family: Family, components: dict, dims: dict, so
     from eclipse_export.runtime.backends.onnxruntime import OnnxRuntimeBackend
     from eclipse_export.runtime.bundle import trusted_bundle
     from eclipse_export.runtime.pipeline import Pipeline
+    from eclipse_export.runtime.request import GenerationError
 
     int8 = options.int8 or Int8Options()
     rules = int8.rules or INT8_RULES[options.target]
     if options.target in ENGINE_TARGETS and rules != "tensorrt":
         raise ExportError(f"{options.target} builds TensorRT engines: its INT8 graphs follow TensorRT's rules, not {rules!r}")
+    plan = family.calibration
+    if plan is None:
+        raise ExportError(f"{options.target}: the {family.title} family has no INT8 calibration")
     try:
-        chosen = quantize_components(int8.components, family.name)
+        # none named: the family's choice (its looped UNets; the one-pass graphs stay as exported)
+        chosen = quantize_components(int8.components or plan.components, family.name)
         calib = take_balanced(load_prompts(int8.prompts, split="calibration"), int8.calibration_prompts)
         valid = take_balanced(load_prompts(int8.prompts, split="validation"), int8.validation_prompts)
     except ValueError as e:
         raise ExportError(str(e)) from None
-    capture_opts = int8.capture or CaptureOptions()
-    key = hashlib.sha256(json.dumps({
-        "weights": {n: c["weights_sha256"] for n, c in components.items()},
-        "capture": capture_opts.__dict__, "calibration": [p.prompt for p in calib],
-        "validation": [p.prompt for p in valid]}, sort_keys=True).encode()).hexdigest()[:16]
-    cache = (int8.cache_dir / key) if int8.cache_dir else work / ".calibration"
     reset_peak_rss()
     t0 = time.perf_counter()
     written = [str(p.relative_to(work)) for p in work.rglob("*") if p.is_file()]
     provisional = trusted_bundle(work, {"format_version": FORMAT_VERSION, "family": family.name, "dims": dims,
                                           "components": components, "precision": "fp32"}, written)
     pipeline = Pipeline(provisional, OnnxRuntimeBackend())
-    log(f"  calibration: {len(calib)} prompts, {capture_opts.height}x{capture_opts.width}, "
-        f"{capture_opts.unet_steps_per_prompt} of {capture_opts.steps} UNet steps each -> {cache}")
-    calib_info = capture(pipeline, calib, cache / "calibration", capture_opts, log)
-    log(f"  validation: {len(valid)} held-out prompts")
-    capture(pipeline, valid, cache / "validation", capture_opts, log)
+    # sizes and guidance the family's driver fixes (Karlo: its super-resolution size) filled in
+    # before the key, so that the key says what was recorded
+    capture_opts = (int8.capture or CaptureOptions()).resolved(pipeline.chain)
+    # the family and what its calibration records are part of the key: a cache recorded on one
+    # family's chain is never read for another's (the shards also name their family: capture
+    # refuses a foreign one)
+    key = hashlib.sha256(json.dumps({
+        "family": family.name, "recorded": {"sampled": list(plan.sampled), "subjects": plan.subjects},
+        "weights": {n: c["weights_sha256"] for n, c in components.items()},
+        "capture": capture_opts.__dict__, "calibration": [p.prompt for p in calib],
+        "validation": [p.prompt for p in valid]}, sort_keys=True).encode()).hexdigest()[:16]
+    cache = (int8.cache_dir / family.name / key) if int8.cache_dir else work / ".calibration"
+    sampled = ", ".join(plan.sampled) or "none"
+    log(f"  calibration: {len(calib)} prompts on the {family.name} chain, {capture_opts.height}x{capture_opts.width}, "
+        f"{capture_opts.steps} steps, {capture_opts.loop_calls_per_prompt} calls per prompt of {sampled} -> {cache}")
+    try:
+        calib_info = capture(pipeline, calib, cache / "calibration", capture_opts, log)
+        log(f"  validation: {len(valid)} held-out prompts")
+        capture(pipeline, valid, cache / "validation", capture_opts, log)
+    except (ForeignShard, GenerationError) as e:  # e.g. a calibration size the family's bundle cannot make
+        raise ExportError(f"calibration: {e}") from None
     del pipeline
     gc.collect()
     calib_info["peak_rss_bytes"] = peak_rss_bytes()
@@ -150,8 +165,8 @@ def build_engines_for_bundle(src: Path, out: Path, target: str, build, engine_ca
     require_onnx(f"--from-bundle --target {target}")
     want = TARGETS[target]
     quantize = want == "int8" and bundle.precision == "fp32"
-    if quantize and bundle.family.name != "kandinsky22":
-        raise ExportError(f"{target}: INT8 calibration is not implemented for the {bundle.family.title} family yet")
+    if quantize and bundle.family.calibration is None:
+        raise ExportError(f"{target}: the {bundle.family.title} family has no INT8 calibration")
     if target in ENGINE_TARGETS and want == "int8" and not quantize:
         shaped = {n: c.get("quantization_rules", "tensorrt") for n, c in bundle.manifest["components"].items()
                   if c.get("precision") == "int8"}

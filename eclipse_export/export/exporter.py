@@ -213,10 +213,10 @@ def export_bundle(source: StackSource, out: Path, options: ExportOptions = Expor
         raise ExportError(f"unknown target {options.target!r} (available: {', '.join(TARGETS)})")
     if options.exporter not in EXPORTERS:
         raise ExportError(f"unknown exporter {options.exporter!r} (choose from {', '.join(EXPORTERS)})")
-    if TARGETS[options.target] == "int8" and source.family.name != "kandinsky22":
-        # calibration (export/calibrate.py) drives the Kandinsky chain only so far
-        raise ExportError(f"{options.target}: INT8 calibration is not implemented for the {source.family.title} "
-                          "family yet (use onnx or onnx-fp16)")
+    if TARGETS[options.target] == "int8" and source.family.calibration is None:
+        # calibration (export/calibrate.py) follows the family's data (Family.calibration)
+        raise ExportError(f"{options.target}: the {source.family.title} family has no INT8 calibration "
+                          "(use onnx or onnx-fp16)")
     out = Path(out)
     if out.exists() and not options.overwrite:
         raise ExportError(f"{out} already exists; pass --overwrite to replace it")

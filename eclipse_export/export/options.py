@@ -62,7 +62,8 @@ class ExportOptions:
 
 @dataclass(frozen=True)
 class Int8Options:
-    components: tuple[str, ...] = ("unet",)
+    # empty: the family's choice (Family.calibration.components: Kandinsky's UNet, Karlo's three UNets)
+    components: tuple[str, ...] = ()
     prompts: Path | None = None  # None: the project's calibration/prompts.jsonl
     calibration_prompts: int = 64  # first N of the calibration split
     validation_prompts: int = 8  # first N of the validation split: the export-time INT8 parity check

@@ -21,6 +21,26 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class Calibration:
+    """How INT8 calibration (export/calibrate.py) drives the family's chain. The runtime runs the
+    chain on the calibration prompts and every graph call's inputs are recorded; a denoiser
+    called many times per prompt is recorded at a few calls, stratified over them (see
+    `sampled`), so that the prompts together cover its whole trajectory without one prompt's
+    steps dominating the set."""
+
+    # quantized when the user names none (--int8-components): the graphs where the time goes (the
+    # looped UNets); the one-pass graphs (text encoder, prior, projections) stay in the precision
+    # of the unquantized bundle (FP32 graphs; their engines as the target builds them)
+    components: tuple[str, ...]
+    # components recorded at CaptureOptions.loop_calls_per_prompt calls per prompt, stratified
+    # over the calls the chain made; the others at every call
+    sampled: tuple[str, ...] = ()
+    # requests carry subject images (drawn by the project, one per prompt, an edge map every
+    # other prompt): the image encoder and the control token see real inputs
+    subjects: bool = False
+
+
+@dataclass(frozen=True)
 class Family:
     name: str  # the manifest's "family"
     title: str
@@ -33,6 +53,8 @@ class Family:
     presets: tuple[str, ...]
     # default image size of the chain (height, width)
     default_size: tuple[int, int] = (512, 512)
+    # INT8 calibration (None: the family has no INT8 targets)
+    calibration: Calibration | None = None
 
     def __post_init__(self):
         names = [s.component for s in self.chain]
@@ -43,6 +65,11 @@ class Family:
             if set(stage.inputs) != set(spec.input_names):
                 raise ValueError(f"{self.name}.{stage.component}: the chain feeds {sorted(stage.inputs)}, "
                                  f"the graph takes {sorted(spec.input_names)}")
+        if self.calibration is not None:
+            named = set(self.calibration.components) | set(self.calibration.sampled)
+            unknown = sorted(named - set(self.components))
+            if unknown:
+                raise ValueError(f"{self.name}: calibration names unknown components {unknown}")
 
     @property
     def loop_stage(self) -> Stage:

@@ -106,7 +106,9 @@ def load_image(source, what: str = "subject image") -> SubjectImage:
             pixels = _from_pil(image)
     except SubjectError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError:  # Pillow's own limit (2x its warning size) fired first
+        raise SubjectError(f"{what} {path}: larger than this runtime reads ({MAX_PIXELS} pixels)") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise SubjectError(f"{what} {path}: not a readable image ({type(e).__name__}: {e})") from None
     return SubjectImage(pixels, str(path))
 

@@ -22,8 +22,7 @@ import numpy as np
 import torch
 
 from eclipse_export.export.sources import StackSource, state_dict_sha256
-from eclipse_export.families.karlo.components import COMPONENTS
-from eclipse_export.families.spec import MIN_IMAGE_PSNR_DB
+from eclipse_export.families.karlo.components import COMPONENTS, MIN_IMAGE_PSNR_DB
 from eclipse_export.metrics.parity import ParityReport, compare, psnr
 from eclipse_export.runtime.images import to_uint8
 from eclipse_export.runtime.request import Request

@@ -146,6 +146,12 @@ public:
         auto options = Released::hold(raw, ort().ReleaseSessionOptions);
         check(ort().SetSessionLogSeverityLevel(options.get(), 3), "log level");
         if (threads_ > 0) check(ort().SetIntraOpNumThreads(options.get(), threads_), "threads");
+        // The Python runtime's "tuned" CPU profile (runtime/backends/onnxruntime.py
+        // _TUNED_CPU_CONFIG; measured in docs/decisions.md): worker threads sleep between parallel
+        // sections instead of spinning, which on a loaded machine (or with the other session's
+        // threads) gives the cores to the work instead of to busy-waiting
+        for (const char *key : {"session.intra_op.allow_spinning", "session.inter_op.allow_spinning"})
+            check(ort().AddSessionConfigEntry(options.get(), key, "0"), key);
         for (const auto &p : providers_) {  // in order of preference; CPU is always the fallback
             if (p != "cuda") continue;
             OrtCUDAProviderOptionsV2 *cuda = nullptr;

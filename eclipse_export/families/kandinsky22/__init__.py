@@ -1,7 +1,7 @@
 """ECLIPSE + Kandinsky 2.2: CLIP ViT-bigG/14 text encoder -> ECLIPSE prior (one pass) -> UNet loop
 with classifier-free guidance -> MoVQ decoder. Driver: runtime/chains/kandinsky22.py."""
 
-from eclipse_export.families.chain import Family, Stage
+from eclipse_export.families.chain import Calibration, Family, Stage
 from eclipse_export.families.kandinsky22.components import COMPONENTS
 from eclipse_export.families.kandinsky22.presets import ALL_PRESETS
 
@@ -22,4 +22,5 @@ FAMILY = Family(
     dim_names=("T", "D", "E", "C", "S"),
     required_files=("scheduler_config.json", "negative_image_embeds.npy", "tokenizer/tokenizer.json"),
     presets=ALL_PRESETS,
+    calibration=Calibration(components=("unet",), sampled=("unet",)),
 )

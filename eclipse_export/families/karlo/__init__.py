@@ -3,7 +3,7 @@
 variance) -> bicubic 64 -> 256 upsample -> super-resolution loop (first UNet, then the last for
 the final step) -> image. Driver: runtime/chains/karlo.py."""
 
-from eclipse_export.families.chain import Family, Stage
+from eclipse_export.families.chain import Calibration, Family, Stage
 from eclipse_export.families.karlo.components import COMPONENTS
 from eclipse_export.families.karlo.presets import ALL_PRESETS
 
@@ -33,4 +33,8 @@ FAMILY = Family(
     required_files=("decoder_scheduler_config.json", "super_res_scheduler_config.json", "tokenizer/tokenizer.json"),
     presets=ALL_PRESETS,
     default_size=(256, 256),
+    # the three UNets are where the time goes; super_res_last runs once per image (recorded whole),
+    # the decoder and super_res_first at a few of their calls per prompt
+    calibration=Calibration(components=("decoder", "super_res_first", "super_res_last"),
+                            sampled=("decoder", "super_res_first")),
 )

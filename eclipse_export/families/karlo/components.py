@@ -20,7 +20,8 @@ from dataclasses import replace
 import numpy as np
 
 from eclipse_export.families.kandinsky22 import components as k22
-from eclipse_export.families.spec import NORMS, TOLERANCES, ComponentSpec, TensorSpec
+from eclipse_export.families.spec import MIN_IMAGE_PSNR_DB as _MIN_IMAGE_PSNR_DB
+from eclipse_export.families.spec import NORMS, TOLERANCES, ComponentSpec, TensorSpec, Tolerance
 
 _f32 = k22._f32
 
@@ -51,6 +52,28 @@ def _super_res_inputs(dims, rng):
 
 
 _CFG_BATCH = (1, 2, 8)
+
+# INT8 (the three UNets, quantized by default: families/karlo Calibration), measured on tiny-karlo
+# onnx-int8 (ORT rules; 16 calibration prompts x 4 of 12 decoder steps and 4 of 6
+# super_res_first calls, super_res_last whole; 6 held-out validation prompts):
+# - one call vs its FP32 graph on the validation inputs: worst cosine decoder 0.99309 (mean
+#   0.99624, max abs 0.44), super_res_first 0.99800 (0.19), super_res_last 0.99831 (0.26); the
+#   decoder's first step in the chain vs PyTorch >= 0.99565 over 36 requests. Bound: 0.99 (as
+#   Kandinsky's UNet), max abs 1.0 (catches blow-ups, 2x the worst seen).
+# - after the loops, unguided (guidance 1; 4, 12, 25 steps; 1 and 2 prompts; 18 requests): the
+#   upsampled decoder image >= 0.98593, super_res_first's first step >= 0.98808, the image
+#   >= 0.99559 and 24.4 dB (30-31 dB at 25 steps). Bounds: cosine 0.98, image 20 dB.
+# - with the pipeline's guidance 8 the random decoder amplifies the per-step error (8 x the
+#   cond - uncond gap, divided by sqrt(alpha-bar) near t = 999, as FP16's 22 dB in
+#   docs/decisions.md): upsampled image down to cosine 0.738, image 14.6-19.5 dB over 18
+#   requests, while every single call stays within 0.99. Not bounded: a floor that low would not
+#   tell a chain conditioned on the wrong prompt (FP32, same seed: 11.6 dB guided, 17.3 dB
+#   unguided) from INT8, and a trained decoder's gap is what matters (not measurable here);
+#   `eclipse-bench --quality-prompts` measures INT8's real loss.
+INT8_UNET = Tolerance(min_cosine=0.99, max_abs=1.0, chained_min_cosine=0.98)
+UNET_TOLERANCES = {**TOLERANCES, "int8": INT8_UNET}
+# end-to-end bound on Karlo's 8-bit image against the PyTorch reference, per precision (int8: above)
+MIN_IMAGE_PSNR_DB = {**_MIN_IMAGE_PSNR_DB, "int8": 20.0}
 
 TEXT_ENCODER = replace(k22.TEXT_ENCODER, description="CLIP ViT-L/14 text tower: projected pooled embedding "
                                                      "and last hidden state")
@@ -94,7 +117,7 @@ DECODER = ComponentSpec(
         TensorSpec("attention_mask", "int32", ("B", "L")),
     ),
     outputs=(TensorSpec("noise_pred", "float32", ("B", 6, "P", "P")),),
-    tolerances=TOLERANCES,
+    tolerances=UNET_TOLERANCES,
     shape_ranges={"B": _CFG_BATCH},
     sample_inputs=_decoder_inputs,
     fp16_keep_fp32=NORMS + ("Sin", "Cos"),
@@ -115,7 +138,7 @@ def _super_res(name: str, when: str) -> ComponentSpec:
             TensorSpec("timestep", "float32", (1,)),
         ),
         outputs=(TensorSpec("noise_pred", "float32", ("B", 3, "Q", "Q")),),
-        tolerances=TOLERANCES,
+        tolerances=UNET_TOLERANCES,
         shape_ranges={"B": (1, 1, 4)},
         sample_inputs=_super_res_inputs,
         fp16_keep_fp32=NORMS + ("Sin", "Cos"),

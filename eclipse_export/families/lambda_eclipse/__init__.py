@@ -4,7 +4,7 @@ their text states; an optional edge map (Canny) is embedded by the same encoder 
 token; the λ prior (one pass) -> UNet loop with classifier-free guidance against the zero-image
 embedding -> MoVQ. Driver: runtime/chains/lambda_eclipse.py."""
 
-from eclipse_export.families.chain import Family, Stage
+from eclipse_export.families.chain import Calibration, Family, Stage
 from eclipse_export.families.lambda_eclipse.components import COMPONENTS
 from eclipse_export.families.lambda_eclipse.presets import ALL_PRESETS
 
@@ -32,4 +32,5 @@ FAMILY = Family(
     required_files=("scheduler_config.json", "negative_image_embeds.npy", "tokenizer/tokenizer.json",
                     IMAGE_PROCESSOR_FILE),
     presets=ALL_PRESETS,
+    calibration=Calibration(components=("unet",), sampled=("unet",), subjects=True),
 )

@@ -236,6 +236,11 @@ attempt("_kernel", lambda: c._kernel("guided_step"))
 attempt("launch_guided_step", lambda: c.launch_guided_step(
     driver.CUfunction(), 4096, 8192, 0, 12288, 1024, True, 4.0, (0.9, 0.4, math.inf, 0.3, 0.6, 0.1, 0.05), 16384, 3))
 attempt("guided_step", lambda: c.guided_step(4096, 8192, 0, 12288, 1024, False, 1.0, (0.9, 0.4, 1.0, 0.3, 0.6, 0.1, 0.0)))
+terms = __import__("eclipse_export.runtime.unclip_scheduler", fromlist=["x"]).UnCLIPStepTerms(
+    0.9, 0.4, 1.0, 0.3, 0.6, True, True, 0.0, -7.5, -2.25)
+attempt("launch_unclip_step", lambda: c.launch_unclip_step(
+    driver.CUfunction(), 4096, 8192, 12288, 16384, (2, 3, 8, 8), 6, True, 8.0, terms, 20480, 1))
+attempt("unclip_step", lambda: c.unclip_step(4096, 8192, 0, 0, (1, 3, 8, 8), 3, False, 1.0, terms))
 attempt("select_device", lambda: c.select_device(0))
 attempt("create_stream", c.create_stream)
 attempt("_function", lambda: c._function(driver.CUmodule(), "guided_step"))
@@ -285,6 +290,7 @@ def test_every_cuda_bindings_call_returns_an_error_status_not_a_type_error(stub_
     # the stand-in driver answers "no device": the errors say so, through our own messages
     assert "no usable CUDA GPU" in outcomes["Cuda()"]
     assert "cuLaunchKernel failed: CUDA_ERROR_NO_DEVICE" in outcomes["launch_guided_step"]
+    assert "cuLaunchKernel failed: CUDA_ERROR_NO_DEVICE" in outcomes["launch_unclip_step"]
     assert "cuModuleLoadData (cubin of guided_step) failed" in outcomes["_kernel"]
     # and every call in runtime/backends/cuda.py was among them
     missing = _cuda_calls_in_source() - set(report["calls"])

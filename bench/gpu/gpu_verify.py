@@ -437,6 +437,13 @@ GPU_TESTS = (
     "tests/test_ort_device_loop.py::test_step_graph_on_cuda_is_apply_step",
     "tests/test_ort_device_loop.py::test_the_step_graph_on_cuda_copies_nothing_to_the_host",
     "tests/test_ort_device_loop.py::test_cuda_device_loop_matches_the_cuda_host_loop",
+    # Karlo's device loops (issue 20 item 4): the unclip_step kernel through Cuda, the unCLIP step
+    # graphs and the decoder + super-resolution loops on ONNX Runtime's CUDA provider (the C++
+    # unclip_step runs in test_the_cpp_cuda_layer_on_a_gpu's "unclip_step cases")
+    "tests/test_unclip_device_step.py::test_the_unclip_kernel_on_the_gpu_is_the_numpy_step",
+    "tests/test_karlo_device_loop.py::test_the_unclip_step_graphs_on_cuda_are_the_numpy_step",
+    "tests/test_karlo_device_loop.py::test_the_karlo_cuda_device_loops_match_the_cuda_host_loops",
+    "tests/test_karlo_device_loop.py::test_the_tensorrt_karlo_loop_on_a_gpu_with_kernel_engines_matches_the_host_loop",
 )
 
 
@@ -569,7 +576,8 @@ def step_torch_full(stage: Path, out: Path, timeout: float) -> dict:
 # 16 cores (no GPU was lent while writing them): README "Budget" has their reasoning.
 STEPS = {
     "env": (step_env, 30),
-    "gpu-tests": (step_gpu_tests, 150),
+    # 150 s for Kandinsky's, + 50 s for Karlo's (its tiny export, two generations per loop kind)
+    "gpu-tests": (step_gpu_tests, 200),
     # --no-parity-check: the per-component ORT-vs-PyTorch check runs in CI; bench-tiny checks parity
     "export-tiny": (_exports("tiny", ("onnx", "onnx-fp16", "trt-rtx-fp16"), ("--no-parity-check",)), 90),
     "bench-tiny": (_bench("tiny", ("onnx", "onnx-fp16", "trt-rtx-fp16"),

@@ -10,7 +10,9 @@
 // Prints one JSON object (and writes it to OUT_JSON): "ok" true only when every check passed.
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -24,6 +26,7 @@
 
 #include "backends/device_loop.hpp"
 #include "cuda/cuda_stream.hpp"
+#include "core/unclip_scheduler.hpp"
 #include "cuda/nvrtc.hpp"
 
 using namespace eclipse::core;
@@ -279,6 +282,67 @@ int run_device_check(int argc, char **argv) {
                     cases.push_back(c);
                 }
             }
+        }
+        return json{{"ok", ok}, {"cases", cases}};
+    });
+
+    // a2. Karlo's unclip_step (issue 20): every step of a 5-step schedule, the decoder's learned
+    // variance with and without CFG and the super-resolution's fixed one, against
+    // UnclipScheduler::step after the chain's guidance (chain_karlo.cpp). Exact, except the
+    // learned std's double exp (the GPU's vs glibc's, rounded to float after): at most 1 ulp.
+    check("unclip_step cases", [&] {
+        const ContextGuard guard(*gpu.driver, gpu.context);
+        const int64_t B = 2, C = 3, plane = 64 * 64, n = B * C * plane;
+        json cases = json::array();
+        bool ok = true;
+        for (auto [variance, cfg] : {std::pair{"learned_range", 1}, std::pair{"learned_range", 0}, std::pair{"fixed_small_log", 0}}) {
+            UnclipScheduler sched(json{{"variance_type", variance}});
+            sched.set_timesteps(5);
+            const int pc = sched.learned() ? 2 * C : C;
+            const int64_t rows = cfg ? 2 * B : B;
+            std::vector<float> pred(static_cast<size_t>(rows * pc * plane)), x0(n), nz(n);
+            for (size_t i = 0; i < pred.size(); ++i) pred[i] = std::tanh(2.0f * std::sin(0.37f * static_cast<float>(i)));
+            for (int64_t i = 0; i < n; ++i) x0[i] = 3.0f * std::sin(0.11f * static_cast<float>(i)), nz[i] = std::cos(0.7f * static_cast<float>(i));
+            DeviceBuffer dp(stream), dx(stream), dn(stream), flag(stream);
+            dp.ensure(pred.size() * 4), dx.ensure(n * 4), dn.ensure(n * 4), flag.ensure(4);
+            stream.upload(dp.ptr(), pred.data(), pred.size() * 4);
+            stream.upload(dn.ptr(), nz.data(), n * 4);
+            int64_t max_ulps = 0, mismatches = 0;
+            uint32_t bad = 0;
+            for (size_t i = 0; i < sched.timesteps().size(); ++i) {
+                const int64_t t = sched.timesteps()[i];
+                UnclipStepArgs a;
+                a.pred = dp.ptr(), a.latents = dx.ptr(), a.bad_step = flag.ptr();
+                a.k = sched.terms(t, sched.prev_timestep(i));
+                a.noise = a.k.noise ? dn.ptr() : 0;
+                a.n = n, a.plane = plane, a.channels = C, a.pred_channels = pc, a.cfg = cfg, a.scale = cfg ? 8.0f : 1.0f;
+                a.step = static_cast<uint32_t>(i);
+                stream.upload(dx.ptr(), x0.data(), n * 4);
+                stream.fill_u32(flag.ptr(), 0, 1);
+                stream.unclip_step(a);
+                std::vector<float> got(n);
+                stream.download(got.data(), dx.ptr(), n * 4);
+                stream.download(&bad, flag.ptr(), 4);
+                stream.synchronize();
+                std::vector<float> want = x0, eps(n), var(n);
+                for (int64_t k = 0; k < n; ++k) {  // the chain's guidance, row by row
+                    const int64_t b = k / (C * plane), within = k % (C * plane), cond = (cfg ? B + b : b) * pc * plane;
+                    const float u = pred[static_cast<size_t>(b * pc * plane + within)], c = pred[static_cast<size_t>(cond + within)];
+                    eps[k] = cfg ? u + a.scale * (c - u) : c;
+                    if (sched.learned()) var[k] = pred[static_cast<size_t>(cond + C * plane + within)];
+                }
+                sched.step(eps.data(), sched.learned() ? var.data() : nullptr, t, sched.prev_timestep(i), want.data(), nz.data(), n);
+                for (int64_t k = 0; k < n; ++k) {
+                    int32_t gi, wi;
+                    std::memcpy(&gi, &got[k], 4), std::memcpy(&wi, &want[k], 4);
+                    const int64_t ulps = std::llabs(static_cast<int64_t>(gi) - wi);
+                    max_ulps = std::max(max_ulps, ulps);
+                    mismatches += ulps != 0;
+                }
+            }
+            const bool case_ok = bad == 0 && max_ulps <= (sched.learned() ? 1 : 0);
+            ok = ok && case_ok;
+            cases.push_back({{"variance", variance}, {"cfg", cfg}, {"mismatches", mismatches}, {"max_ulps", max_ulps}, {"ok", case_ok}});
         }
         return json{{"ok", ok}, {"cases", cases}};
     });

@@ -213,11 +213,13 @@ def build_engines_for_bundle(src: Path, out: Path, target: str, build, engine_ca
                 graph_files = [f for c in manifest["components"].values() for f in c["files"]]
                 others = [k for k in manifest["files"] if k not in fp32_files]
                 manifest["files"] = {rel: file_entry(work, rel) for rel in graph_files + others}
-            if not manifest.get("step_graphs"):  # a bundle of format 1
-                from eclipse_export.export.step_graph import write_step_graphs
+            from eclipse_export.export.step_graph import step_graph_files, write_step_graphs
 
-                manifest["step_graphs"] = write_step_graphs(work)
-                manifest["files"].update({rel: file_entry(work, rel) for rel in manifest["step_graphs"].values()})
+            missing = set(step_graph_files(bundle.family.name)) - set(manifest.get("step_graphs") or {})
+            if missing:  # a bundle of format 1, or a Karlo bundle exported before its unCLIP step graphs
+                added = write_step_graphs(work, bundle.family.name, missing)
+                manifest["step_graphs"] = {**(manifest.get("step_graphs") or {}), **added}
+                manifest["files"].update({rel: file_entry(work, rel) for rel in added.values()})
             manifest.update(format_version=FORMAT_VERSION, family=family_name(bundle.manifest))
             engines = {}
             if target in ENGINE_TARGETS:

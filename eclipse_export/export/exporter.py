@@ -277,7 +277,7 @@ def export_bundle(source: StackSource, out: Path, options: ExportOptions = Expor
                 files += [e["file"] for e in engines.values()]
             from eclipse_export.export.step_graph import write_step_graphs  # onnx: not at import time
 
-            step_graphs = write_step_graphs(work)
+            step_graphs = write_step_graphs(work, source.family.name)
             files += [*extra_files, *step_graphs.values()]
             files += sorted(str(p.relative_to(work)) for p in (work / "tokenizer").rglob("*") if p.is_file())
             manifest = {

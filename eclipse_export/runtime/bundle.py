@@ -35,7 +35,8 @@ MANIFEST = "manifest.json"
 PRECISIONS = ("fp32", "fp16", "int8")
 ENGINE_FLAVOURS = ("tensorrt", "tensorrt-rtx")
 # the guided scheduler step as ONNX graphs, with and without classifier-free guidance
-STEP_GRAPH_KINDS = ("cfg", "plain")
+# cfg / plain: the Kandinsky UNet loop; unclip_*: Karlo's loops (export/step_graph.py)
+STEP_GRAPH_KINDS = ("cfg", "plain", "unclip_learned_cfg", "unclip_learned", "unclip_fixed")
 # Far above any real stack (bigG: D = E = 1280, T = 77) and small enough that arrays sized from
 # them cannot exhaust memory before a graph refuses them.
 MAX_DIM = 1 << 16

@@ -125,7 +125,9 @@ public:
     std::shared_ptr<const TrtEngine> acquire() const { return holder_.acquire(); }
 
     std::unique_ptr<SessionState> new_state() const override {
-        return std::make_unique<TrtState>(gpu_, source_.component == "unet");
+        // the looped UNets get the step kernels and loop buffers: Kandinsky's, Karlo's decoder and super-resolution
+        const std::string &c = source_.component;
+        return std::make_unique<TrtState>(gpu_, c == "unet" || c == "decoder" || c == "super_res_first" || c == "super_res_last");
     }
 
     void run(SessionState *state, const std::vector<TensorView> &inputs, std::vector<TensorView> &outputs) const override {
@@ -290,6 +292,23 @@ public:
         auto &s = session.checked(state);
         const ContextGuard guard = gpu_->enter();
         return denoise_on_device(s.stream(), s.binding(session), s.loop(), call);
+    }
+
+    bool has_unclip_loop() const override { return true; }
+
+    bool denoise_unclip(const std::vector<std::pair<const Session *, SessionState *>> &unets,
+                        const UnclipLoopCall &call) const override {
+        std::vector<UnclipUnet> loop;
+        for (const auto &[session, state] : unets) {
+            const auto &trt = static_cast<const TrtSession &>(*session);
+            TrtState &s = trt.checked(state);
+            loop.push_back({&s.stream(), [&trt, &s]() -> Binding & { return s.binding(trt); }, trt.source().component});
+        }
+        TrtState &first = static_cast<const TrtSession &>(*unets[0].first).checked(unets[0].second);
+        const ContextGuard guard = gpu_->enter();
+        return denoise_unclip_on_device(first.loop(), loop, call, [&] {
+            if (gpu_->options.low_memory) first.release();  // one engine resident: the first goes before the last loads
+        });
     }
 
 private:

@@ -1,6 +1,7 @@
 #include "backends/device_loop.hpp"
 
 #include <algorithm>
+#include <map>
 
 namespace eclipse::core {
 namespace {
@@ -260,6 +261,103 @@ bool denoise_on_device(DeviceStream &stream, Binding &unet, LoopBuffers &buffers
         backend_error("the UNet loop produced NaN/Inf latents at step " + std::to_string(bad) + " of " + std::to_string(steps) +
                       " (FP16 overflow? compare with the FP32 bundle or eclipse-generate --compare-reference)");
     return !(call.progress && call.progress(call.steps, call.steps, call.progress_data) != 0);
+}
+
+bool denoise_unclip_on_device(LoopBuffers &buffers, const std::vector<UnclipUnet> &unets, const UnclipLoopCall &call,
+                              const std::function<void()> &before_switch) {
+    const int64_t *ls = call.latent_shape;
+    const int64_t n = ls[0] * ls[1] * ls[2] * ls[3], rows = call.cfg ? 2 * ls[0] : ls[0];
+    const size_t steps = call.timesteps.size();
+    if (unets.empty() || unets.size() > 2 || steps < 2 || call.terms.size() != steps)
+        throw Error(ECLIPSE_ERR_INTERNAL, "the unCLIP device loop needs 1 or 2 UNets and a term per step");
+    const int pred_channels = static_cast<int>(call.terms[0].learned ? 2 * ls[1] : ls[1]);
+    const size_t bytes = static_cast<size_t>(n) * 4;
+    const std::string &name = unets[0].name;
+    DeviceStream *stream = unets[0].stream;
+    buffers.latents.ensure(bytes);
+    buffers.timesteps.ensure(steps * 4);
+    buffers.noise.ensure(steps * bytes);
+    buffers.bad_step.ensure(4);
+    stream->upload(buffers.latents.ptr(), call.latents, bytes);
+    stream->upload(buffers.timesteps.ptr(), call.timesteps.data(), steps * 4);
+    stream->upload(buffers.noise.ptr(), call.step_noise, steps * bytes);
+    stream->fill_u32(buffers.bad_step.ptr(), 0, 1);
+
+    // bind one UNet, upload its constant inputs, fill its sample from the latents
+    auto start = [&](const UnclipUnet &u) -> Binding & {
+        Binding &b = u.binding();
+        std::map<std::string, std::vector<int64_t>> shapes{{"sample", {rows, ls[1], ls[2], ls[3]}}, {"timestep", {1}}};
+        for (const auto &c : call.constants) shapes[c.name] = c.shape;
+        b.bind(shapes);
+        for (const char *t : {"sample", "timestep", "noise_pred"}) {
+            if (b.tensor(t).type != IoType::Float32)
+                backend_error("the device loop expects float32 UNet I/O, " + u.name + "'s " + t + " is " +
+                              b.tensor(t).type_name + " (the FP16 graphs keep float32 I/O: re-export the bundle)");
+        }
+        for (const auto &c : call.constants) {
+            if (b.tensor(c.name).type != (c.dtype == DType::Float32 ? IoType::Float32 : IoType::Int32))
+                backend_error(u.name + "." + c.name + " is " + b.tensor(c.name).type_name + " in the engine, not the bundle graph's type");
+            u.stream->upload(b.ptr(c.name), c.data, c.bytes());
+        }
+        const std::vector<int64_t> want{rows, pred_channels, ls[2], ls[3]};
+        if (b.shape("noise_pred") != want)
+            backend_error(u.name + " gives noise_pred of shape " + shape_text(b.shape("noise_pred")) + ", the unCLIP loop needs " +
+                          shape_text(want));
+        u.stream->copy(b.ptr("sample"), buffers.latents.ptr(), bytes);
+        if (call.cfg) u.stream->copy(b.ptr("sample") + bytes, buffers.latents.ptr(), bytes);
+        return b;
+    };
+
+    Binding *unet = &start(unets[0]);
+    const bool switches = unets.size() == 2;
+    Events events(*stream, static_cast<bool>(call.progress));  // as denoise_on_device: work done, one step queued ahead
+    bool cancelled = false;
+    for (size_t i = 0; i < steps && !cancelled; ++i) {
+        const bool last = i + 1 == steps;
+        if (last && switches) {
+            stream->synchronize();  // the other stream reads what this one wrote
+            if (call.progress && !call.progress(static_cast<int32_t>(i), static_cast<int32_t>(steps))) {
+                cancelled = true;
+                break;
+            }
+            if (before_switch) before_switch();
+            stream = unets[1].stream;
+            unet = &start(unets[1]);
+        }
+        stream->copy(unet->ptr("timestep"), buffers.timesteps.ptr() + 4 * i, 4);
+        unet->enqueue(!(last && switches));  // a UNet run once is not captured
+        const UnclipStepTerms &k = call.terms[i];
+        UnclipStepArgs a;
+        a.pred = unet->ptr("noise_pred");
+        a.latents = buffers.latents.ptr();
+        a.noise = k.noise ? buffers.noise.ptr() + i * bytes : 0;
+        // the next UNet input, unless no step follows or the next one starts another UNet (start() fills it)
+        a.sample_out = (i + 2 < steps || (i + 2 == steps && !switches)) ? unet->ptr("sample") : 0;
+        a.n = n, a.plane = ls[2] * ls[3];
+        a.channels = static_cast<int>(ls[1]), a.pred_channels = pred_channels;
+        a.cfg = call.cfg ? 1 : 0;
+        a.scale = call.cfg ? call.guidance_scale : 1.0f;
+        a.k = k;
+        a.bad_step = buffers.bad_step.ptr();
+        a.step = static_cast<uint32_t>(i);
+        stream->unclip_step(a);
+        if (events.active() && !(last && switches)) {
+            stream->record_event(events[i]);
+            if (i > 0) {
+                stream->wait_event(events[i - 1]);
+                cancelled = !call.progress(static_cast<int32_t>(i), static_cast<int32_t>(steps));
+            }
+        }
+    }
+    uint32_t bad = 0;
+    stream->download(call.out_latents, buffers.latents.ptr(), bytes);
+    stream->download(&bad, buffers.bad_step.ptr(), 4);
+    stream->synchronize();
+    if (cancelled) return false;
+    if (bad != 0)
+        backend_error("the " + name + " loop produced NaN/Inf at step " + std::to_string(bad) + " of " + std::to_string(steps) +
+                      " (FP16 overflow? compare with the FP32 bundle or eclipse-generate --compare-reference)");
+    return !(call.progress && !call.progress(static_cast<int32_t>(steps), static_cast<int32_t>(steps)));
 }
 
 }  // namespace eclipse::core

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "core/common.hpp"
+#include "core/unclip_scheduler.hpp"
 
 namespace eclipse::core {
 
@@ -29,6 +30,16 @@ struct GuidedStepArgs {  // runtime/backends/kernels/guided_step.cu's parameters
     int cfg = 0;
     float scale = 1.0f;
     eclipse_step_coefficients k{};
+    DevicePtr bad_step = 0;
+    uint32_t step = 0;
+};
+
+struct UnclipStepArgs {  // kernels/guided_step.cu unclip_step's parameters (Karlo's loops)
+    DevicePtr pred = 0, latents = 0, noise = 0, sample_out = 0;
+    int64_t n = 0, plane = 0;  // latent elements, H * W
+    int channels = 0, pred_channels = 0, cfg = 0;
+    float scale = 1.0f;
+    UnclipStepTerms k{};
     DevicePtr bad_step = 0;
     uint32_t step = 0;
 };
@@ -55,6 +66,10 @@ public:
     virtual void wait_event(void *event) = 0;  // the host waits until the device got there
     virtual void destroy_event(void *event) noexcept = 0;
     virtual void guided_step(const GuidedStepArgs &args) = 0;
+    virtual void unclip_step(const UnclipStepArgs &args) {
+        (void)args;
+        throw Error(ECLIPSE_ERR_INTERNAL, "this device stream has no unclip_step kernel");
+    }
 };
 
 enum class IoType { Float32, Int32, Other };
@@ -185,5 +200,37 @@ struct LoopBuffers {
 // final latents and the NaN flag come back once. Returns false when the progress callback
 // cancelled; throws Error naming the first step that produced NaN/Inf.
 bool denoise_on_device(DeviceStream &stream, Binding &unet, LoopBuffers &buffers, const eclipse_denoise_call &call);
+
+// Karlo's loops (chain_karlo.cpp): the decoder (one UNet, learned variance, guidance on the noise
+// channels) or the super-resolution (super_res_first for every step but the last, then
+// super_res_last; fixed variance). Internal to the library: the C API's custom backends loop on
+// the host for Karlo.
+struct UnclipLoopCall {
+    const float *latents = nullptr;  // (B, C, H, W), already times init_noise_sigma
+    int64_t latent_shape[4] = {0, 0, 0, 0};
+    std::vector<TensorView> constants;  // the UNets' other inputs, uploaded once per UNet
+    std::vector<float> timesteps;       // the UNet's timestep input per step
+    std::vector<UnclipStepTerms> terms;  // per step
+    bool cfg = false;
+    float guidance_scale = 1.0f;
+    const float *step_noise = nullptr;  // (steps, B, C, H, W)
+    float *out_latents = nullptr;
+    std::function<bool(int32_t done, int32_t steps)> progress;  // false: cancel
+};
+
+// One UNet of the loop: its stream and its binding (bound on first use: low-memory mode loads
+// the last UNet's engine only after the first one's is freed).
+struct UnclipUnet {
+    DeviceStream *stream = nullptr;
+    std::function<Binding &()> binding;
+    std::string name;
+};
+
+// Per step on the device: a 4-byte timestep copy, the UNet (graph replay) and unclip_step, whose
+// scalars are launch arguments. At the switch to the last UNet, `before_switch` runs (low-memory:
+// frees the first engine) after the first stream drained; the loop buffers (of the first UNet's
+// stream) stay. Returns false when progress cancelled; throws naming the first NaN/Inf step.
+bool denoise_unclip_on_device(LoopBuffers &buffers, const std::vector<UnclipUnet> &unets, const UnclipLoopCall &call,
+                              const std::function<void()> &before_switch);
 
 }  // namespace eclipse::core

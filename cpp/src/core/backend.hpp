@@ -14,6 +14,7 @@
 //                                                      guidance + scheduler step on the device
 //                                                      from per-step eclipse_step_coefficients;
 //                                                      has_device_loop() says it is there
+//   Backend::denoise_unclip(unets, call)               the same for Karlo's loops (unclip_step)
 //   Backend::stage_done(session, state)                after each stage (as the Python
 //                                                      pipeline's hook): a low-memory device
 //                                                      backend frees that stage's engine here
@@ -21,12 +22,15 @@
 
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/bundle.hpp"
 #include "core/common.hpp"
 
 namespace eclipse::core {
+
+struct UnclipLoopCall;  // backends/device_loop.hpp
 
 class SessionState {
 public:
@@ -67,6 +71,16 @@ public:
     virtual bool denoise(const Session &unet, SessionState *state, const eclipse_denoise_call &call) const {
         (void)unet, (void)state, (void)call;
         throw Error(ECLIPSE_ERR_INTERNAL, name() + " has no device loop");
+    }
+
+    // Karlo's decoder / super-resolution loops on the device (backends/device_loop.hpp
+    // UnclipLoopCall): the UNets in order (the first for every step but the last) with their
+    // request states. Internal: custom backends of the C API loop on the host for Karlo.
+    virtual bool has_unclip_loop() const { return false; }
+    virtual bool denoise_unclip(const std::vector<std::pair<const Session *, SessionState *>> &unets,
+                                const UnclipLoopCall &call) const {
+        (void)unets, (void)call;
+        throw Error(ECLIPSE_ERR_INTERNAL, name() + " has no unCLIP device loop");
     }
 };
 

@@ -25,7 +25,7 @@ std::string hint(const fs::path &root) { return "re-export it (eclipse-export ..
 // The components, dims and files a bundle must have come from its family (core/families.hpp).
 constexpr const char *kPrecisions[] = {"fp32", "fp16", "int8"};
 constexpr const char *kEngineFlavours[] = {"tensorrt", "tensorrt-rtx"};
-constexpr const char *kStepGraphKinds[] = {"cfg", "plain"};
+constexpr const char *kStepGraphKinds[] = {"cfg", "plain", "unclip_learned_cfg", "unclip_learned", "unclip_fixed"};
 // Far above any real stack (bigG: D = E = 1280, T = 77), small enough that arrays sized from
 // them cannot exhaust memory before a graph refuses them.
 constexpr int64_t kMaxDim = int64_t{1} << 16;
@@ -153,7 +153,7 @@ std::vector<std::string> manifest_problems(const json &m) {
         if (!one_of(json(kind), kStepGraphKinds)) steps_ok = false;
         else listed("step_graphs." + kind, rel);
     }
-    if (!steps_ok) problems.push_back("'step_graphs' must be an object with keys among cfg, plain");
+    if (!steps_ok) problems.push_back("'step_graphs' must be an object with keys among cfg, plain, unclip_learned_cfg, unclip_learned, unclip_fixed");
     return problems;
 }
 

@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 
+#include "backends/device_loop.hpp"
 #include "core/chain.hpp"
 #include "core/noise.hpp"
 #include "core/unclip_scheduler.hpp"
@@ -42,6 +43,45 @@ std::vector<double> aa_weights(int64_t in, int64_t out) {
             for (int64_t j = lo; j < hi; ++j) w[static_cast<size_t>(i * in + j)] /= total;
     }
     return w;
+}
+
+// One loop (the decoder, or super_res_first + super_res_last) on the backend's device
+// (backends/device_loop.hpp denoise_unclip_on_device); false where the backend has none (the
+// host loop runs). x: initial -> final latents; progress reports done + steps of this loop.
+bool unclip_device_loop(State &state, const std::vector<std::string> &names, const UnclipScheduler &sched,
+                        std::vector<float> &x, int64_t C, int64_t size, bool cfg, float scale, const std::vector<float> &noise,
+                        std::vector<TensorView> constants, const eclipse_params &p, size_t done, size_t total) {
+    const Backend &backend = *state.context->backend;
+    if (!backend.has_unclip_loop() || sched.sample_prediction()) return false;
+    UnclipLoopCall call;
+    call.latents = x.data();
+    const int64_t shape[4] = {1, C, size, size};
+    std::copy(shape, shape + 4, call.latent_shape);
+    call.constants = std::move(constants);
+    for (size_t i = 0; i < sched.timesteps().size(); ++i) {
+        call.timesteps.push_back(static_cast<float>(sched.timesteps()[i]));
+        call.terms.push_back(sched.terms(sched.timesteps()[i], sched.prev_timestep(i)));
+    }
+    call.cfg = cfg, call.guidance_scale = scale, call.step_noise = noise.data();
+    std::vector<float> out(x.size());
+    call.out_latents = out.data();
+    bool cancelled = false;
+    call.progress = [&](int32_t step, int32_t) {
+        cancelled = p.progress && p.progress(static_cast<int32_t>(done) + step, static_cast<int32_t>(total), p.progress_data) != 0;
+        return !cancelled;
+    };
+    std::vector<std::pair<const Session *, SessionState *>> unets;
+    for (const auto &name : names) unets.emplace_back(state.context->sessions.at(name).get(), state.session_states[name].get());
+    if (!backend.denoise_unclip(unets, call)) {
+        if (cancelled) throw Error(ECLIPSE_ERR_CANCELLED, "generation cancelled by the progress callback");
+        throw Error(ECLIPSE_ERR_BACKEND, backend.name() + " backend's " + names[0] + " loop failed");
+    }
+    x = std::move(out);
+    return true;
+}
+
+TensorView view(const char *name, DType dtype, std::vector<int64_t> shape, const void *data) {
+    return {name, dtype, std::move(shape), const_cast<void *>(data)};  // the loop reads its constants only
 }
 
 }  // namespace
@@ -193,7 +233,14 @@ Result generate_karlo(State &state, const char *prompt, const eclipse_params &p,
     // 4. the decoder loop: guidance on the noise channels, variance from the conditional half
     std::vector<float> sample(static_cast<size_t>(rows) * n), eps(n), variance(n);
     t0 = std::chrono::steady_clock::now();
-    for (size_t i = 0; i < dec_steps; ++i) {
+    const int64_t L = static_cast<int64_t>(decoder_mask.size()) / rows;
+    const bool dec_on_device = unclip_device_loop(
+        state, {"decoder"}, dec, latents, C, P, cfg, scale, step_noise,
+        {view("encoder_hidden_states", DType::Float32, {rows, L, static_cast<int64_t>(context.size()) / (rows * L)}, context.data()),
+         view("class_labels", DType::Float32, {rows, static_cast<int64_t>(class_labels.size()) / rows}, class_labels.data()),
+         view("attention_mask", DType::Int32, {rows, L}, decoder_mask.data())},
+        p, 0, total_steps);
+    for (size_t i = 0; i < (dec_on_device ? 0 : dec_steps); ++i) {  // else: the host loop
         const int64_t t = dec.timesteps()[i];
         std::copy(latents.begin(), latents.end(), sample.begin());
         if (cfg) std::copy(latents.begin(), latents.end(), sample.begin() + static_cast<long>(n));
@@ -224,7 +271,10 @@ Result generate_karlo(State &state, const char *prompt, const eclipse_params &p,
     result.timings["upsample"] = seconds_since(t0);
     dims["B"] = B;
     t0 = std::chrono::steady_clock::now();
-    for (size_t i = 0; i < sr_steps; ++i) {
+    const bool sr_on_device = unclip_device_loop(state, {"super_res_first", "super_res_last"}, sr, x, C, Q, false, 1.0f, sr_noise,
+                                                 {view("image_upscaled", DType::Float32, {B, C, Q, Q}, upscaled.data())}, p,
+                                                 dec_steps, total_steps);
+    for (size_t i = 0; i < (sr_on_device ? 0 : sr_steps); ++i) {  // else: the host loop
         const int64_t t = sr.timesteps()[i];
         const std::string name = i + 1 == sr_steps ? "super_res_last" : "super_res_first";
         const float timestep = static_cast<float>(t);

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <string>
 
 #include "core/common.hpp"
@@ -62,8 +63,7 @@ int64_t UnclipScheduler::prev_timestep(size_t i) const {
     return i + 1 < timesteps_.size() ? timesteps_[i + 1] : timesteps_[i] - 1;
 }
 
-void UnclipScheduler::step(const float *eps, const float *variance, int64_t t, int64_t prev, float *sample,
-                           const float *noise, size_t n) const {
+UnclipStepTerms UnclipScheduler::terms(int64_t t, int64_t prev) const {
     const float a_t = alphas_cumprod_[static_cast<size_t>(t)];
     const float a_prev = prev >= 0 ? alphas_cumprod_[static_cast<size_t>(prev)] : 1.0f;
     const float b_t = 1.0f - a_t, b_prev = 1.0f - a_prev;
@@ -74,29 +74,39 @@ void UnclipScheduler::step(const float *eps, const float *variance, int64_t t, i
         beta = 1.0f - a_t / a_prev;
         alpha = 1.0f - beta;
     }
-    const float sqrt_b_t = std::sqrt(b_t), sqrt_a_t = std::sqrt(a_t);
-    const float c_x0 = (std::sqrt(a_prev) * beta) / b_t;
-    const float c_x = std::sqrt(alpha) * b_prev / b_t;
-    const bool noisy = t > 0;
-    if (noisy && noise == nullptr) throw Error(ECLIPSE_ERR_INTERNAL, "the unCLIP step needs its variance noise");
-    if (noisy && learned_ && variance == nullptr) throw Error(ECLIPSE_ERR_INTERNAL, "learned_range needs the variance channels");
-    // log and exp in double, rounded once (runtime/unclip_scheduler.py says why)
-    const double var = static_cast<double>(b_prev / b_t * beta);
-    const float fixed_std = static_cast<float>(std::exp(0.5 * std::log(std::max(var, 1e-20))));
-    const double min_log = std::log(var), max_log = std::log(static_cast<double>(beta));
-    for (size_t k = 0; k < n; ++k) {
-        float x0 = sample_prediction_ ? eps[k] : (sample[k] - sqrt_b_t * eps[k]) / sqrt_a_t;
+    UnclipStepTerms k;
+    k.a = std::sqrt(a_t), k.b = std::sqrt(b_t);
+    k.clip = clip_ ? clip_range_ : std::numeric_limits<float>::infinity();
+    k.c_x0 = (std::sqrt(a_prev) * beta) / b_t;
+    k.c_x = std::sqrt(alpha) * b_prev / b_t;
+    k.noise = t > 0, k.learned = learned_;
+    if (k.noise) {
+        // log and exp in double, rounded once (runtime/unclip_scheduler.py says why)
+        const double var = static_cast<double>(b_prev / b_t * beta);
+        if (learned_) k.min_log = std::log(var), k.max_log = std::log(static_cast<double>(beta));
+        else k.std_dev = static_cast<float>(std::exp(0.5 * std::log(std::max(var, 1e-20))));
+    }
+    return k;
+}
+
+void UnclipScheduler::step(const float *eps, const float *variance, int64_t t, int64_t prev, float *sample,
+                           const float *noise, size_t n) const {
+    const UnclipStepTerms k = terms(t, prev);
+    if (k.noise && noise == nullptr) throw Error(ECLIPSE_ERR_INTERNAL, "the unCLIP step needs its variance noise");
+    if (k.noise && learned_ && variance == nullptr) throw Error(ECLIPSE_ERR_INTERNAL, "learned_range needs the variance channels");
+    for (size_t i = 0; i < n; ++i) {
+        float x0 = sample_prediction_ ? eps[i] : (sample[i] - k.b * eps[i]) / k.a;
         if (clip_) x0 = std::min(std::max(x0, -clip_range_), clip_range_);
-        float prev_sample = c_x0 * x0 + c_x * sample[k];
-        if (noisy) {
-            float std_dev = fixed_std;
+        float prev_sample = k.c_x0 * x0 + k.c_x * sample[i];
+        if (k.noise) {
+            float std_dev = k.std_dev;
             if (learned_) {
-                const double frac = static_cast<double>((variance[k] + 1.0f) / 2.0f);
-                std_dev = static_cast<float>(std::exp(0.5 * (frac * max_log + (1.0 - frac) * min_log)));
+                const double frac = static_cast<double>((variance[i] + 1.0f) / 2.0f);
+                std_dev = static_cast<float>(std::exp(0.5 * (frac * k.max_log + (1.0 - frac) * k.min_log)));
             }
-            prev_sample = prev_sample + std_dev * noise[k];
+            prev_sample = prev_sample + std_dev * noise[i];
         }
-        sample[k] = prev_sample;
+        sample[i] = prev_sample;
     }
 }
 

@@ -1,5 +1,8 @@
 #include "cuda/cuda_stream.hpp"
 
+#include <string>
+#include <utility>
+
 #include "core/common.hpp"
 
 namespace eclipse::core {
@@ -11,10 +14,13 @@ GuidedStepKernel::GuidedStepKernel(std::shared_ptr<const CudaDriver> driver, CUc
     ContextGuard guard(*driver_, context_);
     driver_->check(driver_->ModuleLoadData(&module_, compiled_.image.data()),
                    "cuModuleLoadData (" + compiled_.kind + " of guided_step for " + compiled_.arch + ")");
-    const CUresult r = driver_->ModuleGetFunction(&function_, module_, "guided_step");
-    if (r != CUDA_SUCCESS) {
-        driver_->ModuleUnload(module_);
-        driver_->check(r, "cuModuleGetFunction(guided_step)");
+    for (auto [function, name] : {std::pair{&function_, "guided_step"}, std::pair{&unclip_function_, "unclip_step"}}) {
+        const CUresult r = driver_->ModuleGetFunction(function, module_, name);
+        if (r != CUDA_SUCCESS) {
+            driver_->ModuleUnload(module_);
+            module_ = nullptr;
+            driver_->check(r, std::string("cuModuleGetFunction(") + name + ")");
+        }
     }
 }
 
@@ -37,6 +43,21 @@ void launch_guided_step(const CudaDriver &driver, CUfunction function, CUstream 
     const auto blocks = static_cast<unsigned>((a.n + kGuidedStepThreads - 1) / kGuidedStepThreads);
     driver.check(driver.LaunchKernel(function, blocks, 1, 1, kGuidedStepThreads, 1, 1, 0, stream, params, nullptr),
                  "cuLaunchKernel(guided_step)");
+}
+
+void launch_unclip_step(const CudaDriver &driver, CUfunction function, CUstream stream, const UnclipStepArgs &a) {
+    // the order and types of kernels/guided_step.cu unclip_step's parameters
+    CUdeviceptr pred = a.pred, latents = a.latents, noise = a.noise, sample_out = a.sample_out, bad_step = a.bad_step;
+    long long n = a.n, plane = a.plane;
+    int channels = a.channels, pred_channels = a.pred_channels, cfg = a.cfg, learned = a.k.learned ? 1 : 0;
+    float scale = a.scale, ka = a.k.a, kb = a.k.b, clip = a.k.clip, c_x0 = a.k.c_x0, c_x = a.k.c_x, stdv = a.k.std_dev;
+    double min_log = a.k.min_log, max_log = a.k.max_log;
+    unsigned int step = a.step;
+    void *params[] = {&pred, &latents, &noise, &sample_out, &n, &plane, &channels, &pred_channels, &cfg, &scale, &ka,
+                      &kb, &clip, &c_x0, &c_x, &learned, &stdv, &min_log, &max_log, &bad_step, &step};
+    const auto blocks = static_cast<unsigned>((a.n + kGuidedStepThreads - 1) / kGuidedStepThreads);
+    driver.check(driver.LaunchKernel(function, blocks, 1, 1, kGuidedStepThreads, 1, 1, 0, stream, params, nullptr),
+                 "cuLaunchKernel(unclip_step)");
 }
 
 CudaStream::CudaStream(std::shared_ptr<const CudaDriver> driver, CUcontext context, std::shared_ptr<const GuidedStepKernel> kernel)
@@ -136,6 +157,15 @@ void CudaStream::destroy_event(void *event) noexcept {
 void CudaStream::guided_step(const GuidedStepArgs &args) {
     if (!kernel_) throw Error(ECLIPSE_ERR_INTERNAL, "guided_step launched on a stream without the kernel");
     launch_guided_step(*driver_, kernel_->function(), stream_, args);
+}
+
+}  // namespace eclipse::core
+
+namespace eclipse::core {
+
+void CudaStream::unclip_step(const UnclipStepArgs &args) {
+    if (!kernel_) throw Error(ECLIPSE_ERR_INTERNAL, "unclip_step launched on a stream without the kernel");
+    launch_unclip_step(*driver_, kernel_->unclip_function(), stream_, args);
 }
 
 }  // namespace eclipse::core

@@ -19,6 +19,7 @@ public:
     GuidedStepKernel(const GuidedStepKernel &) = delete;
     GuidedStepKernel &operator=(const GuidedStepKernel &) = delete;
     CUfunction function() const { return function_; }
+    CUfunction unclip_function() const { return unclip_function_; }  // the same source's Karlo step
     const CompiledKernel &compiled() const { return compiled_; }
 
 private:
@@ -26,11 +27,13 @@ private:
     CUcontext context_;
     CompiledKernel compiled_;
     CUmodule module_ = nullptr;
-    CUfunction function_ = nullptr;
+    CUfunction function_ = nullptr, unclip_function_ = nullptr;
 };
 
 // Launches guided_step (the order and types of kernels/guided_step.cu's parameters).
 void launch_guided_step(const CudaDriver &driver, CUfunction function, CUstream stream, const GuidedStepArgs &args);
+// Launches unclip_step (its parameters' order and types in the same file).
+void launch_unclip_step(const CudaDriver &driver, CUfunction function, CUstream stream, const UnclipStepArgs &args);
 
 // Its constructor and destructor push the context themselves; every other method expects the
 // caller to hold a ContextGuard of that context (the backend's entries do).
@@ -61,6 +64,7 @@ public:
     void wait_event(void *event) override;
     void destroy_event(void *event) noexcept override;
     void guided_step(const GuidedStepArgs &args) override;
+    void unclip_step(const UnclipStepArgs &args) override;
 
 private:
     CudaStream() = default;

@@ -1,8 +1,9 @@
 """The little of CUDA the TensorRT backend needs, through cuda-python (`cuda.bindings`), not torch.
 
 Device buffers, one non-default stream, async copies, CUDA-graph capture, device facts, and one
-NVRTC-compiled elementwise kernel (classifier-free guidance + scheduler step fused) so the
-latents stay on the device between UNet steps. cuda-bindings 12.x serves JetPack 6 (CUDA 12.6),
+NVRTC-compiled source of elementwise kernels (classifier-free guidance + scheduler step fused:
+guided_step for Kandinsky's schedulers, unclip_step for Karlo's) so the latents stay on the
+device between UNet steps. cuda-bindings 12.x serves JetPack 6 (CUDA 12.6),
 13.x serves CUDA 13; the calls used here exist in both.
 """
 
@@ -152,9 +153,14 @@ class Cuda:
     def _kernel(self, name: str):
         if name in self._kernels:
             return self._kernels[name]
-        kind, image = compile_kernel(self.nvrtc, kernel_source(name), name, self.info().sm)
-        module = _ok(self.driver.cuModuleLoadData(image), f"cuModuleLoadData ({kind} of {name})")
-        self._modules.append(module)
+        # every entry point of a source file comes from one compiled module (KERNEL_FILES)
+        file = KERNEL_FILES.get(name, name)
+        module = self._kernels.get(f"module:{file}")
+        if module is None:
+            kind, image = compile_kernel(self.nvrtc, kernel_source(file), file, self.info().sm)
+            module = _ok(self.driver.cuModuleLoadData(image), f"cuModuleLoadData ({kind} of {file})")
+            self._modules.append(module)
+            self._kernels[f"module:{file}"] = module
         self._kernels[name] = self._function(module, name)
         return self._kernels[name]
 
@@ -180,6 +186,28 @@ class Cuda:
         blocks = (n + threads - 1) // threads
         _ok(self.driver.cuLaunchKernel(fn, blocks, 1, 1, threads, 1, 1, 0, self.stream, args, 0), "cuLaunchKernel")
 
+    def unclip_step(self, pred: int, latents: int, noise: int, sample_out: int, latent_shape: tuple[int, ...],
+                    pred_channels: int, cfg: bool, scale: float, terms, bad_step: int = 0, step: int = 0) -> None:
+        """One unCLIP step (kernels/guided_step.cu unclip_step) from UnCLIPStepTerms `terms`:
+        latents (latent_shape, float32) <- the step of the guided pred; noise 0 adds none."""
+        self.launch_unclip_step(self._kernel("unclip_step"), pred, latents, noise, sample_out, latent_shape,
+                                pred_channels, cfg, scale, terms, bad_step, step)
+
+    def launch_unclip_step(self, fn, pred: int, latents: int, noise: int, sample_out: int,
+                           latent_shape: tuple[int, ...], pred_channels: int, cfg: bool, scale: float, terms,
+                           bad_step: int, step: int) -> None:
+        b, c, h, w = latent_shape
+        n, k = b * c * h * w, terms
+        f, p, i32, i64 = ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
+        # the order and types of kernels/guided_step.cu unclip_step's parameters
+        args = ((pred, latents, noise, sample_out, n, h * w, c, pred_channels, int(cfg), scale, k.a, k.b, k.clip,
+                 k.c_x0, k.c_x, int(k.learned), k.std, k.min_log, k.max_log, bad_step, step),
+                (p, p, p, p, i64, i64, i32, i32, i32, f, f, f, f, f, f, i32, f, ctypes.c_double, ctypes.c_double,
+                 p, ctypes.c_uint))
+        threads = 256
+        blocks = (n + threads - 1) // threads
+        _ok(self.driver.cuLaunchKernel(fn, blocks, 1, 1, threads, 1, 1, 0, self.stream, args, 0), "cuLaunchKernel")
+
     def close(self) -> None:
         for module in self._modules:
             self.driver.cuModuleUnload(module)
@@ -187,6 +215,10 @@ class Cuda:
         if self.stream is not None:
             self.rt.cudaStreamDestroy(self.stream)
             self.stream = None
+
+
+# entry point -> the kernels/ source file that defines it (default: its own name)
+KERNEL_FILES = {"unclip_step": "guided_step"}
 
 
 def kernel_source(name: str) -> str:

@@ -15,6 +15,7 @@ from eclipse_export.families.spec import ComponentSpec
 from eclipse_export.runtime.backends.base import BackendError, check_io, checked_inputs
 from eclipse_export.runtime.backends.ort_device_loop import OrtDeviceLoop
 from eclipse_export.runtime.backends.ort_errors import ORT_GRAPH_ERRORS, ort_error_line
+from eclipse_export.runtime.backends.ort_unclip_loop import OrtUnclipLoop, unclip_kind
 from eclipse_export.runtime.bundle import Bundle, BundleError
 
 # Short names users type -> ONNX Runtime execution providers. tensorrt-rtx is a plugin EP
@@ -152,6 +153,7 @@ class OnnxRuntimeBackend:
         self.cache_dirs: dict[str, str] = {}
         self.notes: list[str] = []
         self._loop = None
+        self._unclip_loop = None
         self.name = "onnxruntime-" + "+".join(providers)
 
     # sessions ----------------------------------------------------------------------------
@@ -252,6 +254,29 @@ class OnnxRuntimeBackend:
             self._loop = OrtDeviceLoop(self)
         return self._loop.denoise(unet, latents, image_embeds, scheduler, guidance_scale, step_noise, progress,
                                   record_step0)
+
+    # Karlo's loops (runtime/backends/ort_unclip_loop.py) -----------------------------------
+    def unclip_device_loop(self, bundle: Bundle, cfg: bool, learned: bool) -> bool:
+        """Whether a Karlo loop of this kind runs on the device: the device loop is on and the
+        bundle carries its step graph (Karlo bundles exported before them: host loop, a note)."""
+        if not self.device_loop:
+            return False
+        kind = unclip_kind(cfg, learned)
+        if kind is not None and bundle.step_graph_path(kind) is not None:
+            return True
+        note = (f"{bundle.root} has no unCLIP step graph {kind}: this Karlo loop runs on the host; add the graphs "
+                f"with eclipse-export --from-bundle {bundle.root} --target {bundle.manifest.get('target', 'onnx')} "
+                "--out NEW")
+        if note not in self.notes:
+            self.notes.append(note)
+        return False
+
+    def denoise_unclip(self, unets, latents: np.ndarray, constants, scheduler, guidance_scale: float | None,
+                       step_noise: np.ndarray, progress=None, record_step0: dict | None = None) -> np.ndarray:
+        if self._unclip_loop is None:
+            self._unclip_loop = OrtUnclipLoop(self)
+        return self._unclip_loop.denoise(unets, latents, constants, scheduler, guidance_scale, step_noise, progress,
+                                         record_step0)
 
     def describe(self) -> dict:
         out = {"backend": "onnxruntime", "version": self._ort.__version__, "providers": self.providers,

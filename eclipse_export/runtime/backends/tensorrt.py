@@ -8,7 +8,8 @@
 - The UNet loop never leaves the device: classifier-free guidance and the scheduler step run as
   one fused kernel (cuda.Cuda.guided_step) from the scheduler's StepCoefficients; the UNet
   enqueue is captured once into a CUDA graph (TensorRT) or left to TensorRT-RTX's own
-  whole-graph capture. Only the final latents come back to the host.
+  whole-graph capture. Only the final latents come back to the host. Karlo's decoder and
+  super-resolution loops likewise, with the unclip_step kernel (trt_unclip_loop.py).
 - low_memory=True holds one engine at a time (8 GB Jetson boards): each stage deserializes its
   engine, runs, and frees it.
 """
@@ -30,6 +31,7 @@ from eclipse_export.runtime.backends.trt_flavours import (
     check_engine_compatible,
     import_flavour,
 )
+from eclipse_export.runtime.backends.trt_unclip_loop import denoise_unclip
 from eclipse_export.runtime.bundle import Bundle
 from eclipse_export.runtime.files import write_bytes_atomic
 
@@ -381,6 +383,15 @@ class TensorRTBackend:
         if progress:
             progress(steps, steps)
         return out
+
+    # Karlo's loops (runtime/backends/trt_unclip_loop.py: the unclip_step kernel) -----------
+    def unclip_device_loop(self, bundle: Bundle, cfg: bool, learned: bool) -> bool:
+        return True  # the kernel serves every variance type and guidance
+
+    def denoise_unclip(self, unets, latents: np.ndarray, constants, scheduler, guidance_scale: float | None,
+                       step_noise: np.ndarray, progress=None, record_step0: dict | None = None) -> np.ndarray:
+        return denoise_unclip(self, unets, latents, constants, scheduler, guidance_scale, step_noise, progress,
+                              record_step0)
 
     def describe(self) -> dict:
         free, total = self.cuda.mem_info()

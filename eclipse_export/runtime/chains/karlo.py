@@ -8,8 +8,9 @@ diffusion prior.
 
 The text encoder runs once, on the guidance batch: its conditional half is what the prior gets
 (rows are independent, so this equals the ECLIPSE pipeline's separate prior call on the
-prompts) and the whole batch feeds text_proj. Loops run on the host for every backend (device
-loops for Karlo are a later step). Torch-free.
+prompts) and the whole batch feeds text_proj. Both loops run on the backend's device where it
+has one for them (`unclip_device_loop`: ONNX Runtime with the bundle's unCLIP step graphs, the
+TensorRT backends with the unclip_step kernel), else on the host. Torch-free.
 """
 
 from __future__ import annotations
@@ -140,6 +141,30 @@ class KarloChain:
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
         values.update({f"{name}.{k}": v for k, v in out.items()})
 
+    # device loops (ONNX Runtime with the bundle's unCLIP step graphs, TensorRT's unclip_step kernel)
+    def _on_device(self, pipe: Pipeline, sched: UnCLIPScheduler, cfg: bool) -> bool:
+        check = getattr(pipe.backend, "unclip_device_loop", None)
+        if check is None:
+            return False
+        try:
+            sched.step_terms(int(sched.timesteps[0]))
+        except ValueError:
+            return False  # a "sample" model: the step has no device statement
+        return check(self.bundle, cfg, sched.variance_type == "learned_range")
+
+    def _device_loop(self, pipe: Pipeline, names: tuple[str, ...], x: np.ndarray, values: dict, sched, scale,
+                     noise: np.ndarray, progress, done: int, total: int, inter: dict | None) -> np.ndarray:
+        """The loop of `names` (the first UNet for every step but the last) on the backend's
+        device; the stage's inputs other than sample and timestep are uploaded once."""
+        stage = self.stages[names[0]]
+        constants = {k: values[src] for k, src in stage.inputs.items() if k not in ("sample", "timestep")}
+        record = {} if inter is not None else None
+        out = pipe.backend.denoise_unclip([pipe.sessions[n] for n in names], x, constants, sched, scale, noise,
+                                          (lambda d, n: progress(done + d, total)) if progress else None, record)
+        if inter is not None:
+            inter[f"{names[0]}.noise_pred_step0"] = record["noise_pred_step0"]
+        return out
+
     def run(self, pipe: Pipeline, req: Request, noises: KarloNoises | None = None, record: bool = False,
             progress: Callable[[int, int], None] | None = None, warnings: list[str] | None = None) -> Generation:
         warnings = list(warnings or [])
@@ -195,7 +220,12 @@ class KarloChain:
         dec_stage = self.stages["decoder"]
         latents = (noises.latents * np.float32(dec_sched.init_noise_sigma)).astype(np.float32)
         t0 = time.perf_counter()
-        for i, t in enumerate(dec_sched.timesteps):
+        on_device = self._on_device(pipe, dec_sched, use_cfg)
+        if on_device:
+            latents = self._device_loop(pipe, ("decoder",), latents, values, dec_sched,
+                                        req.guidance_scale if use_cfg else None, noises.steps, progress, 0, total_steps,
+                                        inter if record else None)
+        for i, t in enumerate([] if on_device else dec_sched.timesteps):  # else: the host loop
             values["loop.sample"] = guidance.cfg_batch(latents) if use_cfg else latents
             values["loop.timestep"] = np.array([t], dtype=np.float32)
             out = decoder.run({k: values[src] for k, src in dec_stage.inputs.items()})["noise_pred"]
@@ -222,7 +252,12 @@ class KarloChain:
         x = (noises.sr_latents * np.float32(sr_sched.init_noise_sigma)).astype(np.float32)
         n = len(sr_sched.timesteps)
         t0 = time.perf_counter()
-        for i, t in enumerate(sr_sched.timesteps):
+        on_device = self._on_device(pipe, sr_sched, False)
+        if on_device:
+            x = self._device_loop(pipe, ("super_res_first", "super_res_last"), x, values, sr_sched, None,
+                                  noises.sr_steps, progress, len(dec_sched.timesteps), total_steps,
+                                  inter if record else None)
+        for i, t in enumerate([] if on_device else sr_sched.timesteps):  # else: the host loop
             name = "super_res_last" if i == n - 1 else "super_res_first"
             values["sr.sample"], values["sr.timestep"] = x, np.array([t], dtype=np.float32)
             stage = self.stages[name]

@@ -45,6 +45,36 @@ FILES = {"cfg": "guided_step_cfg.onnx", "plain": "guided_step.onnx"}
 OPSET = 17
 
 
+def _guided_eps(cfg: bool, uncond: str, cond: str, single: str) -> list:
+    """eps: uncond + scale * (cond - uncond) under CFG, else the prediction itself."""
+    if cfg:
+        return [helper.make_node("Sub", [cond, uncond], ["diff"]),
+                helper.make_node("Mul", ["scale", "diff"], ["scaled"]),
+                helper.make_node("Add", [uncond, "scaled"], ["eps"])]
+    return [helper.make_node("Identity", [single], ["eps"])]
+
+
+def _x0_and_mean_terms() -> list:
+    """x0 = clamp((latents - b*eps) / a, -clip, clip), then t_x0 = c_x0*x0 and t_x = c_x*latents.
+
+    The clamp by comparisons, not Clip: ONNX Runtime's CUDA Clip wants min/max in host memory,
+    so bounds computed on the device cost a device->host copy every step. Less / Greater + Where
+    are the kernel's `x0 < -clip ? -clip : (x0 > clip ? clip : x0)`: NaN fails both tests and
+    stays NaN (as np.clip), clip = +inf clamps nothing."""
+    return [
+        helper.make_node("Mul", ["b", "eps"], ["b_eps"]),
+        helper.make_node("Sub", ["latents", "b_eps"], ["x_minus"]),
+        helper.make_node("Div", ["x_minus", "a"], ["x0_raw"]),
+        helper.make_node("Neg", ["clip"], ["neg_clip"]),
+        helper.make_node("Less", ["x0_raw", "neg_clip"], ["below"]),
+        helper.make_node("Where", ["below", "neg_clip", "x0_raw"], ["x0_low"]),
+        helper.make_node("Greater", ["x0_low", "clip"], ["above"]),
+        helper.make_node("Where", ["above", "clip", "x0_low"], ["x0"]),
+        helper.make_node("Mul", ["c_x0", "x0"], ["t_x0"]),
+        helper.make_node("Mul", ["c_x", "latents"], ["t_x"]),
+    ]
+
+
 def guided_step_model(cfg: bool) -> onnx.ModelProto:
     """The step graph; shapes stay symbolic (B, C, H, W, N steps of noise)."""
     lat = ["B", "C", "H", "W"]
@@ -56,27 +86,10 @@ def guided_step_model(cfg: bool) -> onnx.ModelProto:
     nodes.append(helper.make_node("Cast", ["noise_index"], ["noise_index_i64"], to=TensorProto.INT64))
     nodes.append(helper.make_node("Gather", ["step_noise", "noise_index_i64"], ["noise"], axis=0))
     if cfg:  # noise_pred = [uncond; cond] along the batch
-        nodes += [helper.make_node("Split", ["noise_pred"], ["uncond", "cond"], axis=0),
-                  helper.make_node("Sub", ["cond", "uncond"], ["diff"]),
-                  helper.make_node("Mul", ["scale", "diff"], ["scaled"]),
-                  helper.make_node("Add", ["uncond", "scaled"], ["eps"])]
-    else:
-        nodes.append(helper.make_node("Identity", ["noise_pred"], ["eps"]))
+        nodes.append(helper.make_node("Split", ["noise_pred"], ["uncond", "cond"], axis=0))
+    nodes += _guided_eps(cfg, "uncond", "cond", "noise_pred")
+    nodes += _x0_and_mean_terms()
     nodes += [
-        helper.make_node("Mul", ["b", "eps"], ["b_eps"]),
-        helper.make_node("Sub", ["latents", "b_eps"], ["x_minus"]),
-        helper.make_node("Div", ["x_minus", "a"], ["x0_raw"]),
-        # the clamp by comparisons, not Clip: ONNX Runtime's CUDA Clip wants min/max in host
-        # memory, so bounds computed on the device cost a device->host copy every step. Less /
-        # Greater + Where are the kernel's `x0 < -clip ? -clip : (x0 > clip ? clip : x0)`: NaN
-        # fails both tests and stays NaN (as np.clip), clip = +inf clamps nothing
-        helper.make_node("Neg", ["clip"], ["neg_clip"]),
-        helper.make_node("Less", ["x0_raw", "neg_clip"], ["below"]),
-        helper.make_node("Where", ["below", "neg_clip", "x0_raw"], ["x0_low"]),
-        helper.make_node("Greater", ["x0_low", "clip"], ["above"]),
-        helper.make_node("Where", ["above", "clip", "x0_low"], ["x0"]),
-        helper.make_node("Mul", ["c_x0", "x0"], ["t_x0"]),
-        helper.make_node("Mul", ["c_x", "latents"], ["t_x"]),
         helper.make_node("Mul", ["c_eps", "eps"], ["t_eps"]),
         helper.make_node("Add", ["t_x0", "t_x"], ["s1"]),
         helper.make_node("Add", ["s1", "t_eps"], ["s2"]),
@@ -128,24 +141,9 @@ def unclip_step_model(cfg: bool, learned: bool) -> onnx.ModelProto:
     for h in halves:  # opset 17 Split without sizes: equal halves, the noise and variance channels
         nodes.append(helper.make_node("Split", [h], [f"{h}_eps", f"{h}_var"], axis=1) if learned
                      else helper.make_node("Identity", [h], [f"{h}_eps"]))
-    if cfg:
-        nodes += [helper.make_node("Sub", ["cond_eps", "uncond_eps"], ["diff"]),
-                  helper.make_node("Mul", ["scale", "diff"], ["scaled"]),
-                  helper.make_node("Add", ["uncond_eps", "scaled"], ["eps"])]
-    else:
-        nodes.append(helper.make_node("Identity", ["pred_eps"], ["eps"]))
+    nodes += _guided_eps(cfg, "uncond_eps", "cond_eps", "pred_eps")
+    nodes += _x0_and_mean_terms()
     nodes += [
-        helper.make_node("Mul", ["b", "eps"], ["b_eps"]),
-        helper.make_node("Sub", ["latents", "b_eps"], ["x_minus"]),
-        helper.make_node("Div", ["x_minus", "a"], ["x0_raw"]),
-        # the clamp by comparisons, as guided_step_model (NaN stays NaN, +inf clamps nothing)
-        helper.make_node("Neg", ["clip"], ["neg_clip"]),
-        helper.make_node("Less", ["x0_raw", "neg_clip"], ["below"]),
-        helper.make_node("Where", ["below", "neg_clip", "x0_raw"], ["x0_low"]),
-        helper.make_node("Greater", ["x0_low", "clip"], ["above"]),
-        helper.make_node("Where", ["above", "clip", "x0_low"], ["x0"]),
-        helper.make_node("Mul", ["c_x0", "x0"], ["t_x0"]),
-        helper.make_node("Mul", ["c_x", "latents"], ["t_x"]),
         helper.make_node("Add", ["t_x0", "t_x"], ["prev"]),
     ]
     if learned:

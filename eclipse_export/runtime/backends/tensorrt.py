@@ -31,7 +31,7 @@ from eclipse_export.runtime.backends.trt_flavours import (
     check_engine_compatible,
     import_flavour,
 )
-from eclipse_export.runtime.backends.trt_unclip_loop import denoise_unclip
+from eclipse_export.runtime.backends.trt_unclip_loop import denoise_unclip, loop_finished, read_back, step_enqueued
 from eclipse_export.runtime.bundle import Bundle
 from eclipse_export.runtime.files import write_bytes_atomic
 
@@ -346,9 +346,7 @@ class TensorRTBackend:
         cuda.d2d(sample, bufs["latents"].ptr, n * 4)
         if cfg:
             cuda.d2d(sample + n * 4, bufs["latents"].ptr, n * 4)
-        # progress reports work done, not work queued, without draining the stream each step: an
-        # event after each step, and the host waits for the previous step's event only, so one
-        # step is always queued ahead and the GPU never idles on the host
+        # progress without draining the stream each step: see step_enqueued
         events = [cuda.event(), cuda.event()] if progress else []
         try:
             for i, t in enumerate(scheduler.timesteps):
@@ -364,24 +362,12 @@ class TensorRTBackend:
                 last = i == steps - 1
                 cuda.guided_step(unet.ptr("noise_pred"), bufs["latents"].ptr, noise, 0 if last else sample, n, cfg,
                                  float(guidance_scale or 1.0), k.astuple(), bufs["bad_step"].ptr, i)
-                if events:
-                    cuda.record(events[i % 2])
-                    if i > 0:
-                        cuda.wait_event(events[(i - 1) % 2])
-                        progress(i, steps)
-            out = np.empty(latents.shape, np.float32)
-            bad = np.zeros(1, np.uint32)
-            cuda.d2h(out, bufs["latents"].ptr)
-            cuda.d2h(bad, bufs["bad_step"].ptr)
-            cuda.synchronize()
+                step_enqueued(cuda, events, i, steps, progress)
+            out, bad = read_back(cuda, bufs, latents.shape)
         finally:
             for event in events:
                 cuda.destroy_event(event)
-        if bad[0]:
-            raise BackendError(f"the UNet loop produced NaN/Inf latents at step {int(bad[0])} of {steps} "
-                               "(FP16 overflow? compare with the FP32 bundle or eclipse-generate --compare-reference)")
-        if progress:
-            progress(steps, steps)
+        loop_finished(bad, steps, "the UNet loop produced NaN/Inf latents", progress)
         return out
 
     # Karlo's loops (runtime/backends/trt_unclip_loop.py: the unclip_step kernel) -----------

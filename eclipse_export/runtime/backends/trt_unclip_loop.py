@@ -28,6 +28,39 @@ if TYPE_CHECKING:
 LOOP_INPUTS = ("sample", "timestep")
 
 
+# Shared by TensorRTBackend.denoise (Kandinsky) and denoise_unclip (Karlo) --------------------
+
+def step_enqueued(cuda, events: list, i: int, steps: int, progress) -> None:
+    """After step i's kernel: progress reports work done, not work queued, without draining the
+    stream each step: an event after each step, and the host waits for the previous step's
+    event only, so one step is always queued ahead and the GPU never idles on the host."""
+    if events:
+        cuda.record(events[i % 2])
+        if i > 0:
+            cuda.wait_event(events[(i - 1) % 2])
+            progress(i, steps)
+
+
+def read_back(cuda, bufs: Mapping[str, DeviceBuffer], shape: tuple[int, ...]) -> tuple[np.ndarray, int]:
+    """The final latents and the kernel's NaN/Inf flag (the first bad step, 0: none), with the
+    loop's one host synchronisation."""
+    out = np.empty(shape, np.float32)
+    bad = np.zeros(1, np.uint32)
+    cuda.d2h(out, bufs["latents"].ptr)
+    cuda.d2h(bad, bufs["bad_step"].ptr)
+    cuda.synchronize()
+    return out, int(bad[0])
+
+
+def loop_finished(bad_step: int, steps: int, failed: str, progress) -> None:
+    """failed: the words for a NaN/Inf step (the C++ loops' words)."""
+    if bad_step:
+        raise BackendError(f"{failed} at step {bad_step} of {steps} "
+                           "(FP16 overflow? compare with the FP32 bundle or eclipse-generate --compare-reference)")
+    if progress:
+        progress(steps, steps)
+
+
 def _bind(unet: TrtSession, constants: Mapping[str, np.ndarray], sample_shape: tuple[int, ...]) -> None:
     """Bind one UNet for the loop and upload its constant inputs (once per loop)."""
     unet.load()
@@ -77,7 +110,7 @@ def denoise_unclip(backend: TensorRTBackend, unets: Sequence[TrtSession], latent
 
     unet = unets[0]
     pred_channels = start(unet)
-    # progress reports work done without draining the stream each step (as TensorRTBackend.denoise)
+    # progress: see step_enqueued
     events = [cuda.event(), cuda.event()] if progress else []
     try:
         for i, t in enumerate(scheduler.timesteps):
@@ -100,22 +133,10 @@ def denoise_unclip(backend: TensorRTBackend, unets: Sequence[TrtSession], latent
             cuda.unclip_step(unet.ptr("noise_pred"), bufs["latents"].ptr, noise,
                              unet.ptr("sample") if feeds_next else 0, latents.shape, pred_channels, cfg,
                              float(guidance_scale or 1.0), k, bufs["bad_step"].ptr, i)
-            if events:
-                cuda.record(events[i % 2])
-                if i > 0:
-                    cuda.wait_event(events[(i - 1) % 2])
-                    progress(i, steps)
-        out = np.empty(latents.shape, np.float32)
-        bad = np.zeros(1, np.uint32)
-        cuda.d2h(out, bufs["latents"].ptr)
-        cuda.d2h(bad, bufs["bad_step"].ptr)
-        cuda.synchronize()
+            step_enqueued(cuda, events, i, steps, progress)
+        out, bad = read_back(cuda, bufs, latents.shape)
     finally:
         for event in events:
             cuda.destroy_event(event)
-    if bad[0]:
-        raise BackendError(f"the {unets[0].spec.name} loop produced NaN/Inf at step {int(bad[0])} of {steps} "
-                           "(FP16 overflow? compare with the FP32 bundle or eclipse-generate --compare-reference)")
-    if progress:
-        progress(steps, steps)
+    loop_finished(bad, steps, f"the {unets[0].spec.name} loop produced NaN/Inf", progress)
     return out

@@ -11,8 +11,8 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory) -> Path:
-    from eclipse_export.export.options import ExportOptions
     from eclipse_export.export.exporter import export_bundle
+    from eclipse_export.export.options import ExportOptions
     from eclipse_export.export.sources import RandomSource
 
     out = tmp_path_factory.mktemp("bundles") / "tiny-onnx"
@@ -48,8 +48,8 @@ def tiny_karlo_bundle(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_lambda_bundle(tmp_path_factory) -> Path:
-    from eclipse_export.export.options import ExportOptions
     from eclipse_export.export.exporter import export_bundle
+    from eclipse_export.export.options import ExportOptions
     from eclipse_export.export.sources import RandomSource
 
     out = tmp_path_factory.mktemp("bundles") / "tiny-lambda-onnx"
@@ -59,8 +59,8 @@ def tiny_lambda_bundle(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_fp16_bundle(tmp_path_factory) -> Path:
-    from eclipse_export.export.options import ExportOptions
     from eclipse_export.export.exporter import export_bundle
+    from eclipse_export.export.options import ExportOptions
     from eclipse_export.export.sources import RandomSource
 
     out = tmp_path_factory.mktemp("bundles") / "tiny-onnx-fp16"
@@ -76,3 +76,17 @@ def console_script(name: str) -> str:
     found = str(beside) if beside.is_file() else shutil.which(name)
     assert found, f"console script {name} is not installed (pip install -e .)"
     return found
+
+
+@pytest.fixture(scope="module")
+def cuda():
+    """The runtime's Cuda on device 0, for GPU tests (skips without a GPU, fails where the GPU
+    window requires one: tests/gpu_required.py)."""
+    from eclipse_export.runtime.backends.cuda import Cuda
+
+    from .gpu_required import cuda_reason, need
+
+    need("cuda", cuda_reason())
+    c = Cuda(0)
+    yield c
+    c.close()

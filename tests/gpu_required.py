@@ -8,6 +8,7 @@ must not pass as a quiet skip there (issue 18 #1).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -28,3 +29,16 @@ def need(kind: str, reason: str | None) -> None:
     if kind in required():
         pytest.fail(f"required on this machine ({kind}) but: {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+@functools.cache
+def cuda_reason() -> str | None:
+    """None where cuda-bindings reach a GPU here, else why not (the GPU window requires it)."""
+    from eclipse_export.runtime.backends.base import BackendError
+    from eclipse_export.runtime.backends.cuda import Cuda
+
+    try:
+        Cuda(0).close()
+    except BackendError as e:
+        return str(e)
+    return None

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ast
 import ctypes
-import functools
 import json
 import re
 import shutil
@@ -31,7 +30,6 @@ from eclipse_export.runtime.backends.cuda import (
     kernel_source,
     nvrtc_architecture,
 )
-from tests.gpu_required import need
 from tests.recording import Recording
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -299,28 +297,6 @@ def test_every_cuda_bindings_call_returns_an_error_status_not_a_type_error(stub_
 
 # --- on a GPU (issue 18, 2a): the fused step through the runtime's Cuda, against numpy ----------
 
-
-@functools.cache
-def _cuda_reason() -> str | None:
-    """None where cuda-bindings reach a GPU here, else why not (the GPU window requires it)."""
-    from eclipse_export.runtime.backends.base import BackendError
-    from eclipse_export.runtime.backends.cuda import Cuda
-
-    try:
-        Cuda(0).close()
-    except BackendError as e:
-        return str(e)
-    return None
-
-
-@pytest.fixture(scope="module")
-def cuda():
-    from eclipse_export.runtime.backends.cuda import Cuda
-
-    need("cuda", _cuda_reason())
-    c = Cuda(0)
-    yield c
-    c.close()
 
 
 def _step_case(rng, n: int, cfg: bool, bad: bool):

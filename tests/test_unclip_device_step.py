@@ -12,7 +12,6 @@ variance types (the decoder's learned_range, the super-resolution's fixed_small_
 from __future__ import annotations
 
 import ctypes
-import functools
 import re
 import shutil
 import subprocess
@@ -26,7 +25,6 @@ from eclipse_export.runtime import guidance
 from eclipse_export.runtime.backends.cuda import compile_kernel, kernel_source
 from eclipse_export.runtime.schedulers import StepCoefficients, apply_step
 from eclipse_export.runtime.unclip_scheduler import UnCLIPScheduler
-from tests.gpu_required import need
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = ROOT / "eclipse_export/runtime/backends/kernels/guided_step.cu"
@@ -165,27 +163,6 @@ def test_nvrtc_compiles_the_unclip_entry_point_without_nan_dropping_min_max():
 
 # --- on a GPU: the same through the runtime's Cuda ------------------------------------------------
 
-
-@functools.cache
-def _cuda_reason() -> str | None:
-    from eclipse_export.runtime.backends.base import BackendError
-    from eclipse_export.runtime.backends.cuda import Cuda
-
-    try:
-        Cuda(0).close()
-    except BackendError as e:
-        return str(e)
-    return None
-
-
-@pytest.fixture(scope="module")
-def cuda():
-    from eclipse_export.runtime.backends.cuda import Cuda
-
-    need("cuda", _cuda_reason())
-    c = Cuda(0)
-    yield c
-    c.close()
 
 
 @pytest.mark.parametrize("cfg", [True, False], ids=["cfg", "no-cfg"])

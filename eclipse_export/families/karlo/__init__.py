@@ -33,4 +33,6 @@ FAMILY = Family(
     required_files=("decoder_scheduler_config.json", "super_res_scheduler_config.json", "tokenizer/tokenizer.json"),
     presets=ALL_PRESETS,
     default_size=(256, 256),
+    # the super-resolution loop runs both UNets (timed together); the upsample is host work
+    timed=("text_encoder", "prior", "text_proj", "decoder", "upsample", "super_res"),
 )

@@ -36,8 +36,10 @@ def test_per_subject_timings_follow_their_stage():
 @pytest.mark.slow
 def test_bench_over_tiny_lambda(tiny_lambda_bundle, tmp_path, capsys):
     out = tmp_path / "results"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a sphere on a cube\n")
     rc = main(["--bundle", str(tiny_lambda_bundle), "--out", str(out), "--height", "64", "--width", "64",
-               "--steps", "2", "--runs", "1", "--warmup", "1", "--batch", "1"])
+               "--steps", "2", "--runs", "1", "--warmup", "1", "--batch", "1", "--quality-prompts", str(prompts)])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     results = json.loads((out / "results.json").read_text())
@@ -55,6 +57,8 @@ def test_bench_over_tiny_lambda(tiny_lambda_bundle, tmp_path, capsys):
     assert stages[2:5] == ["image_encoder.subject0", "image_encoder.subject1", "image_encoder.control"]
     assert parity["ok"] and (parity["image_psnr_db"] == "inf" or parity["image_psnr_db"] >= 50)
     assert min(s["cosine"] for s in parity["stages"]) >= 0.99999
+    quality = results["quality"]["onnx@cpu"]  # the subjects go with every prompt of the set
+    assert quality["ok"] and quality["stages"]["image_encoder.subject1"]["cosine_min"] >= 0.99999
     md = (out / "results.md").read_text()
     assert "image_encoder p50 ms" in md and "image_encoder.subject1" in md and "'sphere' (sphere.png)" in md
     assert "- onnx@cpu/b1: text_encoder.text_embeds 1.0000" in md  # the parity section, stage by stage

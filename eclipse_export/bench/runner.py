@@ -70,6 +70,9 @@ class BenchConfig:
     # drawn by the project (DEFAULT_SUBJECT_KEYWORDS), written to the results directory
     subjects: tuple[tuple[str, str], ...] = ()
     control_image: str | None = None
+    # the PyTorch reference loads each component per run and frees it after use (its timings still
+    # exclude loading): a full-size λ stack held at once is ~16 GB of FP32 weights
+    reference_low_memory: bool = False
 
 
 # words of BenchConfig.prompt that the drawn default subjects stand for
@@ -176,14 +179,14 @@ class RuntimeRunner:
 
 
 class TorchRunner:
-    def __init__(self, bundle_dir: Path, precision: str, device: str):
+    def __init__(self, bundle_dir: Path, precision: str, device: str, low_memory: bool = False):
         import torch
 
         from eclipse_export.verify.compare import final_image_stage, reference_for
 
         bundle = open_bundle(bundle_dir, verify_hashes=False)
         try:
-            self.reference = reference_for(bundle, device, keep_loaded=True)
+            self.reference = reference_for(bundle, device, keep_loaded=not low_memory)
         except ValueError as e:  # a reference that cannot run on this device: skipped, not fatal
             raise BackendError(str(e)) from None
         if precision != "fp32" and not hasattr(self.reference, "dtype"):
@@ -423,7 +426,8 @@ def _run_targets(bundles, out_dir: Path, config: BenchConfig, targets, results: 
             try:
                 if target.runner is None:
                     if target.name.startswith("torch-"):
-                        target.runner = TorchRunner(first_bundle, target.precision, config.torch_device)
+                        target.runner = TorchRunner(first_bundle, target.precision, config.torch_device,
+                                                    config.reference_low_memory)
                     else:
                         target.runner = RuntimeRunner(Path(target.meta["bundle"]),
                                                       target.meta.get("providers", config.providers), config.threads,

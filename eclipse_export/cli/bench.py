@@ -110,6 +110,9 @@ def main(argv=None) -> int:
                         "and TensorRT targets in --low-memory mode")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: its own choice)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch targets (no parity then)")
+    p.add_argument("--reference-low-memory", action="store_true",
+                   help="load each PyTorch reference component per run and free it after use (timings still "
+                        "exclude loading; runs take longer): a full-size λ-ECLIPSE reference otherwise holds ~16 GB")
     p.add_argument("--baseline-session", nargs="?", action="append", const="*", metavar="BUNDLE",
                    help="also run the ONNX Runtime target of BUNDLE (default: of every bundle) with ORT's default CPU "
                         "session settings: before and after in one run (repeatable)")
@@ -185,7 +188,8 @@ def main(argv=None) -> int:
                          quality_prompts=quality,
                          baseline_session=_baseline_bundles(args.baseline_session, args.bundle),
                          subjects=tuple((str(path), keyword) for path, keyword in _subjects(args.subject)),
-                         control_image=str(args.control_image) if args.control_image else None)
+                         control_image=str(args.control_image) if args.control_image else None,
+                         reference_low_memory=args.reference_low_memory)
     # the request checked (sizes, steps; subject images decoded) before anything runs
     from eclipse_export.runtime.request import GenerationError
 

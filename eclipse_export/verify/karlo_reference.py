@@ -163,27 +163,40 @@ class KarloReference:
         # interpolate, timed where diffusers calls it); the super-resolution loop to the end
         marks: dict[str, float] = {}
 
-        def mark(name):
+        inside = []  # UNet forwards running: their own (nearest) interpolate calls are not the upsample
+
+        def mark(name, unet=True):
             def hook(*_):
                 marks.setdefault(name, time.perf_counter())
+                if unet:
+                    inside.append(name)
             return hook
+
+        def leave(*_):
+            inside.pop()
 
         def on_text_proj_done(module, args, output):
             marks["text_proj_end"] = time.perf_counter()
 
         hooks = [modules["text_proj"].register_forward_hook(on_text_proj),
-                 modules["text_proj"].register_forward_pre_hook(mark("text_proj")),
+                 modules["text_proj"].register_forward_pre_hook(mark("text_proj", unet=False)),
                  modules["text_proj"].register_forward_hook(on_text_proj_done),
                  modules["decoder"].register_forward_pre_hook(mark("decoder")),
                  modules["decoder"].register_forward_hook(on_decoder),
+                 modules["decoder"].register_forward_hook(leave),
                  modules["super_res_first"].register_forward_pre_hook(mark("super_res")),
-                 modules["super_res_first"].register_forward_hook(on_super_res, with_kwargs=True)]
+                 modules["super_res_first"].register_forward_hook(on_super_res, with_kwargs=True),
+                 modules["super_res_first"].register_forward_hook(leave),
+                 modules["super_res_last"].register_forward_pre_hook(mark("super_res_last")),
+                 modules["super_res_last"].register_forward_hook(leave)]
         upsample = []
         interpolate = torch.nn.functional.interpolate
 
         # wraps: diffusers reads interpolate's signature to decide on antialias=True
         @functools.wraps(interpolate)
         def timed_interpolate(*args, **kwargs):
+            if inside:
+                return interpolate(*args, **kwargs)
             t = time.perf_counter()
             result = interpolate(*args, **kwargs)
             upsample.append(time.perf_counter() - t)
@@ -207,7 +220,9 @@ class KarloReference:
                 h.remove()
         end = time.perf_counter()
         timings["text_proj"] = marks["text_proj_end"] - marks["text_proj"]
-        timings["upsample"] = sum(upsample)
+        if len(upsample) != 1:  # the pipeline's one 64 -> 256 upsample (diffusers changed?)
+            raise ReferenceError(f"expected one upsample between the decoder and the super-resolution, saw {len(upsample)}")
+        timings["upsample"] = upsample[0]
         timings["decoder"] = marks["super_res"] - marks["decoder"] - timings["upsample"]
         timings["decoder_per_step"] = timings["decoder"] / req.steps
         timings["super_res"] = end - marks["super_res"]

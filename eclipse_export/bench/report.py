@@ -8,8 +8,35 @@ from pathlib import Path
 
 import numpy as np
 
-# the stages timed per run, in chain order
+# the stages timed per run, in chain order, when results do not name them (Kandinsky 2.2's; a
+# run records its family's Family.timed_stages in results["stages"])
 STAGES = ("text_encoder", "prior", "unet", "movq")
+PER_STEP = "unet_per_step"
+
+
+def stages_of(results: dict) -> tuple[str, ...]:
+    return tuple(results.get("stages") or STAGES)
+
+
+def parts_of(results: dict, e: dict) -> list[str]:
+    """A target's per-part timings (the image encoder per subject: "image_encoder.subject0", ...)."""
+    stages = stages_of(results)
+    return [k for k in e.get("latency", {}) if "." in k and k.split(".")[0] in stages]
+
+
+def parts_markdown(results: dict) -> list[str]:
+    rows = [(key, parts_of(results, e)) for key, e in results["targets"].items() if "latency" in e]
+    rows = [(key, parts) for key, parts in rows if parts]
+    if not rows:
+        return []
+    subjects = results.get("config", {}).get("subjects") or []
+    named = ", ".join(f"subject{i} = {keyword!r} ({Path(path).name})" for i, (path, keyword) in enumerate(subjects))
+    out = ["", "Per-call latency within a stage (p50 ms; one image-encoder call per subject image"
+           + (f": {named}" if named else "") + "):", ""]
+    for key, parts in rows:
+        lat = results["targets"][key]["latency"]
+        out.append(f"- {key}: " + ", ".join(f"{k} {lat[k]['p50'] * 1e3:.1f}" for k in parts))
+    return out
 
 
 def quality_markdown(results: dict) -> list[str]:
@@ -23,6 +50,25 @@ def quality_markdown(results: dict) -> list[str]:
         psnr = q["image_psnr_db"]
         out.append(f"- {target}: {stages}; image PSNR {psnr['min']:.1f} / {psnr['mean']:.1f} dB, SSIM {q['image_ssim_mean']:.4f}"
                    f"{'' if q['ok'] else ' (FAILS its tolerance)'}")
+    return out
+
+
+def parity_markdown(results: dict) -> list[str]:
+    """Every compared stage output of every target against torch-fp32 (cosine, max abs), and the
+    end-to-end image PSNR / SSIM."""
+    rows = [(key, e["parity"]) for key, e in results["targets"].items() if e.get("parity")]
+    if not rows:
+        return []
+    out = ["", "Parity against torch-fp32 per stage output (cosine / max abs; first run, same noises):", ""]
+    for key, parity in rows:
+        def num(x, fmt):  # None: not finite (to_json writes NaN/Inf so)
+            return "non-finite" if x is None else x if isinstance(x, str) else format(x, fmt)
+
+        stages = "; ".join(f"{m['stage']} {num(m['cosine'], '.6f')} / {num(m['max_abs'], '.2g')}"
+                           for m in parity["stages"])
+        ssim = parity.get("image_ssim")
+        out.append(f"- {key}: {stages}; image PSNR {num(parity['image_psnr_db'], '.1f')} dB"
+                   + (f", SSIM {ssim:.4f}" if ssim is not None else "") + ("" if parity.get("ok") else " (FAILS)"))
     return out
 
 
@@ -44,10 +90,18 @@ def _parity_cells(e: dict) -> tuple[str, str]:
     return f"{min(s['cosine'] for s in parity['stages']):.6f}", "inf" if psnr == "inf" else f"{psnr:.1f}"
 
 
-# column -> (header, width, cell); the table's columns, chosen with eclipse-bench --columns
-COLUMNS = {
-    **{s: (f"{s} p50 ms", 18, (lambda s: lambda e: f"{e['latency'][s]['p50'] * 1e3:.1f}")(s)) for s in STAGES},
-    "step": ("step p50 ms", 13, lambda e: f"{e['latency']['unet_per_step']['p50'] * 1e3:.1f}"),
+def columns_of(stages: tuple[str, ...] = STAGES, per_step: str = PER_STEP) -> dict:
+    """column -> (header, width, cell): one column per timed stage of the family, then the rest."""
+    return {
+        **{s: (f"{s} p50 ms", max(18, len(s) + 9), (lambda s: lambda e: f"{e['latency'][s]['p50'] * 1e3:.1f}")(s))
+           for s in stages},
+        "step": ("step p50 ms", 13, lambda e: f"{e['latency'][per_step]['p50'] * 1e3:.1f}"),
+        **{k: v for k, v in _OTHER_COLUMNS.items() if k != "step"},
+    }
+
+
+# the table's columns besides the stages, chosen with eclipse-bench --columns
+_OTHER_COLUMNS = {
     "total": ("total p50 s", 13, lambda e: f"{e['latency']['total']['p50']:.3f}"),
     "img/s": ("img/s", 8, lambda e: f"{e['latency']['images_per_second']:.2f}"),
     "load": ("load s", 8, lambda e: f"{e['load_seconds']:.2f}"),
@@ -55,6 +109,8 @@ COLUMNS = {
     "cos": ("cos min", 10, lambda e: _parity_cells(e)[0]),
     "psnr": ("PSNR dB", 9, lambda e: _parity_cells(e)[1]),
 }
+# Kandinsky 2.2's columns (the --help text; a run's table has its family's, see columns_of)
+COLUMNS = columns_of()
 # what fits an 80-column terminal (a board's serial console): the full table is ~170 wide
 COMPACT_COLUMNS = ("step", "total", "peak", "cos", "psnr")
 
@@ -66,18 +122,19 @@ def table(results: dict, columns: tuple[str, ...] | None = None, width: int | No
 
     keys = list(results["targets"])
     w = max([14] + [len(k) + 2 for k in keys])
+    cols = columns_of(stages_of(results), results.get("per_step", PER_STEP))
     if columns is None:
-        columns = tuple(COLUMNS)
-        if width is not None and w + sum(COLUMNS[c][1] for c in columns) > width:
+        columns = tuple(cols)
+        if width is not None and w + sum(cols[c][1] for c in columns) > width:
             columns = COMPACT_COLUMNS
-    head = f"{'target/batch':<{w}}" + "".join(f"{COLUMNS[c][0]:>{COLUMNS[c][1]}}" for c in columns)
+    head = f"{'target/batch':<{w}}" + "".join(f"{cols[c][0]:>{cols[c][1]}}" for c in columns)
     rows = [head, "-" * len(head)]
     for key, e in results["targets"].items():
         if "skipped" in e:
             text = f"{key:<{w}}skipped: {e['skipped']}"
             rows += textwrap.wrap(text, width, subsequent_indent=" " * (w + 2)) if width else [text]
             continue
-        rows.append(f"{key:<{w}}" + "".join(f"{COLUMNS[c][2](e):>{COLUMNS[c][1]}}" for c in columns))
+        rows.append(f"{key:<{w}}" + "".join(f"{cols[c][2](e):>{cols[c][1]}}" for c in columns))
     return "\n".join(rows)
 
 
@@ -88,7 +145,8 @@ def ratios(results: dict, base: str = "torch-fp32") -> list[str]:
         ref = results["targets"].get(f"{base}/{batch}")
         if target == base or "latency" not in e or not ref or "latency" not in ref:
             continue
-        parts = [f"{s} {ref['latency'][s]['p50'] / e['latency'][s]['p50']:.2f}x" for s in (*STAGES, "total")]
+        parts = [f"{s} {ref['latency'][s]['p50'] / e['latency'][s]['p50']:.2f}x"
+                 for s in (*stages_of(results), "total") if e["latency"][s]["p50"] > 0]
         lines.append(f"{key}: speed-up vs {base}: " + ", ".join(parts))
     return lines
 
@@ -105,6 +163,7 @@ def _load_note(env: dict) -> str:
 def markdown(results: dict) -> str:
     env = results["environment"]
     out = ["# eclipse-bench results", "",
+           f"- model family: {results.get('family', 'kandinsky22')}",
            f"- CPU: {env.get('cpu')} ({env.get('cpu_count')} logical cores), {env.get('platform')}",
            f"- GPU: {env.get('gpu') or 'none'}",
            f"- versions: {', '.join(f'{k} {v}' for k, v in env.get('versions', {}).items())}",
@@ -115,10 +174,12 @@ def markdown(results: dict) -> str:
            "```", table(results), "```", ""]
     out += ["Speed-up of each target over torch-fp32 (p50, same inputs, same run):", ""]
     out += [f"- {line}" for line in ratios(results)] or ["- (no torch-fp32 baseline in this run)"]
-    out += ["", "FLOPs per generation (MatMul/Gemm/Conv only) and achieved TFLOP/s at p50:", ""]
-    for key, e in results["targets"].items():
-        if "tflops_achieved" in e:
-            out.append(f"- {key}: " + ", ".join(f"{s} {v:.3f}" for s, v in e["tflops_achieved"].items()))
+    flops = [f"- {key}: " + ", ".join(f"{s} {v:.3f}" for s, v in e["tflops_achieved"].items())
+             for key, e in results["targets"].items() if "tflops_achieved" in e]
+    if flops:  # not counted for every family (runner.stage_flops)
+        out += ["", "FLOPs per generation (MatMul/Gemm/Conv only) and achieved TFLOP/s at p50:", "", *flops]
+    out += parts_markdown(results)
+    out += parity_markdown(results)
     out += quality_markdown(results)
     if results["failures"]:
         out += ["", "## Parity failures", ""] + [f"- {f}" for f in results["failures"]]
@@ -136,7 +197,7 @@ def chart(results: dict, path: Path) -> bool:
     keys = [k for k, e in results["targets"].items() if "latency" in e]
     fig, ax = plt.subplots(figsize=(9, 1 + 0.5 * len(keys)))
     left = np.zeros(len(keys))
-    for stage in STAGES:
+    for stage in stages_of(results):
         values = np.array([results["targets"][k]["latency"][stage]["p50"] for k in keys])
         ax.barh(keys, values, left=left, label=stage)
         left += values
@@ -155,7 +216,7 @@ def compare_results(a: dict, b: dict) -> str:
         ea, eb = a["targets"][key], b["targets"][key]
         if "latency" not in ea or "latency" not in eb:
             continue
-        for stage in (*STAGES, "total"):
+        for stage in (*stages_of(a), "total"):
             pa, pb = ea["latency"][stage]["p50"], eb["latency"][stage]["p50"]
             rows.append(f"{key:<28}{stage:<14}{pa * 1e3:>12.1f}{pb * 1e3:>12.1f}{pb / pa:>8.2f}")
     return "\n".join(rows)

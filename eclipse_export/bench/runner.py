@@ -1,6 +1,9 @@
 """eclipse-bench: latency and parity of every target this machine can run, in one run.
 
-All targets get the same prompts and the same noises. The FP32 PyTorch reference runs in the
+All targets get the same prompts and the same noises (and, for λ-ECLIPSE bundles, the same
+subject images). What is timed is the bundle's family's data (Family.timed_stages: one column
+per stage, per-part timings such as the image encoder's per subject, the loop's per-step mean);
+the noises come from the family's runtime driver. The FP32 PyTorch reference runs in the
 same process; every other target is compared with it, and a target that breaks its written
 tolerance makes the run fail (exit 1), so the benchmark doubles as a device acceptance test.
 results.json is rewritten after every target, so an interrupted run leaves a valid file.
@@ -9,7 +12,6 @@ results.json is rewritten after every target, so an interrupted run leaves a val
 from __future__ import annotations
 
 import gc
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -18,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from eclipse_export.bench.environment import TegraStats, environment
-from eclipse_export.bench.report import STAGES, write_json
+from eclipse_export.bench.quality import quality_outputs, quality_summary
+from eclipse_export.bench.report import write_json
 from eclipse_export.families.spec import MIN_IMAGE_PSNR_DB
 from eclipse_export.metrics.parity import ParityReport
 from eclipse_export.metrics.ssim import ssim
@@ -27,7 +30,6 @@ from eclipse_export.runtime.bundle import open_bundle
 from eclipse_export.runtime.images import to_uint8
 from eclipse_export.runtime.noise import Noises
 from eclipse_export.runtime.pipeline import Request
-from eclipse_export.runtime.schedulers import scheduler_from_config
 from eclipse_export.util.memory import peak_rss_bytes, reset_peak_rss
 
 RESULTS_VERSION = 1
@@ -64,6 +66,40 @@ class BenchConfig:
     # only these targets (names as in the table, e.g. "trt-fp16", "onnx-fp16@cuda"); () : all.
     # torch-fp32 still runs when torch is there: it is the parity reference
     targets: tuple[str, ...] = ()
+    # λ-ECLIPSE bundles: (image path, keyword) pairs, keywords of `prompt`; () : two subjects
+    # drawn by the project (DEFAULT_SUBJECT_KEYWORDS), written to the results directory
+    subjects: tuple[tuple[str, str], ...] = ()
+    control_image: str | None = None
+    # the PyTorch reference loads each component per run and frees it after use (its timings still
+    # exclude loading): a full-size λ stack held at once is ~16 GB of FP32 weights
+    reference_low_memory: bool = False
+
+
+# words of BenchConfig.prompt that the drawn default subjects stand for
+DEFAULT_SUBJECT_KEYWORDS = ("cube", "sphere")
+
+
+def default_subjects(out_dir: Path) -> tuple[tuple[str, str], ...]:
+    """Two subject images drawn by the project (export/calibrate.py's drawn_subject: coloured
+    shapes on white, never downloaded), saved under out_dir/subjects/ so a run can be repeated."""
+    from PIL import Image
+
+    from eclipse_export.export.calibrate import drawn_subject
+
+    folder = out_dir / "subjects"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, keyword in enumerate(DEFAULT_SUBJECT_KEYWORDS):
+        path = folder / f"{keyword}.png"
+        Image.fromarray(drawn_subject(i)[0]).save(path)
+        out.append((str(path), keyword))
+    return tuple(out)
+
+
+def make_request(config: BenchConfig, prompts, seed: int) -> Request:
+    req, _ = Request.make(prompts, None, config.height, config.width, config.steps, config.guidance, seed, None,
+                          subjects=list(config.subjects) or None, control_image=config.control_image)
+    return req
 
 
 class TargetSelectionError(ValueError):
@@ -143,17 +179,25 @@ class RuntimeRunner:
 
 
 class TorchRunner:
-    def __init__(self, bundle_dir: Path, precision: str, device: str):
+    def __init__(self, bundle_dir: Path, precision: str, device: str, low_memory: bool = False):
         import torch
 
-        from eclipse_export.verify.compare import reference_for
+        from eclipse_export.verify.compare import final_image_stage, reference_for
 
-        self.reference = reference_for(open_bundle(bundle_dir, verify_hashes=False), device, keep_loaded=True)
-        self.reference.dtype = {"fp32": torch.float32, "fp16": torch.float16}[precision]
+        bundle = open_bundle(bundle_dir, verify_hashes=False)
+        try:
+            self.reference = reference_for(bundle, device, keep_loaded=not low_memory)
+        except ValueError as e:  # a reference that cannot run on this device: skipped, not fatal
+            raise BackendError(str(e)) from None
+        if precision != "fp32" and not hasattr(self.reference, "dtype"):
+            raise BackendError(f"the {bundle.family.title} reference runs in fp32 only")
+        if hasattr(self.reference, "dtype"):
+            self.reference.dtype = {"fp32": torch.float32, "fp16": torch.float16}[precision]
+        self.image_stage = final_image_stage(bundle.family.name)
 
     def run(self, req: Request, noises: Noises):
         outputs, timings = self.reference.run(req, noises)
-        return timings, outputs, to_uint8(outputs["movq.image"])
+        return timings, outputs, to_uint8(outputs[self.image_stage])
 
     @property
     def load_seconds(self) -> float:
@@ -253,6 +297,9 @@ def stage_flops(bundle_dir: Path, req: Request, cfg_batch: int) -> dict[str, int
     from eclipse_export.bench.flops import graph_flops
 
     bundle = open_bundle(bundle_dir, verify_hashes=False)
+    if bundle.family.name != "kandinsky22":
+        # the call shapes below are Kandinsky 2.2's chain
+        raise NotImplementedError(f"FLOPs are counted for Kandinsky 2.2 bundles only, not {bundle.family.title}")
     d = bundle.dims
     b = req.batch
     text_b = 2 * b if req.negative_prompt is not None else b
@@ -269,8 +316,17 @@ def stage_flops(bundle_dir: Path, req: Request, cfg_batch: int) -> dict[str, int
     return flops
 
 
-def measure(target: Target, req: Request, noises: Noises, config: BenchConfig, log) -> dict:
-    per_stage: dict[str, list[float]] = {k: [] for k in (*STAGES, "total", "unet_per_step")}
+def timing_keys(timings: dict, stages: tuple[str, ...], per_step: str) -> list[str]:
+    """What a run's timings report: the family's stages, the loop's per-step mean, and each
+    stage's parts ("image_encoder.subject0", ...), in that order."""
+    parts = sorted((k for k in timings if k.split(".")[0] in stages and "." in k),
+                   key=lambda k: (stages.index(k.split(".")[0]), len(k), k))
+    return [*stages, "total", per_step, *parts]
+
+
+def measure(target: Target, req: Request, noises, config: BenchConfig, log,
+            stages: tuple[str, ...] = ("text_encoder", "prior", "unet", "movq"), per_step: str = "unet_per_step") -> dict:
+    per_stage: dict[str, list[float]] | None = None
     cpu: list[float] = []
     first = None
     for i in range(config.warmup + config.runs):
@@ -281,10 +337,12 @@ def measure(target: Target, req: Request, noises: Noises, config: BenchConfig, l
         if i == 0:
             first = (outputs, images)  # parity uses the first (cold) run: same numbers every run
         if i >= config.warmup:
+            if per_stage is None:
+                per_stage = {k: [] for k in timing_keys(timings, stages, per_step)}
             for k in per_stage:
-                per_stage[k].append(timings[k] if k != "total" else sum(timings[s] for s in STAGES))
+                per_stage[k].append(timings[k] if k != "total" else sum(timings[s] for s in stages))
         log(f"    run {i + 1}/{config.warmup + config.runs}{' (warm-up)' if i < config.warmup else ''}: "
-            f"{sum(timings[s] for s in STAGES):.3f} s")
+            f"{sum(timings[s] for s in stages):.3f} s")
     result = {k: _stats(v) for k, v in per_stage.items()}
     # CPU seconds of the whole process per generation (all threads): on a shared machine wall
     # time includes waiting for the cores, this does not (spinning threads inflate it)
@@ -293,20 +351,26 @@ def measure(target: Target, req: Request, noises: Noises, config: BenchConfig, l
     return {"latency": result, "first": first}
 
 
-def _parity(target_first, reference_first, precision: str) -> tuple[ParityReport, bool]:
+def _parity(target_first, reference_first, precision: str, family: str) -> tuple[ParityReport, bool]:
     """(report, enforced): precisions without written tolerances are reported, not enforced."""
     from eclipse_export.verify.compare import parity_report
 
     enforced = precision in MIN_IMAGE_PSNR_DB
     outputs, images = target_first
-    report = parity_report(outputs, images, reference_first[0], precision if enforced else "fp32")
+    report = parity_report(outputs, images, reference_first[0], precision if enforced else "fp32", family=family)
     return report, enforced
 
 
 def run_bench(bundles: list[Path], out_dir: Path, config: BenchConfig, with_torch: bool = True, log=print) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
+    family = open_bundle(bundles[0], verify_hashes=False).family
+    if family.takes_subjects and not config.subjects:
+        from dataclasses import replace
+
+        config = replace(config, subjects=default_subjects(out_dir))
     targets = plan_targets(bundles, config, with_torch)
     results = {"version": RESULTS_VERSION, "complete": False, "config": config.__dict__ | {"batches": list(config.batches)},
+               "family": family.name, "stages": list(family.timed_stages), "per_step": family.per_step_timing,
                "environment": environment(), "targets": {}, "flops": {}, "failures": []}
     for warning in results["environment"].get("warnings", []):
         log(f"warning: {warning}")
@@ -321,17 +385,19 @@ def run_bench(bundles: list[Path], out_dir: Path, config: BenchConfig, with_torc
 
 
 def _run_targets(bundles, out_dir: Path, config: BenchConfig, targets, results: dict, log) -> None:
+    from eclipse_export.runtime.chains import driver_for
+
     first_bundle = bundles[0]
+    bundle = open_bundle(first_bundle, verify_hashes=False)
+    family = bundle.family
+    # the family's driver draws the noises (shapes and streams are the family's)
+    driver = driver_for(family.name)(bundle)
+    stages = {"stages": family.timed_stages, "per_step": family.per_step_timing}
     results["quality"] = {}
     quality_reference = None
     for batch in config.batches:
-        req, _ = Request.make([config.prompt] * batch, None, config.height, config.width, config.steps,
-                              config.guidance, config.seed, None)
-        dims = open_bundle(first_bundle, verify_hashes=False).dims
-        sched_needs_noise = scheduler_from_config(
-            open_bundle(first_bundle, verify_hashes=False).json("scheduler_config.json")).needs_noise
-        noises = Noises.draw(config.seed, batch, dims["D"], (batch, dims["C"], config.height // dims["S"],
-                             config.width // dims["S"]), config.steps, sched_needs_noise)
+        req = make_request(config, [config.prompt] * batch, config.seed)
+        noises = driver.noises_for(req)
         cfg_batch = 2 * batch if config.guidance > 1 else batch
         try:
             flops = stage_flops(first_bundle, req, cfg_batch)
@@ -341,6 +407,10 @@ def _run_targets(bundles, out_dir: Path, config: BenchConfig, targets, results: 
             # runtime may lack: the timings do not need it
             if batch == config.batches[0]:
                 log("FLOPs not counted: the onnx package is not installed (pip install 'eclipse-export[edge-build]')")
+            flops = None
+        except NotImplementedError as e:
+            if batch == config.batches[0]:
+                log(f"FLOPs not counted: {e}")
             flops = None
         reference_first = None
         for target in targets:
@@ -356,13 +426,14 @@ def _run_targets(bundles, out_dir: Path, config: BenchConfig, targets, results: 
             try:
                 if target.runner is None:
                     if target.name.startswith("torch-"):
-                        target.runner = TorchRunner(first_bundle, target.precision, config.torch_device)
+                        target.runner = TorchRunner(first_bundle, target.precision, config.torch_device,
+                                                    config.reference_low_memory)
                     else:
                         target.runner = RuntimeRunner(Path(target.meta["bundle"]),
                                                       target.meta.get("providers", config.providers), config.threads,
                                                       target.meta.get("backend", "onnxruntime"),
                                                       target.meta.get("options"))
-                measured = measure(target, req, noises, config, log)
+                measured = measure(target, req, noises, config, log, **stages)
             except BackendError as e:
                 # a provider or engine this machine cannot run (found only when loading, e.g. ONNX
                 # Runtime's TensorRT provider without TensorRT's libraries): recorded, not fatal
@@ -380,11 +451,11 @@ def _run_targets(bundles, out_dir: Path, config: BenchConfig, targets, results: 
             entry["latency"] = measured["latency"]
             entry["peak_host_bytes"] = peak_rss_bytes()
             if flops:
-                entry["tflops_achieved"] = {s: flops[s] / entry["latency"][s]["p50"] / 1e12 for s in STAGES}
+                entry["tflops_achieved"] = {s: flops[s] / entry["latency"][s]["p50"] / 1e12 for s in flops}
             if target.name == "torch-fp32":
                 reference_first = measured["first"]
             elif reference_first is not None:
-                report, enforced = _parity(measured["first"], reference_first, target.precision)
+                report, enforced = _parity(measured["first"], reference_first, target.precision, family.name)
                 entry["parity"] = report.to_json()
                 entry["parity"]["image_ssim"] = ssim(measured["first"][1], reference_first[1])
                 if not enforced:
@@ -395,11 +466,12 @@ def _run_targets(bundles, out_dir: Path, config: BenchConfig, targets, results: 
                         (f"; {report.image_failure}" if report.image_failure else ""))
             if config.quality_prompts and batch == config.batches[0]:
                 log(f"[{key}] quality over {len(config.quality_prompts)} prompts")
-                outs = _quality_outputs(target.runner, config, dims, sched_needs_noise)
+                outs = quality_outputs(target.runner, config, driver, make_request)
                 if target.name == "torch-fp32":
                     quality_reference = outs
                 elif quality_reference is not None:
-                    results["quality"][target.name] = quality_summary(outs, quality_reference, target.precision)
+                    results["quality"][target.name] = quality_summary(outs, quality_reference, target.precision,
+                                                                      family.name)
                     if not results["quality"][target.name]["ok"]:
                         results["failures"].append(f"{target.name}: quality over the prompt set: "
                                                    + "; ".join(results["quality"][target.name]["failures"]))
@@ -423,43 +495,3 @@ def _return_freed_memory() -> None:
         ctypes.CDLL(name).malloc_trim(0)
     except (OSError, AttributeError, TypeError):  # not glibc: nothing to do
         pass
-
-
-def _quality_outputs(runner, config: BenchConfig, dims: dict, needs_noise: bool) -> list:
-    out = []
-    for i, prompt in enumerate(config.quality_prompts):
-        req, _ = Request.make(prompt, None, config.height, config.width, config.steps, config.guidance,
-                              config.seed + i, None)
-        noises = Noises.draw(config.seed + i, 1, dims["D"], (1, dims["C"], config.height // dims["S"],
-                             config.width // dims["S"]), config.steps, needs_noise)
-        _, outputs, images = runner.run(req, noises)
-        out.append((outputs, images))
-    return out
-
-
-def quality_summary(outs: list, reference: list, precision: str) -> dict:
-    """Per stage: worst and mean cosine, worst max abs; image PSNR (min, mean) and SSIM (mean)."""
-    from eclipse_export.verify.compare import parity_report
-
-    enforced = precision in MIN_IMAGE_PSNR_DB
-    stages: dict[str, dict] = {}
-    psnrs, ssims, failures = [], [], []
-    for i, ((outputs, images), ref) in enumerate(zip(outs, reference)):
-        report = parity_report(outputs, images, ref[0], precision if enforced else "fp32")
-        for m in report.stages:
-            st = stages.setdefault(m.stage, {"cosine_min": 1.0, "cosine_sum": 0.0, "max_abs": 0.0, "n": 0})
-            st["cosine_min"] = min(st["cosine_min"], m.cosine)
-            st["cosine_sum"] += m.cosine
-            st["max_abs"] = max(st["max_abs"], m.max_abs)
-            st["n"] += 1
-        psnrs.append(report.image_psnr_db)
-        ssims.append(ssim(images, ref[1]))
-        if enforced and not report.ok:
-            failures.append(f"prompt {i}: " + "; ".join([f"{m.stage} {', '.join(m.failures)}" for m in report.stages
-                                                         if m.failures] + ([report.image_failure] if report.image_failure else [])))
-    for st in stages.values():
-        st["cosine_mean"] = st.pop("cosine_sum") / st["n"]
-    finite = [p for p in psnrs if p != "inf" and math.isfinite(p)]
-    return {"prompts": len(outs), "enforced": enforced, "stages": stages,
-            "image_psnr_db": {"min": min(finite) if finite else "inf", "mean": float(np.mean(finite)) if finite else "inf"},
-            "image_ssim_mean": float(np.mean(ssims)), "failures": failures, "ok": not failures}

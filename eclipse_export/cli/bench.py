@@ -15,8 +15,10 @@ from eclipse_export.bench.report import (
     COLUMNS,
     COMPACT_COLUMNS,
     chart,
+    columns_of,
     compare_results,
     markdown,
+    parts_markdown,
     quality_markdown,
     ratios,
     table,
@@ -87,8 +89,9 @@ def main(argv=None) -> int:
                         "(default: every target this machine can run)")
     p.add_argument("--strict", action="store_true",
                    help="exit 1 when any target is skipped, not only the ones named by --targets")
-    p.add_argument("--height", type=int, default=BenchConfig.height, help="image height in pixels")
-    p.add_argument("--width", type=int, default=BenchConfig.width, help="image width in pixels")
+    p.add_argument("--height", type=int, help="image height in pixels; a Karlo bundle: its own size, that of its "
+                   f"super-resolution UNets (default: {BenchConfig.height})")
+    p.add_argument("--width", type=int, help=f"image width in pixels; a Karlo bundle: its own (default: {BenchConfig.width})")
     p.add_argument("--steps", type=int, default=BenchConfig.steps, help="sampling steps per generation")
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance (CFG) scale")
     p.add_argument("--runs", type=int, default=5, help="timed runs per target (the table shows their p50)")
@@ -107,6 +110,9 @@ def main(argv=None) -> int:
                         "and TensorRT targets in --low-memory mode")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: its own choice)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch targets (no parity then)")
+    p.add_argument("--reference-low-memory", action="store_true",
+                   help="load each PyTorch reference component per run and free it after use (timings still "
+                        "exclude loading; runs take longer): a full-size λ-ECLIPSE reference otherwise holds ~16 GB")
     p.add_argument("--baseline-session", nargs="?", action="append", const="*", metavar="BUNDLE",
                    help="also run the ONNX Runtime target of BUNDLE (default: of every bundle) with ORT's default CPU "
                         "session settings: before and after in one run (repeatable)")
@@ -115,15 +121,35 @@ def main(argv=None) -> int:
                    help="also report parity over these prompts (.jsonl or .txt; e.g. calibration/prompts.jsonl)")
     p.add_argument("--quality-split", default="validation", help="split of a .jsonl prompt file (default validation)")
     p.add_argument("--quality-count", type=int, default=8, help="prompts used from that file (default 8)")
+    g = p.add_argument_group("λ-ECLIPSE bundles")
+    g.add_argument("--subject", action="append", default=[], metavar="IMAGE=KEYWORD",
+                   help="a subject image and the word of the bench prompt it stands for (repeatable; default: two "
+                        "images drawn by the project for 'cube' and 'sphere' of the prompt "
+                        f"{BenchConfig.prompt!r}, written to OUT/subjects/)")
+    g.add_argument("--control-image", type=Path, metavar="IMAGE", help="an edge map for the control token")
     args = p.parse_args(argv)
     if args.runs < 1 or args.warmup < 0:
         raise UserError("--runs must be >= 1 and --warmup >= 0")
     opened = [open_bundle(b) for b in args.bundle]  # verify every bundle before spending time
+    family = opened[0].family
+    schedulers = [f for f in family.required_files if f.endswith("scheduler_config.json")]
     for b in opened[1:]:
         # one reference, one set of noises: the bundles must be the same model and sampler
-        if b.manifest["source"] != opened[0].manifest["source"] or \
-                b.json("scheduler_config.json") != opened[0].json("scheduler_config.json"):
+        if b.family.name != family.name or b.manifest["source"] != opened[0].manifest["source"] or \
+                any(b.json(f) != opened[0].json(f) for f in schedulers):
             raise UserError(f"{b.root} was exported from another source or scheduler config than {opened[0].root}")
+    from eclipse_export.cli.generate import _subjects
+    from eclipse_export.runtime.chains import driver_for
+
+    if (args.subject or args.control_image) and not family.takes_subjects:
+        raise UserError(f"--subject/--control-image: {opened[0].root} is a {family.title} bundle, which takes no "
+                        "subject images")
+    # the image size: the family's own (a Karlo bundle generates one size), else BenchConfig's
+    own_size = getattr(driver_for(family.name), "request_defaults", None)
+    if own_size is not None:
+        defaults = own_size(opened[0])
+        args.height, args.width = args.height or defaults["height"], args.width or defaults["width"]
+    args.height, args.width = args.height or BenchConfig.height, args.width or BenchConfig.width
     quality = ()
     if args.quality_prompts is not None:
         from eclipse_export.export.calibration_prompts import (
@@ -144,9 +170,10 @@ def main(argv=None) -> int:
     columns = None
     if args.columns:
         columns = tuple(c.strip() for c in args.columns.split(",") if c.strip())
-        unknown = [c for c in columns if c not in COLUMNS]
+        available = columns_of(family.timed_stages, family.per_step_timing)
+        unknown = [c for c in columns if c not in available]
         if unknown or not columns:
-            raise UserError(f"--columns: unknown {', '.join(unknown) or '(none given)'} (choose from {', '.join(COLUMNS)})")
+            raise UserError(f"--columns: unknown {', '.join(unknown) or '(none given)'} (choose from {', '.join(available)})")
     provider_sets = tuple(tuple(x for x in s.split(",") if x) for s in args.provider_set or ())
     if requested and requested_provider_sets(requested):
         # the ONNX Runtime targets named by --targets, next to what --provider(-set) asked for
@@ -159,8 +186,18 @@ def main(argv=None) -> int:
                          gpu_variants=args.gpu_variants,
                          torch_device="cuda" if _cuda_available() else "cpu", peak_tflops=args.peak_tflops,
                          quality_prompts=quality,
-                         baseline_session=_baseline_bundles(args.baseline_session, args.bundle))
-    Request.make(config.prompt, None, config.height, config.width, config.steps, config.guidance, 0)
+                         baseline_session=_baseline_bundles(args.baseline_session, args.bundle),
+                         subjects=tuple((str(path), keyword) for path, keyword in _subjects(args.subject)),
+                         control_image=str(args.control_image) if args.control_image else None,
+                         reference_low_memory=args.reference_low_memory)
+    # the request checked (sizes, steps; subject images decoded) before anything runs
+    from eclipse_export.runtime.request import GenerationError
+
+    try:
+        Request.make(config.prompt, None, config.height, config.width, config.steps, config.guidance, 0,
+                     subjects=list(config.subjects) or None, control_image=config.control_image)
+    except GenerationError as e:
+        raise UserError(str(e)) from None
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     import importlib.util
 
@@ -183,7 +220,7 @@ def main(argv=None) -> int:
     import shutil
 
     print(table(results, columns, shutil.get_terminal_size().columns if sys.stdout.isatty() else None))
-    for line in ratios(results) + quality_markdown(results):
+    for line in ratios(results) + parts_markdown(results) + quality_markdown(results):
         print(line)
     (args.out / "results.md").write_text(markdown(results))
     if chart(results, args.out / "chart.png"):

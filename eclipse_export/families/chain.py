@@ -55,6 +55,11 @@ class Family:
     default_size: tuple[int, int] = (512, 512)
     # INT8 calibration (None: the family has no INT8 targets)
     calibration: Calibration | None = None
+    # the seconds a driver records per generation (Generation.timings keys), in chain order;
+    # () : one per component. A stage may time several graphs (Karlo's super-resolution loop runs
+    # two) or host work (Karlo's upsample); "<stage>.<part>" keys under a stage (λ's image
+    # encoder per subject) are parts of it. eclipse-bench reports these.
+    timed: tuple[str, ...] = ()
 
     def __post_init__(self):
         names = [s.component for s in self.chain]
@@ -74,3 +79,17 @@ class Family:
     @property
     def loop_stage(self) -> Stage:
         return next(s for s in self.chain if s.loop)
+
+    @property
+    def timed_stages(self) -> tuple[str, ...]:
+        return self.timed or tuple(self.components)
+
+    @property
+    def per_step_timing(self) -> str:
+        """The timings key of the denoising loop's mean seconds per step."""
+        return f"{self.loop_stage.component}_per_step"
+
+    @property
+    def takes_subjects(self) -> bool:
+        """Whether a request needs subject images (a stage is fed from "subject.*")."""
+        return any(v.startswith("subject.") for s in self.chain for v in s.inputs.values())

@@ -33,11 +33,27 @@ def lambda_stages(outputs: dict) -> tuple[str, ...]:
     return (*STAGES[:2], *subjects, "image_encoder.control", "prior.text_hidden_states", *STAGES[2:])
 
 
+def final_image_stage(family: str) -> str:
+    """The stage output that is the image (what the 8-bit images are compared against)."""
+    if family == "karlo":
+        from eclipse_export.verify.karlo_reference import STAGES as KARLO_STAGES
+
+        return KARLO_STAGES[-1]
+    return STAGES[-1]
+
+
 def reference_for(bundle: Bundle, device: str = "cpu", keep_loaded: bool = False):
-    """The PyTorch reference rebuilt from the bundle's recorded source (weights checked)."""
+    """The PyTorch reference rebuilt from the bundle's recorded source (weights checked); for
+    every family `.run(request, noises)` -> (stage outputs, seconds per stage)."""
     from eclipse_export.export.source_factory import source_from_manifest
     from eclipse_export.verify.reference import ReferencePipeline
 
+    if bundle.family.name == "karlo":
+        if device != "cpu":
+            raise ValueError("the Karlo reference runs on the CPU only")
+        from eclipse_export.verify import karlo_reference
+
+        return karlo_reference.reference_for(bundle, keep_loaded=keep_loaded)
     manifest = bundle.manifest
     weights = {name: entry.get("weights_sha256") for name, entry in manifest["components"].items()}
     args = (source_from_manifest(manifest["source"]), bundle.path("tokenizer/tokenizer.json").parent,
@@ -54,6 +70,10 @@ def reference_for(bundle: Bundle, device: str = "cpu", keep_loaded: bool = False
 def parity_report(outputs: dict, images, reference: dict, precision: str, timings: dict | None = None,
                   ref_timings: dict | None = None, family: str = "kandinsky22") -> ParityReport:
     """Stage outputs + 8-bit images of a run vs the reference's stage outputs."""
+    if family == "karlo":
+        from eclipse_export.verify import karlo_reference
+
+        return karlo_reference.parity_report(outputs, images, reference, precision)
     timings, ref_timings = timings or {}, ref_timings or {}
     components = get_family(family).components
     stages = lambda_stages(outputs) if family == "lambda" else STAGES

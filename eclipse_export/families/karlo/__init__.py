@@ -37,4 +37,6 @@ FAMILY = Family(
     # the decoder and super_res_first at a few of their calls per prompt
     calibration=Calibration(components=("decoder", "super_res_first", "super_res_last"),
                             sampled=("decoder", "super_res_first")),
+    # the super-resolution loop runs both UNets (timed together); the upsample is host work
+    timed=("text_encoder", "prior", "text_proj", "decoder", "upsample", "super_res"),
 )

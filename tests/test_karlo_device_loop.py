@@ -394,8 +394,8 @@ def test_the_tensorrt_karlo_loop_on_a_gpu_with_kernel_engines_matches_the_host_l
     capture and replay, the unclip_step launches and the switch to super_res_last (low-memory: the
     first engine freed), against numpy's loop of the same functions; 1e-5 (the learned std's
     float64 exp may differ by an ulp from numpy's and the loop carries it)."""
+    from tests.gpu_required import cuda_reason as _cuda_reason
     from tests.gpu_required import need
-    from tests.test_unclip_device_step import _cuda_reason
 
     need("cuda", _cuda_reason())
     learned, cfg = loop.startswith("decoder"), loop == "decoder-cfg"

@@ -10,7 +10,6 @@ test_schedulers). The real GPU path is tested at the end and skips without a GPU
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib.util
 import types
 from pathlib import Path
@@ -24,7 +23,7 @@ from eclipse_export.runtime.backends.base import BackendError
 from eclipse_export.runtime.backends.factory import make_backend
 from eclipse_export.runtime.pipeline import Pipeline
 from eclipse_export.runtime.schedulers import StepCoefficients, apply_step
-from tests.gpu_required import need
+from tests.gpu_required import cuda_reason, need
 
 
 class FakeCuda:
@@ -641,17 +640,6 @@ class KernelEngine:
         return self.contexts[-1]
 
 
-@functools.cache
-def _cuda_reason() -> str | None:
-    from eclipse_export.runtime.backends.cuda import Cuda
-
-    try:
-        Cuda(0).close()
-    except BackendError as e:
-        return str(e)
-    return None
-
-
 def kernel_backend(tmp_path, low_memory=False):
     """The real TensorRTBackend on the real device (Cuda), TensorRT's runtime replaced by
     KernelEngine: what runs is the backend's own binding, buffers, capture and loop."""
@@ -718,7 +706,7 @@ def test_the_device_loop_on_a_gpu_with_a_kernel_engine_matches_the_host_loop(tmp
     """Issue 18 2b, on the real device: bindings and their addresses, the backend's stream,
     grow-only buffers, the UNet enqueue captured once and replayed, re-capture after a shape
     change, against the numpy host loop of the same function."""
-    need("cuda", _cuda_reason())
+    need("cuda", cuda_reason())
     backend, unet, launches = kernel_backend(tmp_path)
     try:
         sched, latents, embeds, noise = _loop_case((1, 4, 32, 32), 6, True)
@@ -748,7 +736,7 @@ def test_the_device_loop_on_a_gpu_with_a_kernel_engine_matches_the_host_loop(tmp
 def test_low_memory_on_a_gpu_frees_the_engines_device_memory(tmp_path):
     """Issue 18 2b: low-memory mode's stage_done frees the engine's buffers on the device (the
     free device memory comes back), and the next generation loads again and matches."""
-    need("cuda", _cuda_reason())
+    need("cuda", cuda_reason())
     backend, unet, _ = kernel_backend(tmp_path, low_memory=True)
     try:
         # 64 MiB of engine buffers (sample and noise_pred under CFG), 64 MiB of the loop's own

@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -52,7 +51,7 @@ from eclipse_export.verify.cpp import (
     load_library,
 )
 
-SANITIZER_CHILD = os.environ.get("ECLIPSE_SANITIZER_CHILD") == "1"
+from .sanitizers import SANITIZER_CHILD, run_module_under_sanitizers
 
 
 @pytest.fixture(scope="module")
@@ -501,23 +500,8 @@ def test_example_program(lib, bundle, python, tmp_path):
 
 @pytest.mark.skipif(SANITIZER_CHILD, reason="this is the sanitizer run itself")
 def test_under_address_and_undefined_behavior_sanitizers(bundle):
-    asan_dir = Path(os.environ.get("ECLIPSE_ASAN_DIR") or ROOT / "build" / "cpp-asan")
-    asan_lib = asan_dir / "libeclipse.so"
-    if not asan_lib.is_file():
-        pytest.skip(f"{asan_lib} is not built (make cpp-asan; make test builds it)")
-    # the ASan runtime must come first; libstdc++ too, or ASan cannot intercept C++ throws from a
-    # Python process that loaded no C++ before it started
-    preload = [subprocess.run(["gcc", f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
-               for name in ("libasan.so", "libstdc++.so.6")]
-    env = dict(os.environ, ECLIPSE_LIB=str(asan_lib), ECLIPSE_BIN_DIR=str(asan_dir), ECLIPSE_TEST_BUNDLE=str(bundle),
-               ECLIPSE_SANITIZER_CHILD="1", LD_PRELOAD=" ".join(preload),
-               # Python itself does not free everything at exit: leaks are checked in the C++ test binary
-               ASAN_OPTIONS="detect_leaks=0:abort_on_error=1", UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1")
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=1200)
-    tail = (done.stdout + done.stderr)[-4000:]
+    done, tail = run_module_under_sanitizers(__file__, ECLIPSE_TEST_BUNDLE=str(bundle))
     assert done.returncode == 0 and "passed" in done.stdout, tail
-    assert "runtime error:" not in done.stderr and "AddressSanitizer" not in done.stderr, tail
 
 
 # --- fuzzed manifests (the same mutations as tests/test_fuzz.py) ----------------------------------

@@ -22,12 +22,12 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from eclipse_export.export.sources import StackSource, state_dict_sha256
+from eclipse_export.export.sources import StackSource
 from eclipse_export.families.karlo.components import COMPONENTS, MIN_IMAGE_PSNR_DB
 from eclipse_export.metrics.parity import ParityReport, compare, psnr
 from eclipse_export.runtime.images import to_uint8
 from eclipse_export.runtime.request import Request
-from eclipse_export.verify.reference import ReferenceError
+from eclipse_export.verify.reference import ReferenceError, SourceModules
 from eclipse_export.verify.torch_noise import inject_unclip_variance_noise
 
 # per-stage outputs compared (names as in the Karlo driver's intermediates), in chain order;
@@ -74,32 +74,14 @@ class _PassThroughScheduler:
         return SimpleNamespace(prev_sample=model_output)
 
 
-class KarloReference:
+class KarloReference(SourceModules):
     def __init__(self, source: StackSource, tokenizer_dir: Path, scheduler_configs: dict[str, dict],
                  expected_weights: dict[str, str] | None = None, keep_loaded: bool = False):
-        self.source = source
+        # keep_loaded: eclipse-bench runs the reference several times (minutes of loading for
+        # random full-size weights)
+        self._init_modules(source, expected_weights, keep_loaded)
         self.tokenizer_dir = Path(tokenizer_dir)
         self.scheduler_configs = scheduler_configs
-        self.expected_weights = expected_weights or {}
-        # keep_loaded: eclipse-bench runs the reference several times and must not time (or
-        # repeat: minutes for random full-size weights) the weight loading
-        self.keep_loaded = keep_loaded
-        self._cache: dict[str, torch.nn.Module] = {}
-        self.load_seconds: dict[str, float] = {}
-
-    def _load(self, component: str):
-        if component in self._cache:
-            return self._cache[component]
-        t0 = time.perf_counter()
-        module = self.source.load(component)
-        want = self.expected_weights.get(component)
-        if want and state_dict_sha256(module) != want:
-            raise ReferenceError(f"{component}: the weights rebuilt from the bundle's source differ from the exported "
-                                 "ones (different torch/diffusers version or changed checkpoint)")
-        self.load_seconds[component] = time.perf_counter() - t0
-        if self.keep_loaded:
-            self._cache[component] = module
-        return module
 
     @torch.no_grad()
     def run(self, req: Request, noises, super_res_steps: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, float]]:

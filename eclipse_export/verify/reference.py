@@ -26,17 +26,17 @@ class ReferenceError(RuntimeError):
     """The reference cannot reproduce the bundle's weights (so a comparison would be meaningless)."""
 
 
-class ReferencePipeline:
-    def __init__(self, source: StackSource, tokenizer_dir: Path, scheduler_config: dict,
-                 expected_weights: dict[str, str] | None = None, dtype: torch.dtype = torch.float32,
-                 device: str = "cpu", keep_loaded: bool = False):
+class SourceModules:
+    """A reference's torch modules, rebuilt from the bundle's source: each checked against the
+    weight hashes recorded at export, timed (load_seconds), and kept only with keep_loaded
+    (benchmarks run many times and must not time or repeat the loading; a one-off comparison
+    frees each component after use to keep peak memory low)."""
+
+    def _init_modules(self, source: StackSource, expected_weights: dict[str, str] | None, keep_loaded: bool,
+                      dtype: torch.dtype = torch.float32, device: str = "cpu") -> None:
         self.source = source
-        self.tokenizer_dir = Path(tokenizer_dir)
-        self.scheduler_config = scheduler_config
         self.expected_weights = expected_weights or {}
         self.dtype, self.device = dtype, device
-        # keep_loaded: benchmarks run many times and must not time (or repeat) weight loading;
-        # a one-off comparison frees each component after use to keep peak memory low.
         self.keep_loaded = keep_loaded
         self._cache: dict[str, torch.nn.Module] = {}
         self.load_seconds: dict[str, float] = {}
@@ -59,6 +59,15 @@ class ReferencePipeline:
         if self.keep_loaded:
             self._cache[component] = module
         return module
+
+
+class ReferencePipeline(SourceModules):
+    def __init__(self, source: StackSource, tokenizer_dir: Path, scheduler_config: dict,
+                 expected_weights: dict[str, str] | None = None, dtype: torch.dtype = torch.float32,
+                 device: str = "cpu", keep_loaded: bool = False):
+        self._init_modules(source, expected_weights, keep_loaded, dtype, device)
+        self.tokenizer_dir = Path(tokenizer_dir)
+        self.scheduler_config = scheduler_config
 
     def _negative_image_embeds(self) -> np.ndarray:
         # recomputed from the source's image encoder: checks the bundle's stored constant too
